@@ -1,0 +1,7 @@
+"""``python -m oodlab`` = the ``oodlab`` command."""
+
+import sys
+
+from oodlab.cli import main
+
+sys.exit(main())

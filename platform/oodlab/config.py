@@ -1,0 +1,213 @@
+"""Typed experiment specs (pydantic), loaded from YAML with errors that name the bad field.
+
+An :class:`ExperimentSpec` is the one object that flows down the whole platform:
+``spec (jobs/*.yaml) -> train -> evaluate -> tracking -> tune -> serve``.
+Every section forbids unknown fields, so a typo is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from oodlab.methods import METHOD_SPECS
+from oodlab.schema import StrictModel
+
+MethodSpec = Annotated[METHOD_SPECS, Field(discriminator="name")]
+
+
+class SpecError(ValueError):
+    """A spec that cannot be run. The message names each bad field and what is allowed."""
+
+
+class DataSpec(StrictModel):
+    """Which datasets play which role, and how images are shaped and batched."""
+
+    id: str = "mnist"
+    root: str | None = Field(None, description="local root for external datasets (never downloaded)")
+    image_size: int = Field(28, ge=8, le=512)
+    channels: Literal[1, 3] = 1
+    holdout_classes: list[int] = Field(default_factory=list, description="near-OOD digit classes")
+    val_ood: list[str] = Field(default_factory=lambda: ["val_letters", "val_photos"])
+    test_ood: list[str] = Field(
+        default_factory=lambda: ["letters", "photos", "gaussian", "rademacher", "blobs"]
+    )
+    oe: list[str] = Field(default_factory=list, description="OE candidate sets mixed for training")
+    limit: int | None = Field(None, ge=1, description="cap on samples per split (quick runs)")
+    batch_size: int = Field(128, ge=1)
+    oe_batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    cache_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _roles_do_not_overlap(self) -> DataSpec:
+        overlap = (set(self.val_ood) | set(self.oe)) & set(self.test_ood)
+        if overlap:
+            raise ValueError(
+                f"test_ood sets {sorted(overlap)} also appear in val_ood/oe; test OOD sets must "
+                "never be used for training or model selection"
+            )
+        return self
+
+
+class ModelSpec(StrictModel):
+    """Backbone choice. Every model returns (logits, penultimate features)."""
+
+    arch: Literal["small_cnn", "resnet18"] = "small_cnn"
+    width: int = Field(32, ge=4, le=512, description="base channel count")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrainSpec(StrictModel):
+    """Optimisation settings for the one training loop."""
+
+    epochs: int = Field(5, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    scheduler: Literal["cosine", "none"] = "cosine"
+    log_every_n_steps: int = Field(20, ge=1)
+
+
+class EvalSpec(StrictModel):
+    """Post-hoc scores to evaluate; the first one is the detector that gets served."""
+
+    scores: list[str] = Field(default_factory=lambda: ["energy", "msp", "max_logit"], min_length=1)
+    score_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    tpr: float = Field(0.95, gt=0, lt=1, description="ID true-positive rate of the threshold")
+    epoch_val_limit: int = Field(1000, ge=1, description="ID-train samples for per-epoch fits")
+
+    @field_validator("scores")
+    @classmethod
+    def _known_scores(cls, scores: list[str]) -> list[str]:
+        from oodlab.scores import SCORES
+
+        unknown = [s for s in scores if s not in SCORES]
+        if unknown:
+            raise ValueError(f"unknown score(s) {unknown}; allowed: {sorted(SCORES)}")
+        return scores
+
+
+class ResourcesSpec(StrictModel):
+    """Ray Train ScalingConfig and FailureConfig."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = unlimited")
+
+
+class TrackingSpec(StrictModel):
+    """MLflow settings; environment variables override (MLFLOW_TRACKING_URI)."""
+
+    experiment: str = "oodlab"
+    tracking_uri: str | None = None
+    model_name: str | None = Field(None, description="register the detector under this name")
+
+
+class ExperimentSpec(StrictModel):
+    """One experiment: data + method + model + train + eval + resources + tracking."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    workdir: str = Field(".oodlab", description="local working dir (MLflow db, checkpoints)")
+    storage: str | None = Field(None, description="checkpoint storage; default <workdir>/ray")
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    method: MethodSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @property
+    def workdir_path(self) -> Path:
+        return Path(os.environ.get("OODLAB_WORKDIR", self.workdir)).expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _datasets_exist(self) -> ExperimentSpec:
+        from oodlab.data import list_datasets
+
+        known = {d.name for d in list_datasets()}
+        fields = {"data.id": [self.data.id], "data.val_ood": self.data.val_ood,
+                  "data.test_ood": self.data.test_ood, "data.oe": self.data.oe}
+        for field, names in fields.items():
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise ValueError(f"{field}: unknown dataset(s) {unknown}; see `oodlab data list`")
+        return self
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<spec>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "invalid spec:\n" + "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML (numbers, bools, lists)."""
+    if "=" not in item:
+        raise SpecError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise SpecError(f"--set {item!r}: empty key")
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the raw spec with dotted ``key=value`` overrides applied."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = out
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise SpecError(f"--set {item!r}: {k} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return out
+
+
+def validate_spec(raw: dict[str, Any]) -> ExperimentSpec:
+    """Validate a raw dict, raising :class:`SpecError` with every bad field named."""
+    try:
+        return ExperimentSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_format_validation_error(err)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> ExperimentSpec:
+    """Load a YAML spec file, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a spec must be a YAML mapping, got {type(raw).__name__}")
+    return validate_spec(apply_overrides(raw, overrides or []))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to dotted keys (for MLflow params and Tune search spaces)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

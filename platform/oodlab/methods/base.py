@@ -1,0 +1,95 @@
+"""The method interface: every OOD method is one small class that plugs into the one loop.
+
+A method decides how a model is built, what the loss of one step is, and how the trained
+model becomes a :class:`~oodlab.detector.Detector`. Everything else (data, DDP, checkpoints,
+tracking) is the platform's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from oodlab.schema import StrictModel
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from oodlab.config import ExperimentSpec
+
+Kind = Literal["multiclass", "multilabel", "unsupervised"]
+
+
+@dataclass
+class TrainState:
+    """What a method may read (and, in ``extra``, write) during training.
+
+    ``extra`` holds method state that must survive a restart (e.g. a loss constraint);
+    it is saved in every checkpoint and restored before ``on_fit_start``.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    num_classes: int = 0
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Loaders:
+    """The data a method's hooks may look at."""
+
+    id_train: DataLoader
+    oe: DataLoader | None = None
+
+
+class MethodParams(StrictModel):
+    """Base of each method's spec section; subclasses add ``name: Literal[...]`` and knobs."""
+
+
+class Method:
+    """Base class with the defaults most methods want; subclasses override ``training_step``."""
+
+    name: ClassVar[str]
+    kind: ClassVar[Kind] = "multiclass"
+    uses_oe: ClassVar[bool] = False
+
+    def __init__(self, spec: ExperimentSpec) -> None:
+        self.spec = spec
+        self.params = spec.method
+
+    def build(self, num_classes: int) -> nn.Module:
+        """Build the network; the default is the backbone named in ``spec.model``."""
+        from oodlab.models import build_model
+
+        m = self.spec.model
+        return build_model(m.arch, num_classes=num_classes, in_channels=self.spec.data.channels,
+                           width=m.width, dropout=m.dropout)
+
+    def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
+                      oe_batch: tuple[Tensor, Tensor] | None, state: TrainState) -> Tensor:
+        """Return the scalar loss of one mini-batch."""
+        raise NotImplementedError
+
+    def on_fit_start(self, model: nn.Module, loaders: Loaders, state: TrainState) -> None:
+        """Called once before the first epoch (also after a restart)."""
+
+    def on_epoch_end(self, model: nn.Module, loaders: Loaders, state: TrainState) -> None:
+        """Called on every worker after each epoch, before the checkpoint is written."""
+
+
+def forward_id_and_oe(model: nn.Module, x: Tensor, x_oe: Tensor | None
+                      ) -> tuple[Tensor, Tensor | None]:
+    """One forward pass over ``cat([x, x_oe])`` so BatchNorm sees ID and OE together.
+
+    This matches the reference OE, Energy-OE and EDGE code. Returns (ID logits, OE logits).
+    """
+    if x_oe is None:
+        return model(x)[0], None
+    logits = model(torch.cat([x, x_oe]))[0]
+    return logits[: len(x)], logits[len(x):]

@@ -1,0 +1,95 @@
+"""Outlier exposure for multi-class classifiers: ``oe`` and ``energy_oe``.
+
+Both add a term on auxiliary outliers (OE samples) to the ID cross-entropy, with one forward
+pass over ID and OE together (:func:`forward_id_and_oe`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from oodlab.methods.base import Method, MethodParams, TrainState, forward_id_and_oe
+
+
+def uniform_ce(logits_oe: Tensor) -> Tensor:
+    """Cross-entropy from the softmax to the uniform distribution, mean over OE samples.
+
+    Hendrycks et al. 2019, Eq. 1 with the OE term ``E[-(mean_c f_c - logsumexp f)]``
+    (energy_ood/CIFAR/train.py, "OE" branch).
+    """
+    return -(logits_oe.mean(1) - torch.logsumexp(logits_oe, 1)).mean()
+
+
+def free_energy(logits: Tensor) -> Tensor:
+    """E(x) = -logsumexp_c f_c(x) (T = 1): ID samples have LOW free energy."""
+    return -torch.logsumexp(logits, 1)
+
+
+def energy_margin_loss(logits_id: Tensor, logits_oe: Tensor, m_in: float, m_out: float) -> Tensor:
+    """Squared hinge on the free energy, Liu et al. 2020, Eq. 5.
+
+    ``E_in[relu(E(x_in) - m_in)^2] + E_out[relu(m_out - E(x_out))^2]``: ID energies are pushed
+    below ``m_in`` and OE energies above ``m_out`` (so m_in < m_out, both usually negative).
+    """
+    e_in, e_out = free_energy(logits_id), free_energy(logits_oe)
+    return F.relu(e_in - m_in).pow(2).mean() + F.relu(m_out - e_out).pow(2).mean()
+
+
+class OEParams(MethodParams):
+    name: Literal["oe"] = "oe"
+    weight: float = Field(0.5, ge=0, description="lambda of the OE term (Hendrycks et al.: 0.5)")
+
+
+class EnergyOEParams(MethodParams):
+    name: Literal["energy_oe"] = "energy_oe"
+    m_in: float = Field(-25.0, description="ID free-energy margin (E_in pushed below it)")
+    m_out: float = Field(-7.0, description="OE free-energy margin (E_out pushed above it)")
+    weight: float = Field(0.1, ge=0, description="weight of the energy term (Liu et al.: 0.1)")
+
+    @model_validator(mode="after")
+    def _margins_ordered(self) -> EnergyOEParams:
+        if self.m_in >= self.m_out:
+            raise ValueError(f"m_in ({self.m_in}) must be below m_out ({self.m_out})")
+        return self
+
+
+class _OEMethod(Method):
+    """Shared skeleton: CE on the ID half + weight * outlier term on the OE half."""
+
+    uses_oe = True
+
+    def outlier_term(self, logits_id: Tensor, logits_oe: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
+                      oe_batch: tuple[Tensor, Tensor] | None, state: TrainState) -> Tensor:
+        x, y = batch
+        if oe_batch is None:
+            raise ValueError(f"method {self.name!r} needs OE data: set data.oe in the spec")
+        logits_id, logits_oe = forward_id_and_oe(model, x, oe_batch[0])
+        return F.cross_entropy(logits_id, y) + self.params.weight * self.outlier_term(
+            logits_id, logits_oe
+        )
+
+
+class OutlierExposure(_OEMethod):
+    """``oe``: L = CE(ID) + 0.5 * CE(OE -> uniform)."""
+
+    name = "oe"
+
+    def outlier_term(self, logits_id: Tensor, logits_oe: Tensor) -> Tensor:
+        return uniform_ce(logits_oe)
+
+
+class EnergyOE(_OEMethod):
+    """``energy_oe``: L = CE(ID) + 0.1 * energy margin loss (m_in, m_out)."""
+
+    name = "energy_oe"
+
+    def outlier_term(self, logits_id: Tensor, logits_oe: Tensor) -> Tensor:
+        return energy_margin_loss(logits_id, logits_oe, self.params.m_in, self.params.m_out)
