@@ -1,0 +1,92 @@
+"""All datasets one experiment needs, by role, and the seeded loaders the train loop uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from oodlab.data.registry import get_dataset, list_datasets
+
+if TYPE_CHECKING:
+    from oodlab.config import DataSpec, ExperimentSpec
+
+
+@dataclass
+class DataBundle:
+    """ID splits, validation OOD sets (model selection), test OOD sets (scored once), OE."""
+
+    id_train: Dataset
+    id_val: Dataset
+    id_test: Dataset | None
+    num_classes: int
+    val_ood: dict[str, Dataset] = field(default_factory=dict)
+    test_ood: dict[str, Dataset] = field(default_factory=dict)
+    oe: Dataset | None = None
+
+
+def _load(name: str, data: DataSpec, seed: int, split: str = "test"):
+    return get_dataset(
+        name, split=split, root=data.root, image_size=data.image_size, channels=data.channels,
+        seed=seed, holdout_classes=tuple(data.holdout_classes), cache_dir=data.cache_dir,
+        limit=data.limit,
+    )
+
+
+def test_ood_names(data: DataSpec) -> list[str]:
+    """Test OOD sets, plus the near-OOD held-out classes when the spec holds some out."""
+    names = list(data.test_ood)
+    near = f"{data.id}_holdout"
+    known = {d.name for d in list_datasets()}
+    if data.holdout_classes and near in known and near not in names:
+        names.append(near)
+    return names
+
+
+def load_bundle(spec: ExperimentSpec, *, include_test: bool = True) -> DataBundle:
+    """Load every dataset of the spec. ``include_test=False`` skips test sets (training)."""
+    data, seed = spec.data, spec.seed
+    id_train = _load(data.id, data, seed, "train")
+    bundle = DataBundle(
+        id_train=id_train,
+        id_val=_load(data.id, data, seed, "val"),
+        id_test=_load(data.id, data, seed, "test") if include_test else None,
+        num_classes=len(id_train.classes),
+        val_ood={n: _load(n, data, seed) for n in data.val_ood},
+    )
+    if include_test:
+        bundle.test_ood = {n: _load(n, data, seed) for n in test_ood_names(data)}
+    if data.oe:
+        bundle.oe = ConcatDataset([_load(n, data, seed) for n in data.oe])
+    return bundle
+
+
+def train_loader(ds: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True) -> tuple[DataLoader, DistributedSampler | RandomSampler]:
+    """A shuffling loader whose order depends only on (seed, epoch, rank).
+
+    Returns the sampler too: call ``sampler.set_epoch(epoch)`` (distributed) or reseed the
+    generator via :func:`set_epoch` before each epoch, so a resumed run sees the same order.
+    """
+    if world_size > 1:
+        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=seed, drop_last=drop_last)
+    else:
+        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+    return loader, sampler
+
+
+def set_epoch(sampler: DistributedSampler | RandomSampler, seed: int, epoch: int) -> None:
+    """Make the epoch's shuffle a function of (seed, epoch) for either sampler type."""
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+    else:
+        sampler.generator.manual_seed(seed * 100_003 + epoch)
+
+
+def eval_loader(ds: Dataset, batch_size: int) -> DataLoader:
+    """A deterministic, non-shuffled loader for scoring."""
+    return DataLoader(ds, batch_size=batch_size, shuffle=False)
