@@ -28,7 +28,7 @@ class DataSpec(StrictModel):
     """Which datasets play which role, and how images are shaped and batched."""
 
     id: str = "mnist"
-    root: str | None = Field(None, description="local root for external datasets (never downloaded)")
+    root: str | None = Field(None, description="local root of external datasets (no download)")
     image_size: int = Field(28, ge=8, le=512)
     channels: Literal[1, 3] = 1
     holdout_classes: list[int] = Field(default_factory=list, description="near-OOD digit classes")

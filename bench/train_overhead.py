@@ -1,0 +1,141 @@
+"""Ray Train loop vs a plain PyTorch loop: images/s with the same model, data and batch size.
+
+Run:  .venv/bin/python bench/train_overhead.py [--epochs 3] [--out FILE.json]
+
+Both loops train ``supervised`` on built-in MNIST with the same SmallCNN, the same seeded
+loader, optimizer and schedule, and the same number of torch threads. Two ratios are
+written, both measured in this one run:
+
+* ``steady_ratio``: images/s inside the epoch loop (Ray's own per-epoch figure
+  ``train/images_per_s`` against the plain loop's), i.e. the cost of DDP-prepare, the Ray
+  data-loader wrapper and the per-step Python of our loop. Target >= 0.9.
+* ``wall_ratio``: training images / wall-clock seconds of the whole call, including
+  Ray worker start-up, per-epoch validation, reports and checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform as stdlib_platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from oodlab.config import validate_spec
+from oodlab.data.bundle import load_bundle, set_epoch, train_loader
+from oodlab.methods import TrainState, build_method
+from oodlab.train import fit, make_optimizer, make_scheduler
+
+THREADS = 2
+
+
+def bench_spec(workdir: str, epochs: int) -> dict:
+    return {
+        "name": "bench-overhead", "seed": 0, "workdir": workdir,
+        "data": {"id": "mnist", "batch_size": 128, "val_ood": ["val_letters"],
+                 "test_ood": ["letters"], "oe": []},
+        "model": {"arch": "small_cnn", "width": 16},
+        "method": {"name": "supervised"},
+        "train": {"epochs": epochs, "lr": 0.05},
+        "eval": {"scores": ["energy"], "epoch_val_limit": 256},
+        "resources": {"num_workers": 1, "cpus_per_worker": THREADS},
+    }
+
+
+def plain_loop(spec) -> list[float]:
+    """The same training, as the shortest PyTorch loop: images/s per epoch."""
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(spec.seed)
+    bundle = load_bundle(spec, include_test=False)
+    method = build_method(spec)
+    model = method.build(bundle.num_classes)
+    loader, sampler = train_loader(bundle.id_train, spec.data.batch_size, spec.seed)
+    opt = make_optimizer(spec.train, model.parameters())
+    sched = make_scheduler(spec.train, opt, spec.train.epochs * len(loader))
+    state, rates = TrainState(num_classes=bundle.num_classes), []
+    for epoch in range(spec.train.epochs):
+        set_epoch(sampler, spec.seed, epoch)
+        model.train()
+        t0, seen = time.perf_counter(), 0
+        for x, y in loader:
+            loss = method.training_step(model, (x, y), None, state)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(x)
+        rates.append(seen / (time.perf_counter() - t0))
+    return rates
+
+
+def ray_loop(spec) -> tuple[list[float], float, int]:
+    """The oodlab Ray Train loop (1 worker): per-epoch images/s, wall seconds, images."""
+    import ray
+
+    from oodlab.tracking import EpochMetricsCallback  # noqa: F401  (same imports as a real run)
+
+    ray.init(num_cpus=THREADS + 1, include_dashboard=False, log_to_driver=False)
+    bundle = load_bundle(spec, include_test=False)
+    rates: list[float] = []
+
+    class Collect(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            rates.append(float(metrics[0]["train/images_per_s"]))
+
+    t0 = time.perf_counter()
+    fit(spec, run_name=f"bench-{int(time.time())}", num_classes=bundle.num_classes,
+        callbacks=[Collect()])
+    wall = time.perf_counter() - t0
+    ray.shutdown()
+    n = (len(bundle.id_train) // spec.data.batch_size) * spec.data.batch_size
+    return rates, wall, n * spec.train.epochs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--out", default="bench/results/train_overhead.json")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = validate_spec(bench_spec(tmp, args.epochs))
+        print(f"plain PyTorch loop, {args.epochs} epochs ...", flush=True)
+        t0 = time.perf_counter()
+        plain = plain_loop(spec)
+        plain_wall = time.perf_counter() - t0
+        print(f"Ray Train loop (1 worker, {THREADS} CPUs), {args.epochs} epochs ...", flush=True)
+        ray_rates, ray_wall, images = ray_loop(spec)
+
+    # the first epoch warms up allocators and threads in both loops: compare the rest
+    plain_steady = statistics.median(plain[1:] or plain)
+    ray_steady = statistics.median(ray_rates[1:] or ray_rates)
+    result = {
+        "benchmark": "train_overhead",
+        "date": time.strftime("%Y-%m-%d"),
+        "host": f"{stdlib_platform.machine()}, {os.cpu_count()} CPUs, torch "
+                f"{torch.__version__}, python {sys.version.split()[0]}",
+        "epochs": args.epochs, "batch_size": 128, "threads": THREADS,
+        "plain_images_per_s": plain, "ray_images_per_s": ray_rates,
+        "steady_ratio": ray_steady / plain_steady,
+        "wall_ratio": (images / ray_wall) / (images / plain_wall),
+        "target_steady_ratio": 0.9,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"steady-state Ray/plain images/s ratio: {result['steady_ratio']:.3f} (target >= 0.9)")
+    print(f"wall-clock ratio incl. Ray start-up, validation, checkpoints: "
+          f"{result['wall_ratio']:.3f}")
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Evaluation: fit each post-hoc score on ID train, score ID and every OOD set, compute metrics.
+
+Honest protocol (DESIGN.md): validation OOD sets drive model selection and the per-epoch
+view; test OOD sets are scored once, here, at the end. The served threshold is calibrated
+on ID *validation* data at ``spec.eval.tpr`` (95 %) and stored with the detector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Subset
+
+from oodlab.config import ExperimentSpec
+from oodlab.data.bundle import DataBundle, eval_loader
+from oodlab.detector import Detector, Outputs, collect_outputs, fit_score, score_loader
+from oodlab.metrics import accuracy, ood_metrics, threshold_at_tpr
+
+METRIC_KEYS = ("auroc", "aupr_in", "aupr_out", "fpr95")
+
+
+@dataclass
+class ScoreResult:
+    """One score's values on every set, its metrics per OOD set, and its threshold."""
+
+    name: str
+    id_val: Tensor
+    id_test: Tensor
+    ood: dict[str, Tensor]
+    threshold: float
+    per_set: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> dict[str, float]:
+        return {k: float(np.mean([m[k] for m in self.per_set.values()])) for k in METRIC_KEYS}
+
+
+@dataclass
+class EvalReport:
+    """Flat MLflow-ready metrics, the raw scores (for plots), and the detector to serve."""
+
+    metrics: dict[str, float]
+    scores: dict[str, ScoreResult]
+    detector: Detector
+
+
+def _head(ds, n: int):
+    return ds if len(ds) <= n else Subset(ds, range(n))
+
+
+def _id_metric(logits: Tensor, labels: Tensor) -> float:
+    return accuracy(logits, labels)
+
+
+def validation_metrics(model: nn.Module, bundle: DataBundle, spec: ExperimentSpec,
+                       device: torch.device | str = "cpu") -> dict[str, float]:
+    """Per-epoch view on validation data only: ID accuracy and val-OOD metrics of the
+    primary score (fitted on at most ``eval.epoch_val_limit`` ID-train samples)."""
+    ev, bs = spec.eval, spec.data.eval_batch_size
+    name = ev.scores[0]
+    train_out = collect_outputs(model, eval_loader(_head(bundle.id_train, ev.epoch_val_limit), bs),
+                                device)
+    score = fit_score(name, ev.score_params.get(name, {}), train_out)
+    val_loader = eval_loader(bundle.id_val, bs)
+    val_out = collect_outputs(model, val_loader, device)
+    id_scores = score_loader(model, score, val_loader, val_out, device)
+    out: dict[str, float] = {"val/id_acc": _id_metric(val_out.logits, val_out.labels)}
+    per_set = []
+    for set_name, ds in bundle.val_ood.items():
+        loader = eval_loader(ds, bs)
+        s = score_loader(model, score, loader, _maybe_outputs(model, score, loader, device), device)
+        m = ood_metrics(id_scores, s)
+        per_set.append(m)
+        out.update({f"val/{set_name}/{k}": v for k, v in m.items()})
+    if per_set:
+        out.update({f"val/{k}": float(np.mean([m[k] for m in per_set])) for k in METRIC_KEYS})
+    return out
+
+
+def _maybe_outputs(model, score, loader, device) -> Outputs | None:
+    return None if score.needs_model else collect_outputs(model, loader, device)
+
+
+def evaluate(spec: ExperimentSpec, model: nn.Module, bundle: DataBundle,
+             device: torch.device | str = "cpu") -> EvalReport:
+    """Score every set with every score in ``spec.eval.scores``; the first one is served."""
+    if bundle.id_test is None:
+        raise ValueError("evaluate() needs the test sets: load the bundle with include_test=True")
+    model = model.to(device).eval()
+    bs = spec.data.eval_batch_size
+    loaders = {"id_train": eval_loader(bundle.id_train, bs),
+               "id_val": eval_loader(bundle.id_val, bs), "id_test": eval_loader(bundle.id_test, bs)}
+    loaders |= {f"ood:{n}": eval_loader(ds, bs) for n, ds in bundle.test_ood.items()}
+    loaders |= {f"val_ood:{n}": eval_loader(ds, bs) for n, ds in bundle.val_ood.items()}
+    outputs = {k: collect_outputs(model, ld, device) for k, ld in loaders.items()}
+
+    metrics = {"test/id_acc": _id_metric(outputs["id_test"].logits, outputs["id_test"].labels),
+               "val/id_acc": _id_metric(outputs["id_val"].logits, outputs["id_val"].labels)}
+    results: dict[str, ScoreResult] = {}
+    detector = None
+    for name in spec.eval.scores:
+        score = fit_score(name, spec.eval.score_params.get(name, {}), outputs["id_train"])
+
+        def run(key: str, score=score) -> Tensor:
+            return score_loader(model, score, loaders[key], outputs[key], device)
+
+        id_val, id_test = run("id_val"), run("id_test")
+        res = ScoreResult(name, id_val, id_test,
+                          {n: run(f"ood:{n}") for n in bundle.test_ood},
+                          threshold_at_tpr(id_val, spec.eval.tpr))
+        res.per_set = {n: ood_metrics(id_test, s) for n, s in res.ood.items()}
+        for set_name, m in res.per_set.items():
+            metrics.update({f"test/{name}/{set_name}/{k}": v for k, v in m.items()})
+        metrics.update({f"test/{name}/mean/{k}": v for k, v in res.mean.items()})
+        val_sets = [ood_metrics(id_val, run(f"val_ood:{n}")) for n in bundle.val_ood]
+        if val_sets:
+            metrics.update({f"val/{name}/mean/{k}": float(np.mean([m[k] for m in val_sets]))
+                            for k in METRIC_KEYS})
+        results[name] = res
+        if detector is None:  # the first score is the one served
+            detector = Detector(model, score, spec=spec.model_dump(mode="json"),
+                                num_classes=bundle.num_classes, threshold=res.threshold)
+            metrics["threshold"] = res.threshold
+            metrics.update({f"test/{k}": v for k, v in res.mean.items()})
+            if val_sets:
+                metrics.update({f"val/{k}": metrics[f"val/{name}/mean/{k}"] for k in METRIC_KEYS})
+    assert detector is not None  # eval.scores has at least one entry (validated)
+    return EvalReport(metrics=metrics, scores=results, detector=detector)

@@ -1,0 +1,80 @@
+"""``oodlab run``: one spec -> Ray Train -> evaluation -> MLflow. The library behind the CLI."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from oodlab import plots, tracking
+from oodlab.config import ExperimentSpec
+from oodlab.data.bundle import load_bundle
+from oodlab.evaluate import EvalReport, evaluate
+from oodlab.train import fit
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    metrics: dict[str, float]
+    report: EvalReport
+    model: dict[str, Any]
+    tracking_uri: str
+
+
+def init_ray() -> None:
+    """Connect to RAY_ADDRESS if set, else start (or reuse) a local Ray."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
+                   tags: dict[str, str] | None = None, parent_run_id: str | None = None
+                   ) -> RunResult:
+    """Train, evaluate and track one experiment. The MLflow run is FAILED if anything raises."""
+    bundle = load_bundle(spec)  # build/cache data and fail on a bad root before Ray starts
+    init_ray()
+    run_id = tracking.start_run(spec, spec_path, tags=tags, parent_run_id=parent_run_id)
+    ok = False
+    try:
+        outcome = fit(spec, run_name=f"{spec.name}-{run_id}", num_classes=bundle.num_classes,
+                      callbacks=[tracking.epoch_callback(spec, run_id)])
+        report = evaluate(spec, outcome.model, bundle)
+        report.detector.meta.update({"run_id": run_id, "method": spec.method.name})
+        client = tracking.client_for(spec)
+        tracking.log_metrics(client, run_id, report.metrics, step=spec.train.epochs)
+        _log_plots(spec, run_id, report)
+        model = tracking.log_detector(spec, run_id, report.detector)
+        ok = True
+        return RunResult(run_id, report.metrics, report, model, tracking.tracking_uri(spec))
+    finally:
+        tracking.end_run(spec, run_id, ok)
+
+
+def _log_plots(spec: ExperimentSpec, run_id: str, report: EvalReport) -> None:
+    for name, res in report.scores.items():
+        for kind, make in (("roc", plots.roc_figure), ("hist", plots.histogram_figure)):
+            fig = make(res)
+            tracking.log_figure(spec, run_id, fig, f"plots/{kind}_{name}.png")
+            plots.close(fig)
+    history = {key: tracking.metric_history(spec, run_id, key)
+               for key in ("val/auroc", "val/id_acc")}
+    fig = plots.epoch_figure(history, title=f"{spec.name}: validation per epoch")
+    tracking.log_figure(spec, run_id, fig, "plots/epochs.png")
+    plots.close(fig)
+
+
+def results_table(metrics: dict[str, float], scores: list[str], sets: list[str]) -> str:
+    """A plain-text table: one row per (score, OOD set), columns AUROC / AUPR / FPR@95."""
+    header = f"{'score':<12}{'OOD set':<16}{'AUROC':>8}{'AUPR-in':>9}{'AUPR-out':>10}{'FPR@95':>8}"
+    lines = [header, "-" * len(header)]
+    for s in scores:
+        for d in [*sets, "mean"]:
+            k = f"test/{s}/{d}"
+            lines.append(f"{s:<12}{d:<16}{metrics[k + '/auroc']:>8.3f}"
+                         f"{metrics[k + '/aupr_in']:>9.3f}{metrics[k + '/aupr_out']:>10.3f}"
+                         f"{metrics[k + '/fpr95']:>8.3f}")
+    return "\n".join(lines)

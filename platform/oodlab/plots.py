@@ -1,0 +1,66 @@
+"""Figures people would rather look at than read: ROC curves, score histograms, epoch curves."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from oodlab.evaluate import ScoreResult  # noqa: E402
+
+
+def roc_figure(res: ScoreResult, title: str = ""):
+    """ROC of ID test (positive) vs each OOD set, with AUROC and FPR@95 in the legend."""
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    id_s = res.id_test.numpy()
+    for name, ood in res.ood.items():
+        y = np.r_[np.ones(len(id_s)), np.zeros(len(ood))]
+        fpr, tpr, _ = roc_curve(y, np.r_[id_s, ood.numpy()])
+        m = res.per_set[name]
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {m['auroc']:.3f}, FPR95 {m['fpr95']:.3f})")
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.axhline(0.95, ls="--", c="grey", lw=0.8)
+    ax.set(xlabel="false positive rate (OOD accepted)", ylabel="true positive rate (ID kept)",
+           title=title or f"ROC, score = {res.name}")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def histogram_figure(res: ScoreResult, title: str = ""):
+    """Score histograms: ID test vs each OOD set, with the served threshold."""
+    sets = {"ID test": res.id_test.numpy()} | {k: v.numpy() for k, v in res.ood.items()}
+    lo = min(float(np.quantile(v, 0.005)) for v in sets.values())
+    hi = max(float(np.quantile(v, 0.995)) for v in sets.values())
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 60)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in sets.items():
+        ax.hist(np.clip(values, lo, hi), bins=bins, histtype="step", density=True, label=name,
+                lw=2 if name == "ID test" else 1)
+    ax.axvline(res.threshold, c="k", ls="--", lw=1, label="threshold (95% ID TPR)")
+    ax.set(xlabel=f"{res.name} score (higher = more ID)", ylabel="density",
+           title=title or f"Score histograms, {res.name}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def epoch_figure(history: dict[str, list[tuple[int, float]]], title: str = "Per-epoch view"):
+    """Validation-OOD AUROC and ID accuracy against epoch (the Unleashing-Mask observation)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for key, points in history.items():
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(np.array(steps) + 1, values, marker="o", label=key)
+    ax.set(xlabel="epoch", ylabel="value", title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def close(fig) -> None:
+    plt.close(fig)

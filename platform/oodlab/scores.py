@@ -1,0 +1,235 @@
+"""Post-hoc OOD scores on a trained model's logits and features. Higher = more ID.
+
+Logit scores are plain functions; scores with fitted state (kNN bank, Mahalanobis means)
+are small classes with one API, :class:`PostHocScore`, whose state is tensors only so a
+detector can be saved with ``torch.save`` and loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def msp(logits: Tensor) -> Tensor:
+    """Maximum softmax probability, Hendrycks & Gimpel 2017 (one softmax, not two)."""
+    return logits.softmax(1).max(1).values
+
+
+def max_logit(logits: Tensor) -> Tensor:
+    """Maximum logit, Hendrycks et al. 2022."""
+    return logits.max(1).values
+
+
+def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Negative free energy T * logsumexp(f / T), Liu et al. 2020, Eq. 7."""
+    return temperature * torch.logsumexp(logits / temperature, 1)
+
+
+def joint_energy(logits: Tensor) -> Tensor:
+    """JointEnergy sum_c softplus(f_c), Wang et al. 2021 (multi-label)."""
+    return F.softplus(logits).sum(1)
+
+
+def max_sigmoid(logits: Tensor) -> Tensor:
+    """Largest per-label probability of a multi-label model."""
+    return logits.sigmoid().max(1).values
+
+
+class PostHocScore:
+    """One score: optional ``fit`` on ID-train outputs, then ``score`` on logits/features."""
+
+    name: ClassVar[str]
+    needs_fit: ClassVar[bool] = False
+    needs_model: ClassVar[bool] = False
+
+    def fit(self, features: Tensor, logits: Tensor, labels: Tensor | None) -> None:
+        """Fit state on ID training outputs (no-op for unfitted scores)."""
+
+    def score(self, logits: Tensor, features: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score_model(self, model: nn.Module, x: Tensor) -> Tensor:
+        """Run the model (eval mode) on a batch of [0, 1] images and score it."""
+        model.eval()
+        logits, features = model(x)
+        return self.score(logits.float(), features.float())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore fitted state (no-op for unfitted scores)."""
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+
+class _LogitScore(PostHocScore):
+    fn: ClassVar[Any]
+
+    def score(self, logits: Tensor, features: Tensor) -> Tensor:
+        return type(self).fn(logits)
+
+
+class MSP(_LogitScore):
+    name, fn = "msp", staticmethod(msp)
+
+
+class MaxLogit(_LogitScore):
+    name, fn = "max_logit", staticmethod(max_logit)
+
+
+class JointEnergy(_LogitScore):
+    name, fn = "joint_energy", staticmethod(joint_energy)
+
+
+class MaxSigmoid(_LogitScore):
+    name, fn = "max_sigmoid", staticmethod(max_sigmoid)
+
+
+class Energy(PostHocScore):
+    """Energy score with temperature T (default 1)."""
+
+    name = "energy"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = float(temperature)
+
+    def score(self, logits: Tensor, features: Tensor) -> Tensor:
+        return energy(logits, self.temperature)
+
+    def config(self) -> dict[str, Any]:
+        return {"temperature": self.temperature}
+
+
+class ODIN(PostHocScore):
+    """ODIN, Liang et al. 2018: temperature scaling + input perturbation (Eq. 2).
+
+    x~ = x - eps * sign(-grad_x log max softmax(f(x)/T)); score = max softmax(f(x~)/T).
+    oodlab models normalise inside the model, so the perturbation is in [0, 1] pixel space
+    (as in the Unleashing-Mask code; the original ODIN divides by the data std).
+    """
+
+    name = "odin"
+    needs_model = True
+
+    def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014) -> None:
+        self.temperature, self.epsilon = float(temperature), float(epsilon)
+
+    def score(self, logits: Tensor, features: Tensor) -> Tensor:
+        return msp(logits / self.temperature)
+
+    def score_model(self, model: nn.Module, x: Tensor) -> Tensor:
+        model.eval()
+        if self.epsilon == 0:
+            return super().score_model(model, x)
+        x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(x)[0].float() / self.temperature
+            loss = -torch.log_softmax(logits, 1).max(1).values.sum()
+            (grad,) = torch.autograd.grad(loss, x)
+        with torch.no_grad():
+            x_tilde = x - self.epsilon * grad.sign()
+            return msp(model(x_tilde)[0].float() / self.temperature)
+
+    def config(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "epsilon": self.epsilon}
+
+
+class KNN(PostHocScore):
+    """Deep nearest neighbours, Sun et al. 2022: -(distance to the k-th nearest normalised
+    ID-train feature). A query that is itself in the bank is not excluded."""
+
+    name = "knn"
+    needs_fit = True
+
+    def __init__(self, k: int = 50, chunk: int = 1024) -> None:
+        self.k, self.chunk = int(k), int(chunk)
+        self.bank = torch.empty(0)
+
+    def fit(self, features: Tensor, logits: Tensor, labels: Tensor | None) -> None:
+        self.bank = F.normalize(features.float(), dim=1)
+
+    def score(self, logits: Tensor, features: Tensor) -> Tensor:
+        if self.bank.numel() == 0:
+            raise RuntimeError("knn score used before fit()")
+        bank = self.bank.to(features.device)
+        k = min(self.k, len(bank))
+        q = F.normalize(features.float(), dim=1)
+        out = [torch.cdist(q[i:i + self.chunk], bank).topk(k, largest=False).values[:, -1]
+               for i in range(0, len(q), self.chunk)]
+        return -torch.cat(out)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"bank": self.bank}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.bank = state["bank"]
+
+    def config(self) -> dict[str, Any]:
+        return {"k": self.k}
+
+
+class Mahalanobis(PostHocScore):
+    """Lee et al. 2018 (Eq. 2, penultimate layer, no input noise): class means and one tied
+    covariance from ID train; score = -min_c (f - mu_c)^T Sigma^+ (f - mu_c)."""
+
+    name = "mahalanobis"
+    needs_fit = True
+
+    def __init__(self) -> None:
+        self.means = torch.empty(0)
+        self.precision = torch.empty(0)
+
+    def fit(self, features: Tensor, logits: Tensor, labels: Tensor | None) -> None:
+        if labels is None:
+            raise ValueError("mahalanobis needs class labels of the ID training set")
+        f = features.double()
+        classes = labels.unique(sorted=True)
+        means = torch.stack([f[labels == c].mean(0) for c in classes])
+        centred = f - means[torch.searchsorted(classes, labels)]
+        cov = centred.T @ centred / len(f)
+        self.means = means.float()
+        self.precision = torch.linalg.pinv(cov, hermitian=True).float()
+
+    def score(self, logits: Tensor, features: Tensor) -> Tensor:
+        if self.means.numel() == 0:
+            raise RuntimeError("mahalanobis score used before fit()")
+        means, prec = self.means.to(features.device), self.precision.to(features.device)
+        d = features.float()[:, None, :] - means[None]  # [N, C, D]
+        dist = torch.einsum("ncd,de,nce->nc", d, prec, d)
+        return -dist.min(1).values
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"means": self.means, "precision": self.precision}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.means, self.precision = state["means"], state["precision"]
+
+
+SCORES: dict[str, type[PostHocScore]] = {
+    s.name: s for s in (MSP, MaxLogit, Energy, JointEnergy, MaxSigmoid, ODIN, KNN, Mahalanobis)
+}
+
+
+def build_score(name: str, **params: Any) -> PostHocScore:
+    """Instantiate a score by name; an unknown name or parameter is a ValueError."""
+    if name not in SCORES:
+        raise ValueError(f"unknown score {name!r}; allowed: {sorted(SCORES)}")
+    try:
+        return SCORES[name](**params)
+    except TypeError as err:
+        raise ValueError(f"bad parameters for score {name!r}: {params} ({err})") from None
+
+
+def score_from_state(name: str, config: dict[str, Any], state: dict[str, Tensor]
+                     ) -> PostHocScore:
+    """Rebuild a fitted score from :meth:`PostHocScore.config` and ``state_dict``."""
+    score = build_score(name, **config)
+    score.load_state_dict(state)
+    return score

@@ -1,0 +1,170 @@
+"""MLflow glue: the one module that imports mlflow.
+
+One MLflow run per experiment: the flattened spec as params, per-epoch metrics (logged by a
+Ray Train ``UserCallback`` on the controller, from rank 0's report), final metrics per OOD
+set, the spec file, plots, and the detector as a pyfunc model whose ``predict`` returns
+``score`` and ``is_ood``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from ray.train import UserCallback
+
+from oodlab.config import ExperimentSpec, flatten
+from oodlab.detector import Detector
+
+DETECTOR_ARTIFACT = "detector"
+MAX_PARAM_LEN = 500
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # pyfunc "models from code"
+
+
+def tracking_uri(spec: ExperimentSpec) -> str:
+    """MLFLOW_TRACKING_URI, else the spec's, else ``sqlite:///<workdir>/mlflow.db``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.tracking_uri
+    if uri:
+        return uri
+    spec.workdir_path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{spec.workdir_path / 'mlflow.db'}"
+
+
+def artifact_root(spec: ExperimentSpec) -> str | None:
+    """Artifacts next to the local db (None = let a remote server decide)."""
+    if tracking_uri(spec).startswith("sqlite:///") and not spec.storage:
+        return (spec.workdir_path / "mlartifacts").as_uri()
+    if spec.storage and spec.storage.startswith("s3://"):
+        return spec.storage.rstrip("/") + "/mlartifacts"
+    return None
+
+
+def client_for(spec: ExperimentSpec) -> MlflowClient:
+    uri = tracking_uri(spec)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def ensure_experiment(client: MlflowClient, spec: ExperimentSpec) -> str:
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = artifact_root(spec)
+    if location:
+        location = f"{location}/{spec.tracking.experiment}"
+    return client.create_experiment(spec.tracking.experiment, artifact_location=location)
+
+
+def start_run(spec: ExperimentSpec, spec_path: str | Path | None = None,
+              tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    """Create the run, log the spec as params and as a file; return the run id."""
+    client = client_for(spec)
+    exp_id = ensure_experiment(client, spec)
+    all_tags = {"mlflow.runName": spec.name, "oodlab.method": spec.method.name,
+                "oodlab.seed": str(spec.seed), "oodlab.benchmark": spec.data.id} | (tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, tags=all_tags)
+    run_id = run.info.run_id
+    params = {k: str(v)[:MAX_PARAM_LEN] for k, v in flatten(spec.model_dump(mode="json")).items()}
+    items = list(params.items())
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+    with tempfile.TemporaryDirectory() as tmp:
+        import yaml
+
+        resolved = Path(tmp) / "spec.resolved.yaml"
+        resolved.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        client.log_artifact(run_id, str(resolved))
+        if spec_path is not None:
+            client.log_artifact(run_id, str(spec_path))
+    return run_id
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any],
+                step: int | None = None) -> None:
+    """Log the numeric entries of a dict in batches (non-numbers are skipped)."""
+    import time
+
+    ts = int(time.time() * 1000)
+    items = [mlflow.entities.Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+             if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+class EpochMetricsCallback(UserCallback):
+    """Ray Train callback (runs on the Train controller) that logs rank 0's epoch metrics."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if not metrics:
+            return
+        m = metrics[0]
+        log_metrics(MlflowClient(self.tracking_uri), self.run_id, m, step=int(m.get("epoch", 0)))
+
+
+def epoch_callback(spec: ExperimentSpec, run_id: str) -> EpochMetricsCallback:
+    return EpochMetricsCallback(tracking_uri(spec), run_id)
+
+
+def metric_history(spec: ExperimentSpec, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one metric, sorted by step."""
+    hist = client_for(spec).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in hist)
+
+
+class DetectorModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc wrapper: ``predict`` takes [N, C, H, W] (or [N, H, W]) [0, 1] images."""
+
+    def load_context(self, context) -> None:
+        self.detector = Detector.load(context.artifacts[DETECTOR_ARTIFACT])
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        if x.ndim == 3:
+            x = x.unsqueeze(1)
+        scores, is_ood = self.detector.predict(x)
+        return pd.DataFrame({"score": scores.numpy(), "is_ood": is_ood.numpy()})
+
+
+def log_detector(spec: ExperimentSpec, run_id: str, detector: Detector) -> dict[str, Any]:
+    """Log the detector as a pyfunc model (registered when ``tracking.model_name`` is set)."""
+    client_for(spec)
+    p = detector.preprocessing
+    example = np.zeros((2, p["channels"], p["image_size"], p["image_size"]), dtype=np.float32)
+    with (tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id),
+          warnings.catch_warnings()):
+        # our predict takes arrays (no type hints) and we give an explicit signature
+        warnings.filterwarnings("ignore", message=".*(type hints|input example).*")
+        path = detector.save(Path(tmp) / "detector.pt")
+        signature = mlflow.models.infer_signature(
+            example, pd.DataFrame({"score": [0.0, 0.0], "is_ood": [False, False]}))
+        info = mlflow.pyfunc.log_model(
+            name=DETECTOR_ARTIFACT, python_model=str(MODEL_CODE),
+            artifacts={DETECTOR_ARTIFACT: str(path)}, signature=signature,
+            registered_model_name=spec.tracking.model_name,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"mlflow=={mlflow.__version__}"],
+        )
+    return {"model_uri": info.model_uri, "version": info.registered_model_version}
+
+
+def log_figure(spec: ExperimentSpec, run_id: str, fig, name: str) -> None:
+    client_for(spec).log_figure(run_id, fig, name)
+
+
+def end_run(spec: ExperimentSpec, run_id: str, ok: bool) -> None:
+    status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+    client_for(spec).set_terminated(run_id, status=status)

@@ -1,0 +1,25 @@
+"""Shared fixtures: one Ray instance per test session, tiny specs, an isolated workdir."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("RAY_ADDRESS", None)
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (4 logical CPUs: 2 DDP workers + controllers)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0",
+                                           "MLFLOW_DISABLE_TELEMETRY": "true"}})
+    yield ray
+    ray.shutdown()
