@@ -28,6 +28,7 @@ GENERATED = {
     "blobs": 1000,
     "val_letters": 500,
     "val_photos": 500,
+    "val_noise": 500,
     "oe_textures": 2000,
     "oe_digits8x8": 2000,
     "oe_symbols": 2000,
@@ -251,7 +252,7 @@ def test_list_datasets_roles() -> None:
     by_role["oe"] = {e.name for e in entries if e.role == "oe"}
     assert {"mnist"} <= by_role["id"]
     assert {"letters", "photos", "gaussian", "rademacher", "blobs"} <= by_role["ood_test"]
-    assert by_role["ood_val"] == {"val_letters", "val_photos"}
+    assert by_role["ood_val"] == {"val_letters", "val_photos", "val_noise"}
     assert by_role["oe"] == {"oe_textures", "oe_digits8x8", "oe_symbols", "oe_noise"}
     tests, vals, oes = by_role["ood_test"], by_role["ood_val"], by_role["oe"]
     assert not tests & vals and not tests & oes and not vals & oes

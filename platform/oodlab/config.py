@@ -32,7 +32,7 @@ class DataSpec(StrictModel):
     image_size: int = Field(28, ge=8, le=512)
     channels: Literal[1, 3] = 1
     holdout_classes: list[int] = Field(default_factory=list, description="near-OOD digit classes")
-    val_ood: list[str] = Field(default_factory=lambda: ["val_letters", "val_photos"])
+    val_ood: list[str] = Field(default_factory=lambda: ["val_letters", "val_photos", "val_noise"])
     test_ood: list[str] = Field(
         default_factory=lambda: ["letters", "photos", "gaussian", "rademacher", "blobs"]
     )

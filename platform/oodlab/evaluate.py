@@ -97,8 +97,9 @@ def evaluate(spec: ExperimentSpec, model: nn.Module, bundle: DataBundle,
     loaders |= {f"val_ood:{n}": eval_loader(ds, bs) for n, ds in bundle.val_ood.items()}
     outputs = {k: collect_outputs(model, ld, device) for k, ld in loaders.items()}
 
+    # final validation numbers go under val_final/ so they never mix with the per-epoch val/*
     metrics = {"test/id_acc": _id_metric(outputs["id_test"].logits, outputs["id_test"].labels),
-               "val/id_acc": _id_metric(outputs["id_val"].logits, outputs["id_val"].labels)}
+               "val_final/id_acc": _id_metric(outputs["id_val"].logits, outputs["id_val"].labels)}
     results: dict[str, ScoreResult] = {}
     detector = None
     for name in spec.eval.scores:
@@ -117,7 +118,7 @@ def evaluate(spec: ExperimentSpec, model: nn.Module, bundle: DataBundle,
         metrics.update({f"test/{name}/mean/{k}": v for k, v in res.mean.items()})
         val_sets = [ood_metrics(id_val, run(f"val_ood:{n}")) for n in bundle.val_ood]
         if val_sets:
-            metrics.update({f"val/{name}/mean/{k}": float(np.mean([m[k] for m in val_sets]))
+            metrics.update({f"val_final/{name}/mean/{k}": float(np.mean([m[k] for m in val_sets]))
                             for k in METRIC_KEYS})
         results[name] = res
         if detector is None:  # the first score is the one served
@@ -126,6 +127,7 @@ def evaluate(spec: ExperimentSpec, model: nn.Module, bundle: DataBundle,
             metrics["threshold"] = res.threshold
             metrics.update({f"test/{k}": v for k, v in res.mean.items()})
             if val_sets:
-                metrics.update({f"val/{k}": metrics[f"val/{name}/mean/{k}"] for k in METRIC_KEYS})
+                metrics.update({f"val_final/{k}": metrics[f"val_final/{name}/mean/{k}"]
+                                for k in METRIC_KEYS})
     assert detector is not None  # eval.scores has at least one entry (validated)
     return EvalReport(metrics=metrics, scores=results, detector=detector)

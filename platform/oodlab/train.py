@@ -14,6 +14,7 @@ a worker killed mid-run resumes at the next epoch, not at 0 (FailureConfig.max_f
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -48,6 +49,13 @@ def make_scheduler(cfg: TrainSpec, opt: torch.optim.Optimizer, total_steps: int)
         return torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def progress(message: str) -> None:
+    """One progress line on the worker's stdout (Ray streams it to the driver once;
+    Train V2's patched ``print`` would echo it twice)."""
+    sys.stdout.write(f"[oodlab] {message}\n")
+    sys.stdout.flush()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -109,7 +117,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         torch.set_rng_state(payload["torch_rng"])
         start_epoch = payload["epoch"] + 1
         if rank == 0:
-            print(f"[oodlab] resumed from checkpoint at epoch {payload['epoch']}", flush=True)
+            progress(f"resumed from checkpoint at epoch {payload['epoch']}")
 
     model = ray.train.torch.prepare_model(model)
     id_loader = ray.train.torch.prepare_data_loader(id_loader, add_dist_sampler=False)
@@ -152,9 +160,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                    "train/images_per_s": seen * world / max(elapsed, 1e-9)}
         if rank == 0:
             metrics |= validation_metrics(unwrap(model), bundle, spec, device)
-            print(f"[oodlab] epoch {epoch + 1}/{spec.train.epochs} "
-                  f"loss {metrics['train/loss']:.4f} val acc {metrics['val/id_acc']:.3f} "
-                  f"val auroc {metrics.get('val/auroc', float('nan')):.3f}", flush=True)
+            progress(f"epoch {epoch + 1}/{spec.train.epochs} "
+                     f"loss {metrics['train/loss']:.4f} val acc {metrics['val/id_acc']:.3f} "
+                     f"val auroc {metrics.get('val/auroc', float('nan')):.3f} "
+                     f"({metrics['train/images_per_s']:.0f} img/s)")
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(Path(tmp), model, opt, sched, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -302,6 +302,12 @@ def build_rademacher(rng: np.random.Generator, n: int) -> np.ndarray:
     return (rng.integers(0, 2, size=(n, SIZE, SIZE)) * 255).astype(np.uint8)
 
 
+def build_uniform_noise(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Per-pixel U(0, 1): a validation noise family, distinct from the test Gaussian and
+    Rademacher sets and from the smooth OE noise."""
+    return rng.integers(0, 256, size=(n, SIZE, SIZE)).astype(np.uint8)
+
+
 def build_blobs(rng: np.random.Generator, n: int) -> np.ndarray:
     """28 x 28 crops of 64 x 64 ``binary_blobs`` with random blob size and volume fraction."""
     from skimage.data import binary_blobs
@@ -471,6 +477,7 @@ _GENERATED: tuple[tuple[str, str, int, Builder, str], ...] = (
         build_val_photos,
         "gray patches of skimage camera, cat, coins, horse, moon, clock, cell",
     ),
+    ("val_noise", "ood_val", 500, build_uniform_noise, "per-pixel uniform U(0, 1) noise"),
     (
         "oe_textures",
         "oe",
