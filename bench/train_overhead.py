@@ -32,10 +32,8 @@ from oodlab.data.bundle import load_bundle, set_epoch, train_loader
 from oodlab.methods import TrainState, build_method
 from oodlab.train import fit, make_optimizer, make_scheduler
 
-THREADS = 2
 
-
-def bench_spec(workdir: str, epochs: int) -> dict:
+def bench_spec(workdir: str, epochs: int, threads: int) -> dict:
     return {
         "name": "bench-overhead", "seed": 0, "workdir": workdir,
         "data": {"id": "mnist", "batch_size": 128, "val_ood": ["val_letters"],
@@ -44,13 +42,13 @@ def bench_spec(workdir: str, epochs: int) -> dict:
         "method": {"name": "supervised"},
         "train": {"epochs": epochs, "lr": 0.05},
         "eval": {"scores": ["energy"], "epoch_val_limit": 256},
-        "resources": {"num_workers": 1, "cpus_per_worker": THREADS},
+        "resources": {"num_workers": 1, "cpus_per_worker": threads},
     }
 
 
 def plain_loop(spec) -> list[float]:
     """The same training, as the shortest PyTorch loop: images/s per epoch."""
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(int(spec.resources.cpus_per_worker))
     torch.manual_seed(spec.seed)
     bundle = load_bundle(spec, include_test=False)
     method = build_method(spec)
@@ -78,61 +76,73 @@ def ray_loop(spec) -> tuple[list[float], float, int]:
     """The oodlab Ray Train loop (1 worker): per-epoch images/s, wall seconds, images."""
     import ray
 
-    from oodlab.tracking import EpochMetricsCallback  # noqa: F401  (same imports as a real run)
-
-    ray.init(num_cpus=THREADS + 1, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=int(spec.resources.cpus_per_worker) + 1, include_dashboard=False,
+             log_to_driver=False)
     bundle = load_bundle(spec, include_test=False)
-    rates: list[float] = []
+    log = Path(spec.workdir_path) / "rates.jsonl"
 
     class Collect(ray.train.UserCallback):
+        """Runs in the Train controller process: hand the figures back through a file."""
+
         def after_report(self, run_context, metrics, checkpoint):
-            rates.append(float(metrics[0]["train/images_per_s"]))
+            with open(log, "a") as f:
+                f.write(json.dumps(metrics[0]["train/images_per_s"]) + "\n")
 
     t0 = time.perf_counter()
     fit(spec, run_name=f"bench-{int(time.time())}", num_classes=bundle.num_classes,
         callbacks=[Collect()])
     wall = time.perf_counter() - t0
     ray.shutdown()
+    rates = [float(line) for line in log.read_text().split()]
     n = (len(bundle.id_train) // spec.data.batch_size) * spec.data.batch_size
     return rates, wall, n * spec.train.epochs
+
+
+def measure(epochs: int, threads: int) -> dict:
+    """Both loops with ``threads`` torch threads, one after the other."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = validate_spec(bench_spec(tmp, epochs, threads))
+        print(f"plain PyTorch loop, {threads} thread(s), {epochs} epochs ...", flush=True)
+        t0 = time.perf_counter()
+        plain = plain_loop(spec)
+        plain_wall = time.perf_counter() - t0
+        print(f"Ray Train loop, 1 worker with {threads} CPU(s), {epochs} epochs ...", flush=True)
+        ray_rates, ray_wall, images = ray_loop(spec)
+    # the first epoch warms up allocators and threads in both loops: compare the rest
+    return {
+        "threads": threads, "epochs": epochs, "batch_size": 128,
+        "plain_images_per_s": plain, "ray_images_per_s": ray_rates,
+        "steady_ratio": statistics.median(ray_rates[1:]) / statistics.median(plain[1:]),
+        "wall_ratio": (images / ray_wall) / (images / plain_wall),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="torch threads (= Ray CPUs per worker) to measure, each in turn")
     parser.add_argument("--out", default="bench/results/train_overhead.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = validate_spec(bench_spec(tmp, args.epochs))
-        print(f"plain PyTorch loop, {args.epochs} epochs ...", flush=True)
-        t0 = time.perf_counter()
-        plain = plain_loop(spec)
-        plain_wall = time.perf_counter() - t0
-        print(f"Ray Train loop (1 worker, {THREADS} CPUs), {args.epochs} epochs ...", flush=True)
-        ray_rates, ray_wall, images = ray_loop(spec)
-
-    # the first epoch warms up allocators and threads in both loops: compare the rest
-    plain_steady = statistics.median(plain[1:] or plain)
-    ray_steady = statistics.median(ray_rates[1:] or ray_rates)
+    runs = [measure(args.epochs, threads) for threads in args.threads]
     result = {
         "benchmark": "train_overhead",
         "date": time.strftime("%Y-%m-%d"),
         "host": f"{stdlib_platform.machine()}, {os.cpu_count()} CPUs, torch "
                 f"{torch.__version__}, python {sys.version.split()[0]}",
-        "epochs": args.epochs, "batch_size": 128, "threads": THREADS,
-        "plain_images_per_s": plain, "ray_images_per_s": ray_rates,
-        "steady_ratio": ray_steady / plain_steady,
-        "wall_ratio": (images / ray_wall) / (images / plain_wall),
+        "command": "python bench/train_overhead.py " + " ".join(argv or sys.argv[1:]),
         "target_steady_ratio": 0.9,
+        "runs": runs,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"steady-state Ray/plain images/s ratio: {result['steady_ratio']:.3f} (target >= 0.9)")
-    print(f"wall-clock ratio incl. Ray start-up, validation, checkpoints: "
-          f"{result['wall_ratio']:.3f}")
+    for r in runs:
+        print(f"{r['threads']} thread(s): steady-state Ray/plain images/s {r['steady_ratio']:.3f} "
+              f"(target >= 0.9); wall-clock incl. Ray start-up, validation, checkpoints "
+              f"{r['wall_ratio']:.3f}")
     print(f"written to {out}")
     return 0
 

@@ -23,18 +23,69 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from oodlab.config import load_spec
 
     spec = load_spec(args.spec, args.set)  # SpecError -> exit 2 before Ray or MLflow start
-    from oodlab.pipeline import results_table, run_experiment
+    from oodlab.pipeline import headtail_table, results_table, run_experiment
 
     result = run_experiment(spec, spec_path=args.spec)
     sets = list(result.report.scores[spec.eval.scores[0]].per_set)
     print()
+    id_key = "test/id_map" if "test/id_map" in result.metrics else "test/id_acc"
     print(f"== {spec.name}: method {spec.method.name}, ID {spec.data.id} "
-          f"(test ID accuracy {result.metrics['test/id_acc']:.3f}) ==")
+          f"({id_key} {result.metrics[id_key]:.3f}) ==")
     print(results_table(result.metrics, spec.eval.scores, sets))
+    if "headtail/num_head_classes" in result.metrics:
+        print()
+        print(headtail_table(result.metrics, spec.eval.scores[0]))
     print(f"\nserved score: {spec.eval.scores[0]}, threshold {result.metrics['threshold']:.4f} "
           f"(95% TPR on ID validation)")
     print(f"MLflow run {result.run_id}; model {result.model['model_uri']}")
     print(f"open the UI with:  .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}")
+    return 0
+
+
+def _cmd_oe_select(args: argparse.Namespace) -> int:
+    import json
+
+    from oodlab.config import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    if not spec.data.oe:
+        from oodlab.config import SpecError
+
+        raise SpecError("data.oe: list the OE candidate sets to rank")
+    from oodlab import tracking
+    from oodlab.pipeline import log_oe_selection, select_oe
+
+    rows = select_oe(spec)
+    print(f"{'candidate':<22}{'distance':>10}{'normalised':>12}  selected")
+    for r in rows:
+        mark = "yes" if r.selected else ""
+        print(f"{r.name:<22}{r.distance:>10.4f}{r.normalised:>12.3f}  {mark}")
+    run_id = tracking.start_run(spec, args.spec, tags={"oodlab.kind": "oe-select"})
+    log_oe_selection(spec, run_id, rows)
+    tracking.end_run(spec, run_id, ok=True)
+    out = spec.workdir_path / "oe_select" / f"{spec.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"spec": spec.name, "selected": [r.name for r in rows if r.selected],
+               "ranking": [vars(r) for r in rows], "mlflow_run": run_id}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(out)
+    print(f"choice written to {out} (MLflow run {run_id})")
+    return 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from oodlab.config import load_spec
+
+    specs = [load_spec(p, args.set) for p in args.specs]  # validate all before running any
+    from oodlab.results import run_seeds, write_report
+
+    if not args.table_only:
+        run_seeds(args.specs, args.seeds, args.name, args.set)
+    command = "oodlab results " + " ".join(args.argv_echo)
+    out = write_report(specs, args.name, args.out, command)
+    print(out.read_text())
+    print(f"written to {out}")
     return 0
 
 
@@ -65,6 +116,31 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a spec field (dotted path, YAML value); repeatable")
     run.set_defaults(func=_cmd_run)
 
+    oes = sub.add_parser(
+        "oe-select", help="rank OE candidate sets with EDGE's singular-value measure",
+        description="Extract features of the ID training set and of each OE candidate in "
+                    "data.oe, rank the candidates by the distance between their top-k singular "
+                    "values (settings: data.oe_select), log the table to MLflow and write the "
+                    "choice to <workdir>/oe_select/<name>.json.")
+    oes.add_argument("spec", help="experiment spec (YAML) whose data.oe lists the candidates")
+    oes.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a spec field; repeatable")
+    oes.set_defaults(func=_cmd_oe_select)
+
+    res = sub.add_parser(
+        "results", help="run specs over seeds and write a mean ± std table from MLflow",
+        description="Run each spec once per seed (tagged in MLflow), then write a Markdown "
+                    "table of mean ± std over seeds, rebuilt from MLflow.")
+    res.add_argument("specs", nargs="+", help="experiment specs (YAML)")
+    res.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    res.add_argument("--name", required=True, help="table name (MLflow tag oodlab.results)")
+    res.add_argument("--out", required=True, help="Markdown file to write")
+    res.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a field of every spec; repeatable")
+    res.add_argument("--table-only", action="store_true",
+                     help="do not run anything; rebuild the table from MLflow")
+    res.set_defaults(func=_cmd_results)
+
     data = sub.add_parser("data", help="built-in and external datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     dl = data_sub.add_parser("list", help="list every registered dataset with its role and size")
@@ -77,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     from oodlab.data.registry import DataError, DatasetNotFoundError
 
     args = build_parser().parse_args(argv)
+    args.argv_echo = list(argv if argv is not None else sys.argv[1:])
     try:
         return args.func(args)
     except (SpecError, DataError, DatasetNotFoundError) as err:

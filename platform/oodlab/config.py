@@ -24,6 +24,18 @@ class SpecError(ValueError):
     """A spec that cannot be run. The message names each bad field and what is allowed."""
 
 
+class OESelectSpec(StrictModel):
+    """EDGE's OE-dataset selection (oe_select.py): rank ``data.oe`` candidates, keep the best."""
+
+    threshold: float = Field(0.0, ge=0, le=1, description="tau: keep normalised distance <= tau")
+    top_k: int = Field(32, ge=1, description="singular values compared")
+    direction: Literal["smallest", "largest"] = "smallest"
+    batch_size: int = Field(128, ge=2)
+    max_batches: int = Field(10, ge=1)
+    backbone: str = Field("random", description="'random' (seeded init), a detector file, "
+                          "runs:/<run_id> or models:/<name>@<alias>")
+
+
 class DataSpec(StrictModel):
     """Which datasets play which role, and how images are shaped and batched."""
 
@@ -37,6 +49,8 @@ class DataSpec(StrictModel):
         default_factory=lambda: ["letters", "photos", "gaussian", "rademacher", "blobs"]
     )
     oe: list[str] = Field(default_factory=list, description="OE candidate sets mixed for training")
+    oe_select: OESelectSpec | None = Field(None, description="select among data.oe (EDGE)")
+    imbalance_ratio: float = Field(10.0, ge=1, description="long tail of multi-label mosaics")
     limit: int | None = Field(None, ge=1, description="cap on samples per split (quick runs)")
     batch_size: int = Field(128, ge=1)
     oe_batch_size: int = Field(128, ge=1)
@@ -46,6 +60,8 @@ class DataSpec(StrictModel):
     @model_validator(mode="after")
     def _roles_do_not_overlap(self) -> DataSpec:
         overlap = (set(self.val_ood) | set(self.oe)) & set(self.test_ood)
+        if self.oe_select is not None and not self.oe:
+            raise ValueError("oe_select needs the OE candidates listed in data.oe")
         if overlap:
             raise ValueError(
                 f"test_ood sets {sorted(overlap)} also appear in val_ood/oe; test OOD sets must "
@@ -82,6 +98,7 @@ class EvalSpec(StrictModel):
     score_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     tpr: float = Field(0.95, gt=0, lt=1, description="ID true-positive rate of the threshold")
     epoch_val_limit: int = Field(1000, ge=1, description="ID-train samples for per-epoch fits")
+    head_fraction: float = Field(0.5, gt=0, le=1, description="label share of head classes")
 
     @field_validator("scores")
     @classmethod

@@ -17,7 +17,8 @@ from torch.utils.data import Subset
 from oodlab.config import ExperimentSpec
 from oodlab.data.bundle import DataBundle, eval_loader
 from oodlab.detector import Detector, Outputs, collect_outputs, fit_score, score_loader
-from oodlab.metrics import accuracy, ood_metrics, threshold_at_tpr
+from oodlab.headtail import breakdown, group_masks, head_classes
+from oodlab.metrics import accuracy, mean_average_precision, ood_metrics, threshold_at_tpr
 
 METRIC_KEYS = ("auroc", "aupr_in", "aupr_out", "fpr95")
 
@@ -45,14 +46,18 @@ class EvalReport:
     metrics: dict[str, float]
     scores: dict[str, ScoreResult]
     detector: Detector
+    id_groups: dict[str, Tensor] = field(default_factory=dict)  # multi-label: head / tail_only
 
 
 def _head(ds, n: int):
     return ds if len(ds) <= n else Subset(ds, range(n))
 
 
-def _id_metric(logits: Tensor, labels: Tensor) -> float:
-    return accuracy(logits, labels)
+def id_metric(logits: Tensor, labels: Tensor) -> tuple[str, float]:
+    """("id_acc", top-1 accuracy) for single labels, ("id_map", mAP) for multi-hot labels."""
+    if labels.ndim == 2:
+        return "id_map", mean_average_precision(logits, labels)
+    return "id_acc", accuracy(logits, labels)
 
 
 def validation_metrics(model: nn.Module, bundle: DataBundle, spec: ExperimentSpec,
@@ -67,7 +72,8 @@ def validation_metrics(model: nn.Module, bundle: DataBundle, spec: ExperimentSpe
     val_loader = eval_loader(bundle.id_val, bs)
     val_out = collect_outputs(model, val_loader, device)
     id_scores = score_loader(model, score, val_loader, val_out, device)
-    out: dict[str, float] = {"val/id_acc": _id_metric(val_out.logits, val_out.labels)}
+    name_id, value_id = id_metric(val_out.logits, val_out.labels)
+    out: dict[str, float] = {f"val/{name_id}": value_id}
     per_set = []
     for set_name, ds in bundle.val_ood.items():
         loader = eval_loader(ds, bs)
@@ -98,8 +104,15 @@ def evaluate(spec: ExperimentSpec, model: nn.Module, bundle: DataBundle,
     outputs = {k: collect_outputs(model, ld, device) for k, ld in loaders.items()}
 
     # final validation numbers go under val_final/ so they never mix with the per-epoch val/*
-    metrics = {"test/id_acc": _id_metric(outputs["id_test"].logits, outputs["id_test"].labels),
-               "val_final/id_acc": _id_metric(outputs["id_val"].logits, outputs["id_val"].labels)}
+    test_name, test_value = id_metric(outputs["id_test"].logits, outputs["id_test"].labels)
+    val_name, val_value = id_metric(outputs["id_val"].logits, outputs["id_val"].labels)
+    metrics = {f"test/{test_name}": test_value, f"val_final/{val_name}": val_value}
+    multilabel = outputs["id_test"].labels.ndim == 2
+    groups: dict[str, Tensor] = {}
+    if multilabel:
+        head = head_classes(outputs["id_train"].labels, spec.eval.head_fraction)
+        groups = group_masks(outputs["id_test"].labels, head)
+        metrics["headtail/num_head_classes"] = float(head.sum())
     results: dict[str, ScoreResult] = {}
     detector = None
     for name in spec.eval.scores:
@@ -120,6 +133,9 @@ def evaluate(spec: ExperimentSpec, model: nn.Module, bundle: DataBundle,
         if val_sets:
             metrics.update({f"val_final/{name}/mean/{k}": float(np.mean([m[k] for m in val_sets]))
                             for k in METRIC_KEYS})
+        if multilabel:
+            ht = breakdown(id_test, outputs["id_test"].labels, res.ood, head, res.threshold)
+            metrics.update({f"headtail/{name}/{k}": v for k, v in ht.items()})
         results[name] = res
         if detector is None:  # the first score is the one served
             detector = Detector(model, score, spec=spec.model_dump(mode="json"),
@@ -130,4 +146,4 @@ def evaluate(spec: ExperimentSpec, model: nn.Module, bundle: DataBundle,
                 metrics.update({f"val_final/{k}": metrics[f"val_final/{name}/mean/{k}"]
                                 for k in METRIC_KEYS})
     assert detector is not None  # eval.scores has at least one entry (validated)
-    return EvalReport(metrics=metrics, scores=results, detector=detector)
+    return EvalReport(metrics=metrics, scores=results, detector=detector, id_groups=groups)

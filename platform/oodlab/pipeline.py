@@ -9,8 +9,8 @@ from typing import Any
 
 import ray
 
-from oodlab import plots, tracking
-from oodlab.config import ExperimentSpec
+from oodlab import oe_select, plots, tracking
+from oodlab.config import ExperimentSpec, OESelectSpec
 from oodlab.data.bundle import load_bundle
 from oodlab.evaluate import EvalReport, evaluate
 from oodlab.train import fit
@@ -40,6 +40,8 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
     run_id = tracking.start_run(spec, spec_path, tags=tags, parent_run_id=parent_run_id)
     ok = False
     try:
+        if spec.data.oe_select is not None:
+            spec = apply_oe_selection(spec, bundle, run_id)
         outcome = fit(spec, run_name=f"{spec.name}-{run_id}", num_classes=bundle.num_classes,
                       callbacks=[tracking.epoch_callback(spec, run_id)])
         report = evaluate(spec, outcome.model, bundle)
@@ -54,6 +56,32 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
         tracking.end_run(spec, run_id, ok)
 
 
+def select_oe(spec: ExperimentSpec, bundle=None) -> list[oe_select.Candidate]:
+    """Rank the spec's OE candidates with EDGE's measure (``oodlab oe-select``)."""
+    bundle = bundle or load_bundle(spec, include_test=False)
+    cfg = spec.data.oe_select or OESelectSpec()
+    model = oe_select.backbone(spec, bundle.num_classes)
+    return oe_select.select(spec, cfg, bundle.id_train, bundle.oe_sets, model)
+
+
+def log_oe_selection(spec: ExperimentSpec, run_id: str, rows: list[oe_select.Candidate]) -> None:
+    client = tracking.client_for(spec)
+    client.log_table(run_id, {k: [r[k] for r in oe_select.as_table(rows)]
+                              for k in ("name", "distance", "normalised", "selected")},
+                     "oe_selection.json")
+    chosen = [r.name for r in rows if r.selected]
+    client.log_param(run_id, "data.oe_selected", ",".join(chosen))
+
+
+def apply_oe_selection(spec: ExperimentSpec, bundle, run_id: str) -> ExperimentSpec:
+    """Select the OE sets, log the ranking, and return the spec that trains on the choice."""
+    rows = select_oe(spec, bundle)
+    log_oe_selection(spec, run_id, rows)
+    chosen = [r.name for r in rows if r.selected]
+    data = spec.data.model_copy(update={"oe": chosen, "oe_select": None})
+    return spec.model_copy(update={"data": data})
+
+
 def _log_plots(spec: ExperimentSpec, run_id: str, report: EvalReport) -> None:
     for name, res in report.scores.items():
         for kind, make in (("roc", plots.roc_figure), ("hist", plots.histogram_figure)):
@@ -61,10 +89,15 @@ def _log_plots(spec: ExperimentSpec, run_id: str, report: EvalReport) -> None:
             tracking.log_figure(spec, run_id, fig, f"plots/{kind}_{name}.png")
             plots.close(fig)
     history = {key: tracking.metric_history(spec, run_id, key)
-               for key in ("val/auroc", "val/id_acc")}
+               for key in ("val/auroc", "val/id_acc", "val/id_map")}
     fig = plots.epoch_figure(history, title=f"{spec.name}: validation per epoch")
     tracking.log_figure(spec, run_id, fig, "plots/epochs.png")
     plots.close(fig)
+    if report.id_groups:
+        res = report.scores[spec.eval.scores[0]]
+        fig = plots.headtail_figure(res, report.id_groups)
+        tracking.log_figure(spec, run_id, fig, f"plots/headtail_{res.name}.png")
+        plots.close(fig)
 
 
 def results_table(metrics: dict[str, float], scores: list[str], sets: list[str]) -> str:
@@ -77,4 +110,22 @@ def results_table(metrics: dict[str, float], scores: list[str], sets: list[str])
             lines.append(f"{s:<12}{d:<16}{metrics[k + '/auroc']:>8.3f}"
                          f"{metrics[k + '/aupr_in']:>9.3f}{metrics[k + '/aupr_out']:>10.3f}"
                          f"{metrics[k + '/fpr95']:>8.3f}")
+    return "\n".join(lines)
+
+
+def headtail_table(metrics: dict[str, float], score: str) -> str:
+    """Mean AUROC / FPR@95 over OOD sets for all, head and tail-only ID test images."""
+    lines = [f"head/tail breakdown, score {score} "
+             f"({int(metrics['headtail/num_head_classes'])} head classes)",
+             f"{'ID group':<12}{'images':>8}{'AUROC':>8}{'FPR@95':>8}"]
+    for g in ("all", "head", "tail_only"):
+        k = f"headtail/{score}/{g}"
+        if f"{k}/mean/auroc" in metrics:
+            lines.append(f"{g:<12}{int(metrics[k + '/count']):>8}"
+                         f"{metrics[k + '/mean/auroc']:>8.3f}{metrics[k + '/mean/fpr95']:>8.3f}")
+        else:
+            lines.append(f"{g:<12}{int(metrics.get(k + '/count', 0)):>8}{'-':>8}{'-':>8}")
+    flagged = metrics.get(f"headtail/{score}/tail_only/flagged_ood")
+    if flagged is not None:
+        lines.append(f"tail-only ID images flagged OOD at the served threshold: {flagged:.3f}")
     return "\n".join(lines)

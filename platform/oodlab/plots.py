@@ -48,6 +48,27 @@ def histogram_figure(res: ScoreResult, title: str = ""):
     return fig
 
 
+def headtail_figure(res: ScoreResult, groups: dict, title: str = ""):
+    """Score histograms of head ID, tail-only ID and OOD (all test OOD sets pooled)."""
+    import torch
+
+    sets = {"head ID": res.id_test[groups["head"]].numpy(),
+            "tail-only ID": res.id_test[groups["tail_only"]].numpy(),
+            "OOD (all sets)": torch.cat(list(res.ood.values())).numpy()}
+    sets = {k: v for k, v in sets.items() if len(v)}
+    values = np.concatenate(list(sets.values()))
+    bins = np.linspace(float(values.min()), float(values.max()) + 1e-6, 60)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, v in sets.items():
+        ax.hist(v, bins=bins, histtype="step", density=True, lw=1.5, label=f"{name} ({len(v)})")
+    ax.axvline(res.threshold, c="k", ls="--", lw=1, label="threshold (95% ID TPR)")
+    ax.set(xlabel=f"{res.name} score (higher = more ID)", ylabel="density",
+           title=title or f"Head vs tail-only ID vs OOD, {res.name}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def epoch_figure(history: dict[str, list[tuple[int, float]]], title: str = "Per-epoch view"):
     """Validation-OOD AUROC and ID accuracy against epoch (the Unleashing-Mask observation)."""
     fig, ax = plt.subplots(figsize=(5.5, 4))

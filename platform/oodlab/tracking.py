@@ -26,6 +26,7 @@ from oodlab.config import ExperimentSpec, flatten
 from oodlab.detector import Detector
 
 DETECTOR_ARTIFACT = "detector"
+DETECTOR_STATE = "detector_state"
 MAX_PARAM_LEN = 500
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # pyfunc "models from code"
 
@@ -149,6 +150,7 @@ def log_detector(spec: ExperimentSpec, run_id: str, detector: Detector) -> dict[
         # our predict takes arrays (no type hints) and we give an explicit signature
         warnings.filterwarnings("ignore", message=".*(type hints|input example).*")
         path = detector.save(Path(tmp) / "detector.pt")
+        mlflow.log_artifact(str(path), DETECTOR_STATE)  # for runs:/<run_id> references
         signature = mlflow.models.infer_signature(
             example, pd.DataFrame({"score": [0.0, 0.0], "is_ood": [False, False]}))
         info = mlflow.pyfunc.log_model(
@@ -168,3 +170,28 @@ def log_figure(spec: ExperimentSpec, run_id: str, fig, name: str) -> None:
 def end_run(spec: ExperimentSpec, run_id: str, ok: bool) -> None:
     status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
     client_for(spec).set_terminated(run_id, status=status)
+
+
+def load_detector(ref: str, tracking: str | None = None) -> Detector:
+    """Load a detector from a file, ``runs:/<run_id>`` or ``models:/<name>@<alias>`` (or
+    ``/<version>``), always with ``weights_only=True``. A bad reference is an error, never a
+    silent fresh model."""
+    if tracking:
+        mlflow.set_tracking_uri(tracking)
+    try:
+        if ref.startswith("runs:/"):
+            run_id = ref.removeprefix("runs:/").strip("/").split("/")[0]
+            with tempfile.TemporaryDirectory() as tmp:
+                path = MlflowClient().download_artifacts(run_id, f"{DETECTOR_STATE}/detector.pt",
+                                                         tmp)
+                return Detector.load(path)
+        if ref.startswith("models:/"):
+            with tempfile.TemporaryDirectory() as tmp:
+                root = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tmp)
+                return Detector.load(Path(root) / "artifacts" / "detector.pt")
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(f"cannot load a detector from {ref!r}: {err.message}") from None
+    if Path(ref).is_file():
+        return Detector.load(ref)
+    raise ValueError(f"cannot load a detector from {ref!r}: not a file, runs:/<run_id> or "
+                     "models:/<name>@<alias>")

@@ -160,9 +160,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                    "train/images_per_s": seen * world / max(elapsed, 1e-9)}
         if rank == 0:
             metrics |= validation_metrics(unwrap(model), bundle, spec, device)
-            progress(f"epoch {epoch + 1}/{spec.train.epochs} "
-                     f"loss {metrics['train/loss']:.4f} val acc {metrics['val/id_acc']:.3f} "
-                     f"val auroc {metrics.get('val/auroc', float('nan')):.3f} "
+            id_key = "val/id_map" if "val/id_map" in metrics else "val/id_acc"
+            progress(f"epoch {epoch + 1}/{spec.train.epochs} loss {metrics['train/loss']:.4f} "
+                     f"{id_key} {metrics[id_key]:.3f} "
+                     f"val/auroc {metrics.get('val/auroc', float('nan')):.3f} "
                      f"({metrics['train/images_per_s']:.0f} img/s)")
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(Path(tmp), model, opt, sched, state)

@@ -25,6 +25,7 @@ class DataBundle:
     val_ood: dict[str, Dataset] = field(default_factory=dict)
     test_ood: dict[str, Dataset] = field(default_factory=dict)
     oe: Dataset | None = None
+    oe_sets: dict[str, Dataset] = field(default_factory=dict)  # the OE candidates, by name
 
 
 def _load(name: str, data: DataSpec, seed: int, split: str = "test"):
@@ -59,7 +60,8 @@ def load_bundle(spec: ExperimentSpec, *, include_test: bool = True) -> DataBundl
     if include_test:
         bundle.test_ood = {n: _load(n, data, seed) for n in test_ood_names(data)}
     if data.oe:
-        bundle.oe = ConcatDataset([_load(n, data, seed) for n in data.oe])
+        bundle.oe_sets = {n: _load(n, data, seed) for n in data.oe}
+        bundle.oe = ConcatDataset(list(bundle.oe_sets.values()))
     return bundle
 
 

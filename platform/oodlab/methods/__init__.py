@@ -9,6 +9,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Union
 
 from oodlab.methods.base import Loaders, Method, MethodParams, TrainState
+from oodlab.methods.multilabel import (
+    BCE,
+    BCEOE,
+    BCEOEParams,
+    BCEParams,
+    Edge,
+    EdgeParams,
+    EnergyOEML,
+    EnergyOEMLParams,
+)
 from oodlab.methods.outlier_exposure import EnergyOE, EnergyOEParams, OEParams, OutlierExposure
 from oodlab.methods.supervised import Supervised, SupervisedParams
 
@@ -16,9 +26,12 @@ if TYPE_CHECKING:
     from oodlab.config import ExperimentSpec
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Supervised, OutlierExposure, EnergyOE)
+    m.name: m for m in (Supervised, OutlierExposure, EnergyOE, BCE, BCEOE, EnergyOEML, Edge)
 }
-_PARAMS: tuple[type[MethodParams], ...] = (SupervisedParams, OEParams, EnergyOEParams)
+_PARAMS: tuple[type[MethodParams], ...] = (
+    SupervisedParams, OEParams, EnergyOEParams, BCEParams, BCEOEParams, EnergyOEMLParams,
+    EdgeParams,
+)
 METHOD_SPECS = Union[_PARAMS]  # noqa: UP007  (a runtime union for pydantic's discriminator)
 
 

@@ -1,0 +1,99 @@
+"""EDGE and its multi-label baselines: losses against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from oodlab.methods.base import TrainState
+from oodlab.methods.multilabel import (
+    BCE,
+    Edge,
+    confidence_loss,
+    gap_loss,
+    joint_energy_margin_loss,
+    tail_scores,
+)
+from oodlab.scores import joint_energy
+
+
+def logit_for(s: float) -> float:
+    """The logit whose softplus is s: log(e^s - 1)."""
+    return math.log(math.expm1(s))
+
+
+def col(*scores: float) -> torch.Tensor:
+    """One-class logits with the given JointEnergy scores."""
+    return torch.tensor([[logit_for(s)] for s in scores])
+
+
+def test_joint_energy_of_constructed_logits():
+    assert joint_energy(col(3.0, 1.0)).tolist() == pytest.approx([3.0, 1.0], abs=1e-5)
+
+
+def test_confidence_loss_by_hand():
+    # softplus of OE logits 2 and 0.5 (one class) -> mean 1.25
+    assert confidence_loss(col(2.0, 0.5)).item() == pytest.approx(1.25, abs=1e-5)
+    # all-zero logits: softplus(0) = ln 2 per entry
+    assert confidence_loss(torch.zeros(3, 4)).item() == pytest.approx(math.log(2))
+
+
+def test_tail_picks_the_k_lowest():
+    s = torch.tensor([3.0, 1.0, 2.0, 0.5, 4.0])
+    assert sorted(tail_scores(s, 2).tolist()) == [0.5, 1.0]
+    assert sorted(tail_scores(s, 10).tolist()) == sorted(s.tolist())  # k clipped
+
+
+def test_gap_loss_three_id_samples_known_tail_and_margin():
+    # ID scores 3, 1, 2 -> tail (k=2) = {1, 2}; OE scores 2, 0.5; m = 0.5
+    # pairs: relu(2-1+.5)=1.5, relu(2-2+.5)=.5, relu(.5-1+.5)=0, relu(.5-2+.5)=0 -> 2.0 / 4
+    got = gap_loss(col(3.0, 1.0, 2.0), col(2.0, 0.5), k=2, margin=0.5)
+    assert got.item() == pytest.approx(0.5, abs=1e-5)
+    # gradients flow to both sides: raise tail ID scores, lower OE scores
+    lid, loe = col(3.0, 1.0, 2.0).requires_grad_(), col(2.0, 0.5).requires_grad_()
+    gap_loss(lid, loe, k=2, margin=0.5).backward()
+    assert lid.grad[0, 0] == 0 and lid.grad[1, 0] < 0 and lid.grad[2, 0] < 0
+    assert loe.grad[0, 0] > 0 and loe.grad[1, 0] == 0
+
+
+def test_joint_energy_margin_loss_by_hand():
+    # S_in = 1 -> E_in = -1; m_in = -3: relu(-1 + 3)^2 = 4
+    # S_out = 2 -> E_out = -2; m_out = -1: relu(-1 + 2)^2 = 1
+    got = joint_energy_margin_loss(col(1.0), col(2.0), m_in=-3.0, m_out=-1.0)
+    assert got.item() == pytest.approx(5.0, abs=1e-4)
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, x):
+        return x, x
+
+
+def _edge(**params) -> Edge:
+    from oodlab.config import validate_spec
+    from tests.helpers import tiny_spec
+
+    spec = validate_spec(tiny_spec("/tmp/oodlab-unused", method={"name": "edge", **params}))
+    return Edge(spec)
+
+
+def test_edge_total_and_gap_start_epoch():
+    method = _edge(alpha=1.0, beta=0.1, k=2, margin=0.5, gap_start_epoch=3)
+    x, y = col(3.0, 1.0, 2.0), torch.ones(3, 1)
+    oe = (col(2.0, 0.5), -torch.ones(2))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(x, y).item()
+    before = method.training_step(_Identity(), (x, y), oe, TrainState(epoch=2)).item()
+    after = method.training_step(_Identity(), (x, y), oe, TrainState(epoch=3)).item()
+    assert before == pytest.approx(bce + 1.25, abs=1e-5)  # L_gap off before epoch 3
+    assert after == pytest.approx(bce + 1.25 + 0.1 * 0.5, abs=1e-5)
+
+
+def test_bce_rejects_single_labels():
+    from oodlab.config import validate_spec
+    from tests.helpers import tiny_spec
+
+    method = BCE(validate_spec(tiny_spec("/tmp/oodlab-unused", method={"name": "bce"})))
+    with pytest.raises(ValueError, match="multi-hot labels"):
+        method.training_step(_Identity(), (torch.zeros(2, 3), torch.tensor([0, 1])), None,
+                             TrainState())
