@@ -151,12 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from oodlab.config import SpecError
     from oodlab.data.registry import DataError, DatasetNotFoundError
+    from oodlab.tracking import ModelReferenceError as InitFromError
 
     args = build_parser().parse_args(argv)
     args.argv_echo = list(argv if argv is not None else sys.argv[1:])
     try:
         return args.func(args)
-    except (SpecError, DataError, DatasetNotFoundError) as err:
+    except (SpecError, DataError, DatasetNotFoundError, InitFromError) as err:
         print(f"oodlab: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -135,6 +135,9 @@ class ExperimentSpec(StrictModel):
     seed: int = 0
     workdir: str = Field(".oodlab", description="local working dir (MLflow db, checkpoints)")
     storage: str | None = Field(None, description="checkpoint storage; default <workdir>/ray")
+    init_from: str | None = Field(
+        None, pattern=r"^(runs:/[0-9a-f]+/?|models:/.+)$",
+        description="start from an earlier model: runs:/<run_id> or models:/<name>@<alias>")
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     method: MethodSpec

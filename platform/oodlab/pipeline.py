@@ -36,6 +36,7 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
                    ) -> RunResult:
     """Train, evaluate and track one experiment. The MLflow run is FAILED if anything raises."""
     bundle = load_bundle(spec)  # build/cache data and fail on a bad root before Ray starts
+    init_state = initial_weights(spec, bundle.num_classes)  # a bad init_from fails here too
     init_ray()
     run_id = tracking.start_run(spec, spec_path, tags=tags, parent_run_id=parent_run_id)
     ok = False
@@ -43,7 +44,7 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
         if spec.data.oe_select is not None:
             spec = apply_oe_selection(spec, bundle, run_id)
         outcome = fit(spec, run_name=f"{spec.name}-{run_id}", num_classes=bundle.num_classes,
-                      callbacks=[tracking.epoch_callback(spec, run_id)])
+                      callbacks=[tracking.epoch_callback(spec, run_id)], init_state=init_state)
         report = evaluate(spec, outcome.model, bundle)
         report.detector.meta.update({"run_id": run_id, "method": spec.method.name})
         client = tracking.client_for(spec)
@@ -54,6 +55,28 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
         return RunResult(run_id, report.metrics, report, model, tracking.tracking_uri(spec))
     finally:
         tracking.end_run(spec, run_id, ok)
+
+
+def initial_weights(spec: ExperimentSpec, num_classes: int) -> dict | None:
+    """Weights of ``spec.init_from`` (weights_only load), checked to fit the spec's model.
+
+    A missing run/model or an architecture mismatch is an error before training starts,
+    never a silent random initialisation (Unleashing-Mask pitfall 2).
+    """
+    if spec.init_from is None:
+        return None
+    from oodlab.methods import build_method
+
+    state = tracking.load_detector(spec.init_from, tracking.tracking_uri(spec)).model.state_dict()
+    model = build_method(spec).build(num_classes)
+    try:
+        model.load_state_dict(state)  # strict
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise tracking.ModelReferenceError(
+            f"init_from {spec.init_from!r} does not fit model {spec.model.arch!r} with "
+            f"{num_classes} classes: {first}") from None
+    return {k: v.cpu() for k, v in state.items()}
 
 
 def select_oe(spec: ExperimentSpec, bundle=None) -> list[oe_select.Candidate]:

@@ -172,6 +172,10 @@ def end_run(spec: ExperimentSpec, run_id: str, ok: bool) -> None:
     client_for(spec).set_terminated(run_id, status=status)
 
 
+class ModelReferenceError(ValueError):
+    """A runs:/ or models:/ reference that does not resolve to a usable detector."""
+
+
 def load_detector(ref: str, tracking: str | None = None) -> Detector:
     """Load a detector from a file, ``runs:/<run_id>`` or ``models:/<name>@<alias>`` (or
     ``/<version>``), always with ``weights_only=True``. A bad reference is an error, never a
@@ -190,8 +194,8 @@ def load_detector(ref: str, tracking: str | None = None) -> Detector:
                 root = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tmp)
                 return Detector.load(Path(root) / "artifacts" / "detector.pt")
     except mlflow.exceptions.MlflowException as err:
-        raise ValueError(f"cannot load a detector from {ref!r}: {err.message}") from None
+        raise ModelReferenceError(f"cannot load a detector from {ref!r}: {err.message}") from None
     if Path(ref).is_file():
         return Detector.load(ref)
-    raise ValueError(f"cannot load a detector from {ref!r}: not a file, runs:/<run_id> or "
+    raise ModelReferenceError(f"cannot load a detector from {ref!r}: not a file, runs:/<run_id> or "
                      "models:/<name>@<alias>")

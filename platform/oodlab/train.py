@@ -108,6 +108,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("init_state") is not None:
+        model.load_state_dict(config["init_state"])  # init_from, checked on the driver
     if checkpoint is not None:
         payload = load_checkpoint_payload(checkpoint)
         model.load_state_dict(payload["model"])
@@ -188,12 +190,12 @@ def storage_path(spec: ExperimentSpec) -> str:
 
 
 def fit(spec: ExperimentSpec, *, run_name: str, num_classes: int,
-        callbacks: list | None = None) -> TrainOutcome:
+        callbacks: list | None = None, init_state: dict | None = None) -> TrainOutcome:
     """Train with a TorchTrainer; ``run_name`` must be unique and stable (it is the resume key)."""
     r = spec.resources
     trainer = ray.train.torch.TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json")},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "init_state": init_state},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu,
             resources_per_worker={"CPU": r.cpus_per_worker} | ({"GPU": 1} if r.use_gpu else {}),
