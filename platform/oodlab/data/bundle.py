@@ -32,7 +32,7 @@ def _load(name: str, data: DataSpec, seed: int, split: str = "test"):
     return get_dataset(
         name, split=split, root=data.root, image_size=data.image_size, channels=data.channels,
         seed=seed, holdout_classes=tuple(data.holdout_classes), cache_dir=data.cache_dir,
-        limit=data.limit,
+        limit=data.limit, imbalance_ratio=data.imbalance_ratio,
     )
 
 

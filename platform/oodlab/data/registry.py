@@ -61,6 +61,7 @@ class LoadRequest:
     holdout_classes: tuple[int, ...]
     cache_dir: Path
     limit: int | None
+    imbalance_ratio: float = 10.0  # long tail of the multi-label mosaics
 
 
 Loader = Callable[[LoadRequest], Dataset]
@@ -161,10 +162,10 @@ class ImageDataset(Dataset):
 
 @functools.cache
 def _registry() -> dict[str, tuple[DatasetEntry, Loader]]:
-    from oodlab.data import builtin, external  # lazy: they import this module
+    from oodlab.data import builtin, external, multilabel  # lazy: they import this module
 
     table: dict[str, tuple[DatasetEntry, Loader]] = {}
-    for entry, loader in (*builtin.DATASETS, *external.DATASETS):
+    for entry, loader in (*builtin.DATASETS, *multilabel.DATASETS, *external.DATASETS):
         if entry.name in table:
             raise RuntimeError(f"dataset {entry.name!r} registered twice")
         table[entry.name] = (entry, loader)
@@ -209,6 +210,7 @@ def get_dataset(
     holdout_classes: Sequence[int] = (),
     cache_dir: str | Path | None = None,
     limit: int | None = None,
+    imbalance_ratio: float = 10.0,
 ) -> ImageDataset | ExternalImageDataset:
     """Load a registered dataset (an :class:`ImageDataset` for built-in sets).
 
@@ -231,5 +233,6 @@ def get_dataset(
         holdout_classes=tuple(sorted({int(c) for c in holdout_classes})),
         cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(),
         limit=limit,
+        imbalance_ratio=float(imbalance_ratio),
     )
     return loader(request)

@@ -1,0 +1,294 @@
+"""Multi-label data for EDGE: built-in 2x2 MNIST mosaics, and PASCAL VOC / MS-COCO loaders.
+
+Built-in benchmark. ID classes are the digits 0-7. A mosaic is 2x2 tiles of 28 px (56 px);
+each tile is blank with probability 0.25, else a digit whose class c is drawn with
+p_c ∝ ρ^(-c/7) (``imbalance_ratio`` ρ; class 0 is the head, class 7 the rarest tail; at
+least one digit per mosaic). The label is the multi-hot set of classes present. Tiles come
+from the matching split of the built-in ``mnist`` set, so train mosaics never reuse a
+test digit. OOD and OE mosaics use the same layout with tiles from a non-digit set (or
+the held-out digits 8 and 9), so they contain no ID class. Mosaics are assembled on load
+from the cached tiles (fast and deterministic for a seed).
+
+Label counts per class for seed 0, ρ = 10, ``mnist_mosaic`` train (3,000 mosaics):
+see ``oodlab data list`` / :func:`class_counts`; class 0 appears about 10x as often as 7.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from oodlab.data.builtin import _GENERATED, _mnist, dataset_rng, generated_images
+from oodlab.data.registry import (
+    DataError,
+    DatasetEntry,
+    DatasetNotFoundError,
+    ImageDataset,
+    LoadRequest,
+    to_tensor,
+    transform,
+)
+
+ID_CLASSES = 8
+HOLDOUT = (8, 9)
+P_BLANK = 0.25
+TILE = 28
+SIZES = {"train": 3000, "val": 500, "test": 1000}
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor")
+
+
+class MultiLabelDataset(ImageDataset):
+    """In-memory images with multi-hot labels ``[N, C]`` (float32)."""
+
+    multilabel = True
+
+    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, classes) -> None:
+        super().__init__(name, images, np.zeros(len(images), dtype=np.int64), classes)
+        if labels.shape != (len(images), len(self.classes)):
+            raise DataError(f"{name}: labels {labels.shape} do not match "
+                            f"{len(images)} images x {len(self.classes)} classes")
+        self.labels = labels.astype(np.float32)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_tensor(self.images[index]), torch.from_numpy(self.labels[index].copy())
+
+
+def class_probs(rho: float) -> np.ndarray:
+    """Long-tailed class distribution p_c ∝ ρ^(-c/(C-1)) over the ID classes."""
+    p = float(rho) ** (-np.arange(ID_CLASSES) / (ID_CLASSES - 1))
+    return p / p.sum()
+
+
+def tile_plan(rng: np.random.Generator, n: int, probs: np.ndarray | None) -> np.ndarray:
+    """[n, 4] tile contents: -1 = blank, else a class index (or 0 = "a tile" when
+    ``probs`` is None); every row has at least one non-blank tile."""
+    plan = np.full((n, 4), -1, dtype=np.int64)
+    todo = np.arange(n)
+    while len(todo):
+        blank = rng.random((len(todo), 4)) < P_BLANK
+        cls = (rng.choice(len(probs), size=(len(todo), 4), p=probs) if probs is not None
+               else np.zeros((len(todo), 4), dtype=np.int64))
+        plan[todo] = np.where(blank, -1, cls)
+        todo = todo[(plan[todo] < 0).all(1)]
+    return plan
+
+
+def assemble(src: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """Mosaics [n, 56, 56]: tile t of row i is ``pool[src[i, t]]``, blank where src < 0."""
+    out = np.zeros((len(src), 2 * TILE, 2 * TILE), dtype=np.uint8)
+    for (i, t), k in np.ndenumerate(src):
+        if k >= 0:
+            r, q = divmod(t, 2)
+            out[i, r * TILE:(r + 1) * TILE, q * TILE:(q + 1) * TILE] = pool[k]
+    return out
+
+
+def id_mosaics(req: LoadRequest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mosaics, multi-hot labels, source mnist index per tile or -1) for one ID split."""
+    images, labels, splits = _mnist(req)
+    idx = splits[req.split]
+    pools = [idx[labels[idx] == c] for c in range(ID_CLASSES)]
+    rng = dataset_rng(f"mnist_mosaic-{req.split}-{req.imbalance_ratio}", req.seed)
+    plan = tile_plan(rng, SIZES[req.split], class_probs(req.imbalance_ratio))
+    src = np.full(plan.shape, -1, dtype=np.int64)
+    for (i, t), c in np.ndenumerate(plan):
+        if c >= 0:
+            src[i, t] = pools[c][rng.integers(len(pools[c]))]
+    mosaics = assemble(src, images)
+    multi_hot = np.zeros((len(plan), ID_CLASSES), dtype=np.float32)
+    for i, row in enumerate(plan):
+        multi_hot[i, row[row >= 0]] = 1.0
+    return mosaics, multi_hot, src
+
+
+def load_id_mosaic(req: LoadRequest) -> MultiLabelDataset:
+    if req.holdout_classes:
+        raise DataError("holdout_classes: not used by mnist_mosaic (digits 8, 9 are always "
+                        "held out as mosaic_holdout)")
+    mosaics, multi_hot, _ = id_mosaics(req)
+    if req.limit is not None:
+        mosaics, multi_hot = mosaics[: req.limit], multi_hot[: req.limit]
+    return MultiLabelDataset(req.name, transform(mosaics, req.image_size, req.channels),
+                             multi_hot, [str(c) for c in range(ID_CLASSES)])
+
+
+def _tile_pool(source: str, req: LoadRequest) -> np.ndarray:
+    if source == "holdout":
+        images, labels, splits = _mnist(req)
+        idx = splits["test"]
+        return images[idx[np.isin(labels[idx], HOLDOUT)]]
+    build, n = next((b, n) for name, _, n, b, _ in _GENERATED if name == source)
+    return generated_images(source, build, n, req.seed, req.cache_dir)
+
+
+def _ood_mosaic(source: str, n: int) -> Callable[[LoadRequest], ImageDataset]:
+    def load(req: LoadRequest) -> ImageDataset:
+        if req.holdout_classes:
+            raise DataError(f"holdout_classes: not used by {req.name}")
+        pool = _tile_pool(source, req)
+        rng = dataset_rng(req.name, req.seed)
+        plan = tile_plan(rng, n, None)
+        src = np.where(plan >= 0, rng.integers(len(pool), size=plan.shape), -1)
+        mosaics = assemble(src, pool)
+        if req.limit is not None:
+            mosaics = mosaics[: req.limit]
+        return ImageDataset(req.name, transform(mosaics, req.image_size, req.channels),
+                            np.full(len(mosaics), -1, dtype=np.int64), [])
+
+    return load
+
+
+def class_counts(ds: MultiLabelDataset) -> np.ndarray:
+    """Number of images carrying each class."""
+    return ds.labels.sum(0).astype(np.int64)
+
+
+# ------------------------------------------------------------------ external: VOC and COCO
+
+
+class MultiLabelFiles(torch.utils.data.Dataset):
+    """Images read from disk on access, with multi-hot labels; a corrupt file is a DataError."""
+
+    multilabel = True
+
+    def __init__(self, name: str, files: list[Path], labels: np.ndarray, classes,
+                 image_size: int, channels: int) -> None:
+        self.name, self.files, self.classes = name, files, list(classes)
+        self.labels = labels.astype(np.float32)
+        self.image_size, self.channels = image_size, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"{self.name}: cannot read image {path}: {err}") from None
+        x = transform(arr[None], self.image_size, self.channels)[0]
+        return to_tensor(x), torch.from_numpy(self.labels[index].copy())
+
+
+def _split_ids(ids: list[str], split: str, seed: int, holdout_name: str) -> list[str]:
+    """train = ids minus a seeded 10 %, val = that 10 % (test is read separately)."""
+    rng = dataset_rng(holdout_name, seed)
+    order = rng.permutation(len(ids))
+    n_val = max(1, len(ids) // 10)
+    chosen = order[:n_val] if split == "val" else order[n_val:]
+    return [ids[i] for i in sorted(chosen)]
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DatasetNotFoundError(f"{what} not found at {path}; download it from the official "
+                                   "site and extract it there (oodlab never downloads data)")
+    return path
+
+
+def load_voc(req: LoadRequest) -> MultiLabelFiles:
+    """PASCAL VOC 2012 as multi-hot labels over the 20 classes (difficult objects count).
+
+    train/val: ImageSets/Main/train.txt split 90/10 by seed; test: val.txt (the official
+    test labels are not public)."""
+    if req.root is None:
+        raise DatasetNotFoundError("voc: data.root is not set; point it at the folder that "
+                                   "holds VOCdevkit/")
+    base = _need(req.root / "VOCdevkit" / "VOC2012", "PASCAL VOC 2012")
+    list_file = "val.txt" if req.split == "test" else "train.txt"
+    ids = _need(base / "ImageSets" / "Main" / list_file, "VOC image list").read_text().split()
+    if req.split != "test":
+        ids = _split_ids(ids, req.split, req.seed, "voc-val")
+    labels = np.zeros((len(ids), len(VOC_CLASSES)), dtype=np.float32)
+    for i, image_id in enumerate(ids):
+        xml = _need(base / "Annotations" / f"{image_id}.xml", "VOC annotation")
+        try:
+            names = [o.findtext("name", "").strip() for o in ET.parse(xml).iter("object")]
+        except ET.ParseError as err:
+            raise DataError(f"voc: malformed annotation {xml}: {err}") from None
+        for n in names:
+            if n not in VOC_CLASSES:
+                raise DataError(f"voc: unknown class {n!r} in {xml}")
+            labels[i, VOC_CLASSES.index(n)] = 1.0
+    files = [base / "JPEGImages" / f"{i}.jpg" for i in ids]
+    return _limit(MultiLabelFiles(req.name, files, labels, VOC_CLASSES, req.image_size,
+                                  req.channels), req.limit)
+
+
+def load_coco(req: LoadRequest) -> MultiLabelFiles:
+    """MS-COCO 2014 instances as multi-hot labels over the 80 categories (ordered by id);
+    images without annotations keep an all-zero label. train/val: train2014 split 90/10 by
+    seed; test: val2014."""
+    if req.root is None:
+        raise DatasetNotFoundError("coco: data.root is not set; point it at the folder that "
+                                   "holds annotations/ and train2014/, val2014/")
+    part = "val2014" if req.split == "test" else "train2014"
+    ann = _need(req.root / "annotations" / f"instances_{part}.json", "COCO annotations")
+    try:
+        data = json.loads(ann.read_text())
+        cats = sorted(c["id"] for c in data["categories"])
+        names = {c["id"]: c["name"] for c in data["categories"]}
+        images = {im["id"]: im["file_name"] for im in data["images"]}
+        pairs = [(a["image_id"], a["category_id"]) for a in data["annotations"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"coco: malformed annotations {ann}: {err}") from None
+    ids = sorted(images)
+    if req.split != "test":
+        ids = [int(i) for i in _split_ids([str(i) for i in ids], req.split, req.seed, "coco-val")]
+    row = {image_id: i for i, image_id in enumerate(ids)}
+    col = {c: j for j, c in enumerate(cats)}
+    labels = np.zeros((len(ids), len(cats)), dtype=np.float32)
+    for image_id, cat in pairs:
+        if image_id in row:
+            labels[row[image_id], col[cat]] = 1.0
+    files = [req.root / part / images[i] for i in ids]
+    return _limit(MultiLabelFiles(req.name, files, labels, [names[c] for c in cats],
+                                  req.image_size, req.channels), req.limit)
+
+
+def _limit(ds: MultiLabelFiles, limit: int | None) -> MultiLabelFiles:
+    if limit is not None:
+        ds.files, ds.labels = ds.files[:limit], ds.labels[:limit]
+    return ds
+
+
+def _entry(name: str, role: str, count: int | None, description: str,
+           source: str = "builtin") -> DatasetEntry:
+    return DatasetEntry(name, role, source, description, count)  # type: ignore[arg-type]
+
+
+_OOD_MOSAICS = (
+    ("mosaic_holdout", "ood_test", 500, "holdout", "2x2 mosaics of held-out digits 8 and 9"),
+    ("mosaic_letters", "ood_test", 500, "letters", "2x2 mosaics of `letters` tiles"),
+    ("mosaic_photos", "ood_test", 500, "photos", "2x2 mosaics of `photos` tiles"),
+    ("mosaic_val_letters", "ood_val", 500, "val_letters", "2x2 mosaics of `val_letters` tiles"),
+    ("mosaic_val_noise", "ood_val", 500, "val_noise", "2x2 mosaics of `val_noise` tiles"),
+    ("mosaic_oe_textures", "oe", 2000, "oe_textures", "2x2 mosaics of `oe_textures` tiles"),
+    ("mosaic_oe_symbols", "oe", 2000, "oe_symbols", "2x2 mosaics of `oe_symbols` tiles"),
+    ("mosaic_oe_noise", "oe", 2000, "oe_noise", "2x2 mosaics of `oe_noise` tiles"),
+    ("mosaic_oe_digits8x8", "oe", 2000, "oe_digits8x8", "2x2 mosaics of `oe_digits8x8` tiles"),
+)
+
+DATASETS: list[tuple[DatasetEntry, Callable]] = [
+    (_entry("mnist_mosaic", "id", sum(SIZES.values()),
+            "multi-label 2x2 mosaics (56 px) of digits 0-7, long-tailed (imbalance_ratio), "
+            "split 3000/500/1000, tiles from the matching mnist split"), load_id_mosaic),
+    *((_entry(n, role, count, desc + " (tile blank p=0.25; no ID digit)"),
+       _ood_mosaic(src, count)) for n, role, count, src, desc in _OOD_MOSAICS),
+    (_entry("voc", "id", None, "PASCAL VOC 2012 multi-label from <root>/VOCdevkit/VOC2012",
+            "external"), load_voc),
+    (_entry("coco", "id", None, "MS-COCO 2014 multi-label from <root>/annotations + images",
+            "external"), load_coco),
+]
+
+__all__ = ["DATASETS", "MultiLabelDataset", "class_counts", "class_probs", "id_mosaics",
+           "tile_plan"]
