@@ -252,8 +252,11 @@ def test_list_datasets_roles() -> None:
     by_role["oe"] = {e.name for e in entries if e.role == "oe"}
     assert {"mnist"} <= by_role["id"]
     assert {"letters", "photos", "gaussian", "rademacher", "blobs"} <= by_role["ood_test"]
-    assert by_role["ood_val"] == {"val_letters", "val_photos", "val_noise"}
-    assert by_role["oe"] == {"oe_textures", "oe_digits8x8", "oe_symbols", "oe_noise"}
+    assert by_role["ood_val"] == {"val_letters", "val_photos", "val_noise", "mosaic_val_letters",
+                                  "mosaic_val_noise"}
+    assert {"oe_textures", "oe_digits8x8", "oe_symbols", "oe_noise"} <= by_role["oe"]
+    assert {n for n in by_role["oe"] if not n.startswith("mosaic_")} == {
+        "oe_textures", "oe_digits8x8", "oe_symbols", "oe_noise"}
     tests, vals, oes = by_role["ood_test"], by_role["ood_val"], by_role["oe"]
     assert not tests & vals and not tests & oes and not vals & oes
     for e in entries:

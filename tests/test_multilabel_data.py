@@ -1,0 +1,159 @@
+"""Multi-label data: long-tailed mosaics, labels that match the tiles, VOC/COCO parsers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from oodlab.data import get_dataset
+from oodlab.data.builtin import _mnist
+from oodlab.data.multilabel import (
+    HOLDOUT,
+    ID_CLASSES,
+    class_counts,
+    class_probs,
+    id_mosaics,
+    tile_plan,
+)
+from oodlab.data.registry import DataError, DatasetNotFoundError, LoadRequest
+from tests.helpers import DATA_CACHE
+
+
+def _req(split="train", rho=10.0, seed=0) -> LoadRequest:
+    return LoadRequest(name="mnist_mosaic", role="id", split=split, root=None, image_size=56,
+                       channels=1, seed=seed, holdout_classes=(), cache_dir=DATA_CACHE,
+                       limit=None, imbalance_ratio=rho)
+
+
+def test_class_probs_follow_the_imbalance_ratio():
+    p = class_probs(10.0)
+    assert p[0] / p[-1] == pytest.approx(10.0)
+    assert (np.diff(p) < 0).all()
+    assert class_probs(1.0) == pytest.approx(np.full(ID_CLASSES, 1 / ID_CLASSES))
+
+
+def test_tile_frequencies_on_a_large_sample():
+    plan = tile_plan(np.random.default_rng(0), 20000, class_probs(10.0))
+    counts = np.bincount(plan[plan >= 0], minlength=ID_CLASSES)
+    assert counts[0] / counts[7] == pytest.approx(10.0, rel=0.15)
+    assert (plan >= 0).any(1).all()  # at least one digit per mosaic
+    assert (plan < 0).mean() == pytest.approx(0.25, abs=0.02)
+
+
+def test_labels_are_exactly_the_tiles_placed_and_from_the_right_split():
+    images, labels, splits = _mnist(_req())
+    mosaics, multi_hot, src = id_mosaics(_req("train"))
+    train = set(splits["train"].tolist())
+    for i in range(200):
+        placed = {int(labels[s]) for s in src[i] if s >= 0}
+        assert placed == set(np.flatnonzero(multi_hot[i]).tolist())
+        assert all(int(s) in train for s in src[i] if s >= 0)
+        for t, s in enumerate(src[i]):  # the pixels really are that digit (or blank)
+            r, q = divmod(t, 2)
+            tile = mosaics[i, r * 28:(r + 1) * 28, q * 28:(q + 1) * 28]
+            assert (tile == (images[s] if s >= 0 else 0)).all()
+    test_src = id_mosaics(_req("test"))[2]
+    assert set(test_src[test_src >= 0].tolist()) <= set(splits["test"].tolist())
+
+
+def test_mosaic_dataset_counts_determinism_and_long_tail():
+    a = get_dataset("mnist_mosaic", split="train", cache_dir=DATA_CACHE, image_size=28)
+    b = get_dataset("mnist_mosaic", split="train", cache_dir=DATA_CACHE, image_size=28)
+    assert len(a) == 3000 and a.images.shape == (3000, 28, 28, 1)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    x, y = a[0]
+    assert x.shape == (1, 28, 28) and y.shape == (ID_CLASSES,) and y.dtype.is_floating_point
+    counts = class_counts(a)
+    assert (np.diff(counts) < 0).all() and counts[0] > 5 * counts[-1]
+    flat = class_counts(get_dataset("mnist_mosaic", split="train", cache_dir=DATA_CACHE,
+                                    imbalance_ratio=1.0))
+    assert flat.max() / flat.min() < 1.3
+    other_seed = get_dataset("mnist_mosaic", split="train", cache_dir=DATA_CACHE, seed=1)
+    assert not np.array_equal(a.labels, other_seed.labels)
+
+
+def test_ood_mosaics_hold_no_id_digit():
+    images, labels, splits = _mnist(_req())
+    held = get_dataset("mosaic_holdout", cache_dir=DATA_CACHE, image_size=56)
+    assert len(held) == 500 and (held.labels == -1).all()
+    # every non-blank tile of mosaic_holdout is a test-split 8 or 9
+    pool = images[splits["test"][np.isin(labels[splits["test"]], HOLDOUT)]]
+    pool_bytes = {p.tobytes() for p in pool}
+    for m in held.images[:50, :, :, 0]:
+        for r in range(2):
+            for q in range(2):
+                tile = m[r * 28:(r + 1) * 28, q * 28:(q + 1) * 28]
+                assert not tile.any() or tile.tobytes() in pool_bytes
+    with pytest.raises(DataError, match="holdout_classes"):
+        get_dataset("mnist_mosaic", holdout_classes=[3], cache_dir=DATA_CACHE)
+
+
+def _jpeg(path, color) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20, 12), color).save(path)
+
+
+def _voc_tree(root):
+    base = root / "VOCdevkit" / "VOC2012"
+    objs = {"a": ["dog", "person"], "b": ["car"], "c": ["car", "car", "tvmonitor"]}
+    for image_id, names in objs.items():
+        xml = "".join(f"<object><name>{n}</name><difficult>0</difficult></object>"
+                      for n in names)
+        (base / "Annotations").mkdir(parents=True, exist_ok=True)
+        (base / "Annotations" / f"{image_id}.xml").write_text(f"<annotation>{xml}</annotation>")
+        _jpeg(base / "JPEGImages" / f"{image_id}.jpg", (10, 20, 30))
+    (base / "ImageSets" / "Main").mkdir(parents=True)
+    (base / "ImageSets" / "Main" / "val.txt").write_text("a\nb\nc\n")
+    (base / "ImageSets" / "Main" / "train.txt").write_text("a\nb\nc\n")
+    return base
+
+
+def test_voc_parser_multi_hot_by_hand(tmp_path):
+    base = _voc_tree(tmp_path)
+    ds = get_dataset("voc", split="test", root=tmp_path, image_size=16, channels=3)
+    assert len(ds) == 3 and ds.classes[7] == "cat" and len(ds.classes) == 20
+    # dog = 11, person = 14; car = 6; tvmonitor = 19
+    assert np.flatnonzero(ds.labels[0]).tolist() == [11, 14]
+    assert np.flatnonzero(ds.labels[1]).tolist() == [6]
+    assert np.flatnonzero(ds.labels[2]).tolist() == [6, 19]
+    x, y = ds[2]
+    assert x.shape == (3, 16, 16) and y.tolist()[19] == 1.0
+    (base / "Annotations" / "b.xml").write_text("<annotation><object>")
+    with pytest.raises(DataError, match="b.xml"):
+        get_dataset("voc", split="test", root=tmp_path)
+    (base / "Annotations" / "b.xml").write_text("<annotation></annotation>")
+    (base / "JPEGImages" / "a.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="a.jpg"):
+        get_dataset("voc", split="test", root=tmp_path)[0]
+
+
+def test_coco_parser_multi_hot_by_hand(tmp_path):
+    ann = {"categories": [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"},
+                          {"id": 3, "name": "car"}],
+           "images": [{"id": 7, "file_name": "x.jpg"}, {"id": 5, "file_name": "y.jpg"},
+                      {"id": 9, "file_name": "z.jpg"}],
+           "annotations": [{"image_id": 7, "category_id": 18}, {"image_id": 7, "category_id": 1},
+                           {"image_id": 5, "category_id": 3}]}
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2014.json").write_text(json.dumps(ann))
+    for f in ("x.jpg", "y.jpg", "z.jpg"):
+        _jpeg(tmp_path / "val2014" / f, (200, 0, 0))
+    ds = get_dataset("coco", split="test", root=tmp_path, image_size=8)
+    assert ds.classes == ["person", "car", "dog"]  # ordered by category id 1, 3, 18
+    # images sorted by id: 5 (car), 7 (dog + person), 9 (no annotation -> all zero)
+    assert ds.labels.tolist() == [[0, 1, 0], [1, 0, 1], [0, 0, 0]]
+    (tmp_path / "annotations" / "instances_val2014.json").write_text("{not json")
+    with pytest.raises(DataError, match="instances_val2014.json"):
+        get_dataset("coco", split="test", root=tmp_path)
+
+
+def test_missing_roots_name_the_path(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="VOCdevkit"):
+        get_dataset("voc", root=tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="instances_train2014.json"):
+        get_dataset("coco", split="train", root=tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="data.root is not set"):
+        get_dataset("coco")
