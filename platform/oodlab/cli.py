@@ -100,6 +100,12 @@ def _cmd_data_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field (dotted path, YAML value), e.g. "
+                             "train.epochs=3; repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="oodlab", description="Train, evaluate and track OOD detectors on Ray.",
@@ -112,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the spec's method with Ray Train, evaluate it on every OOD set, "
                     "log everything to MLflow and print a results table.")
     run.add_argument("spec", help="experiment spec (YAML), e.g. jobs/quickstart.yaml")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a spec field (dotted path, YAML value); repeatable")
+    _add_set(run)
     run.set_defaults(func=_cmd_run)
 
     oes = sub.add_parser(
@@ -123,8 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "values (settings: data.oe_select), log the table to MLflow and write the "
                     "choice to <workdir>/oe_select/<name>.json.")
     oes.add_argument("spec", help="experiment spec (YAML) whose data.oe lists the candidates")
-    oes.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a spec field; repeatable")
+    _add_set(oes)
     oes.set_defaults(func=_cmd_oe_select)
 
     res = sub.add_parser(
@@ -135,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     res.add_argument("--name", required=True, help="table name (MLflow tag oodlab.results)")
     res.add_argument("--out", required=True, help="Markdown file to write")
-    res.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a field of every spec; repeatable")
+    _add_set(res)
     res.add_argument("--table-only", action="store_true",
                      help="do not run anything; rebuild the table from MLflow")
     res.set_defaults(func=_cmd_results)

@@ -23,6 +23,7 @@ DEFAULT_COLUMNS = {
     "AUROC ↑": "test/auroc",
     "FPR@95 ↓": "test/fpr95",
     "AUPR-in ↑": "test/aupr_in",
+    "val FPR@95 ↓": "val_final/fpr95",
 }
 ID_COLUMNS = {"ID acc ↑": "test/id_acc", "ID mAP ↑": "test/id_map"}
 TAIL_COLUMNS = {

@@ -11,10 +11,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from oodlab.methods.base import Method, MethodParams, TrainState, forward_id_and_oe
+from oodlab.methods.outlier_exposure import EnergyMarginParams, energy_hinge
 from oodlab.scores import joint_energy
 
 
@@ -50,8 +51,7 @@ def joint_energy_margin_loss(logits_id: Tensor, logits_oe: Tensor, m_in: float,
     E_J(x_in) is pushed below ``m_in`` and E_J(x_oe) above ``m_out`` (m_in < m_out <= 0):
     equivalently S_JE(x_in) >= -m_in and S_JE(x_oe) <= -m_out.
     """
-    e_in, e_out = -joint_energy(logits_id), -joint_energy(logits_oe)
-    return F.relu(e_in - m_in).pow(2).mean() + F.relu(m_out - e_out).pow(2).mean()
+    return energy_hinge(-joint_energy(logits_id), -joint_energy(logits_oe), m_in, m_out)
 
 
 class BCEParams(MethodParams):
@@ -63,17 +63,10 @@ class BCEOEParams(MethodParams):
     alpha: float = Field(1.0, ge=0, description="weight of L_conf on OE samples")
 
 
-class EnergyOEMLParams(MethodParams):
+class EnergyOEMLParams(EnergyMarginParams):
     name: Literal["energy_oe_ml"] = "energy_oe_ml"
     m_in: float = Field(-6.0, description="joint free energy of ID pushed below (S_JE >= 6)")
     m_out: float = Field(-1.0, description="joint free energy of OE pushed above (S_JE <= 1)")
-    weight: float = Field(0.1, ge=0)
-
-    @model_validator(mode="after")
-    def _margins_ordered(self) -> EnergyOEMLParams:
-        if self.m_in >= self.m_out:
-            raise ValueError(f"m_in ({self.m_in}) must be below m_out ({self.m_out})")
-        return self
 
 
 class EdgeParams(MethodParams):

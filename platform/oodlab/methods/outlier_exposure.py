@@ -30,14 +30,18 @@ def free_energy(logits: Tensor) -> Tensor:
     return -torch.logsumexp(logits, 1)
 
 
-def energy_margin_loss(logits_id: Tensor, logits_oe: Tensor, m_in: float, m_out: float) -> Tensor:
-    """Squared hinge on the free energy, Liu et al. 2020, Eq. 5.
+def energy_hinge(e_in: Tensor, e_out: Tensor, m_in: float, m_out: float) -> Tensor:
+    """Squared energy hinge, Liu et al. 2020, Eq. 5.
 
     ``E_in[relu(E(x_in) - m_in)^2] + E_out[relu(m_out - E(x_out))^2]``: ID energies are pushed
     below ``m_in`` and OE energies above ``m_out`` (so m_in < m_out, both usually negative).
     """
-    e_in, e_out = free_energy(logits_id), free_energy(logits_oe)
     return F.relu(e_in - m_in).pow(2).mean() + F.relu(m_out - e_out).pow(2).mean()
+
+
+def energy_margin_loss(logits_id: Tensor, logits_oe: Tensor, m_in: float, m_out: float) -> Tensor:
+    """:func:`energy_hinge` on the multi-class free energy E = -logsumexp f."""
+    return energy_hinge(free_energy(logits_id), free_energy(logits_oe), m_in, m_out)
 
 
 class OEParams(MethodParams):
@@ -45,17 +49,22 @@ class OEParams(MethodParams):
     weight: float = Field(0.5, ge=0, description="lambda of the OE term (Hendrycks et al.: 0.5)")
 
 
-class EnergyOEParams(MethodParams):
-    name: Literal["energy_oe"] = "energy_oe"
+class EnergyMarginParams(MethodParams):
+    """Margins of :func:`energy_hinge`; shared by ``energy_oe`` and ``energy_oe_ml``."""
+
     m_in: float = Field(-25.0, description="ID free-energy margin (E_in pushed below it)")
     m_out: float = Field(-7.0, description="OE free-energy margin (E_out pushed above it)")
     weight: float = Field(0.1, ge=0, description="weight of the energy term (Liu et al.: 0.1)")
 
     @model_validator(mode="after")
-    def _margins_ordered(self) -> EnergyOEParams:
+    def _margins_ordered(self) -> EnergyMarginParams:
         if self.m_in >= self.m_out:
             raise ValueError(f"m_in ({self.m_in}) must be below m_out ({self.m_out})")
         return self
+
+
+class EnergyOEParams(EnergyMarginParams):
+    name: Literal["energy_oe"] = "energy_oe"
 
 
 class _OEMethod(Method):
