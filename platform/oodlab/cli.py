@@ -82,7 +82,8 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
     if not args.table_only:
         run_seeds(args.specs, args.seeds, args.name, args.set)
-    command = "oodlab results " + " ".join(args.argv_echo)
+    # Echo the command that regenerates the runs too (without --table-only).
+    command = "oodlab " + " ".join(a for a in args.argv_echo if a != "--table-only")
     out = write_report(specs, args.name, args.out, command)
     print(out.read_text())
     print(f"written to {out}")
