@@ -73,9 +73,18 @@ class DataSpec(StrictModel):
 class ModelSpec(StrictModel):
     """Backbone choice. Every model returns (logits, penultimate features)."""
 
-    arch: Literal["small_cnn", "resnet18"] = "small_cnn"
-    width: int = Field(32, ge=4, le=512, description="base channel count")
+    arch: Literal["small_cnn", "resnet18", "densenet"] = "small_cnn"
+    width: int = Field(32, ge=4, le=512, description="base channel count (small_cnn, resnet18)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    depth: int = Field(100, ge=10, le=250, description="DenseNet-BC depth, 6n + 4 (100 = paper)")
+    growth: int = Field(12, ge=2, le=64, description="DenseNet-BC growth rate k")
+
+    @field_validator("depth")
+    @classmethod
+    def _densenet_depth(cls, v: int) -> int:
+        if (v - 4) % 6 != 0:
+            raise ValueError(f"DenseNet-BC depth must be 6n + 4 (e.g. 40, 100), got {v}")
+        return v
 
 
 class TrainSpec(StrictModel):
@@ -136,8 +145,9 @@ class ExperimentSpec(StrictModel):
     workdir: str = Field(".oodlab", description="local working dir (MLflow db, checkpoints)")
     storage: str | None = Field(None, description="checkpoint storage; default <workdir>/ray")
     init_from: str | None = Field(
-        None, pattern=r"^(runs:/[0-9a-f]+/?|models:/.+)$",
-        description="start from an earlier model: runs:/<run_id> or models:/<name>@<alias>")
+        None, pattern=r"^(runs:/[0-9a-f]+/?|models:/.+|spec:[A-Za-z0-9_.-]+)$",
+        description="start from an earlier model: runs:/<run_id>, models:/<name>@<alias>, or "
+                    "spec:<name> (the newest finished run of that spec with the same seed)")
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     method: MethodSpec
@@ -163,6 +173,20 @@ class ExperimentSpec(StrictModel):
                 raise ValueError(f"{field}: unknown dataset(s) {unknown}; see `oodlab data list`")
         return self
 
+    @model_validator(mode="after")
+    def _method_inputs(self) -> ExperimentSpec:
+        from oodlab.methods import build_method
+
+        method = build_method(self)
+        if method.needs_init_from and self.init_from is None:
+            raise ValueError(f"init_from: method {self.method.name!r} finetunes a trained model; "
+                             "set init_from (runs:/<run_id>, models:/<name>@<alias> or "
+                             "spec:<spec name>)")
+        if method.uses_oe and not self.data.oe:
+            raise ValueError(f"data.oe: method {self.method.name!r} needs OE data; "
+                             "list OE sets (see `oodlab data list`, role oe)")
+        return self
+
 
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
@@ -182,20 +206,31 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw)
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of the raw spec with dotted ``key=value`` overrides applied."""
+def set_path(raw: dict[str, Any], keys: list[str], value: Any, label: str) -> None:
+    """Set ``raw[k0][k1]...[kn] = value`` in place, creating empty (or null) sections."""
+    node = raw
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise SpecError(f"{label}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str],
+                    values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return a copy of the raw spec with dotted ``key=value`` overrides (strings, values read
+    as YAML) and already-typed ``values`` (``{"method.m_in": -20.0}``) applied."""
     import copy
 
     out = copy.deepcopy(raw)
     for item in overrides:
         keys, value = parse_override(item)
-        node = out
-        for k in keys[:-1]:
-            nxt = node.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise SpecError(f"--set {item!r}: {k} is not a section")
-            node = nxt
-        node[keys[-1]] = value
+        set_path(out, keys, value, f"--set {item!r}")
+    for key, value in (values or {}).items():
+        set_path(out, key.split("."), value, key)
     return out
 
 

@@ -36,8 +36,11 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
                    ) -> RunResult:
     """Train, evaluate and track one experiment. The MLflow run is FAILED if anything raises."""
     bundle = load_bundle(spec)  # build/cache data and fail on a bad root before Ray starts
-    init_state = initial_weights(spec, bundle.num_classes)  # a bad init_from fails here too
+    init_ref = tracking.resolve_init_from(spec)
+    init_state = initial_weights(spec, bundle.num_classes, init_ref)  # a bad ref fails here
     init_ray()
+    if init_ref is not None:
+        tags = (tags or {}) | {"oodlab.init_from": init_ref}
     run_id = tracking.start_run(spec, spec_path, tags=tags, parent_run_id=parent_run_id)
     ok = False
     try:
@@ -51,30 +54,34 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
         tracking.log_metrics(client, run_id, report.metrics, step=spec.train.epochs)
         _log_plots(spec, run_id, report)
         model = tracking.log_detector(spec, run_id, report.detector)
+        client.set_tag(run_id, tracking.MODEL_URI_TAG, model["model_uri"])
         ok = True
         return RunResult(run_id, report.metrics, report, model, tracking.tracking_uri(spec))
     finally:
         tracking.end_run(spec, run_id, ok)
 
 
-def initial_weights(spec: ExperimentSpec, num_classes: int) -> dict | None:
-    """Weights of ``spec.init_from`` (weights_only load), checked to fit the spec's model.
+def initial_weights(spec: ExperimentSpec, num_classes: int, ref: str | None = None
+                    ) -> dict | None:
+    """Weights of ``ref`` (default: ``spec.init_from`` resolved), loaded with weights_only and
+    checked to fit the spec's model.
 
     A missing run/model or an architecture mismatch is an error before training starts,
     never a silent random initialisation (Unleashing-Mask pitfall 2).
     """
-    if spec.init_from is None:
+    ref = ref or tracking.resolve_init_from(spec)
+    if ref is None:
         return None
     from oodlab.methods import build_method
 
-    state = tracking.load_detector(spec.init_from, tracking.tracking_uri(spec)).model.state_dict()
+    state = tracking.load_detector(ref, tracking.tracking_uri(spec)).model.state_dict()
     model = build_method(spec).build(num_classes)
     try:
         model.load_state_dict(state)  # strict
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise tracking.ModelReferenceError(
-            f"init_from {spec.init_from!r} does not fit model {spec.model.arch!r} with "
+            f"init_from {ref!r} does not fit model {spec.model.arch!r} with "
             f"{num_classes} classes: {first}") from None
     return {k: v.cpu() for k, v in state.items()}
 
@@ -113,6 +120,7 @@ def _log_plots(spec: ExperimentSpec, run_id: str, report: EvalReport) -> None:
             plots.close(fig)
     history = {key: tracking.metric_history(spec, run_id, key)
                for key in ("val/auroc", "val/id_acc", "val/id_map")}
+    tracking.log_metrics(tracking.client_for(spec), run_id, epoch_summary(history["val/auroc"]))
     fig = plots.epoch_figure(history, title=f"{spec.name}: validation per epoch")
     tracking.log_figure(spec, run_id, fig, "plots/epochs.png")
     plots.close(fig)
@@ -121,6 +129,18 @@ def _log_plots(spec: ExperimentSpec, run_id: str, report: EvalReport) -> None:
         fig = plots.headtail_figure(res, report.id_groups)
         tracking.log_figure(spec, run_id, fig, f"plots/headtail_{res.name}.png")
         plots.close(fig)
+
+
+def epoch_summary(auroc: list[tuple[int, float]]) -> dict[str, float]:
+    """The intermediate-epoch view (Unleashing Mask's observation) as numbers: the best
+    validation-OOD AUROC over epochs, its epoch (1-based), and how much the last epoch lost
+    against it."""
+    if not auroc:
+        return {}
+    best_epoch, best = max(auroc, key=lambda p: (p[1], -p[0]))
+    last = auroc[-1][1]
+    return {"val/best_auroc": best, "val/best_auroc_epoch": float(best_epoch + 1),
+            "val/last_auroc_drop": best - last}
 
 
 def results_table(metrics: dict[str, float], scores: list[str], sets: list[str]) -> str:

@@ -163,6 +163,9 @@ def log_detector(spec: ExperimentSpec, run_id: str, detector: Detector) -> dict[
     return {"model_uri": info.model_uri, "version": info.registered_model_version}
 
 
+MODEL_URI_TAG = "oodlab.model_uri"
+
+
 def log_figure(spec: ExperimentSpec, run_id: str, fig, name: str) -> None:
     client_for(spec).log_figure(run_id, fig, name)
 
@@ -174,6 +177,30 @@ def end_run(spec: ExperimentSpec, run_id: str, ok: bool) -> None:
 
 class ModelReferenceError(ValueError):
     """A runs:/ or models:/ reference that does not resolve to a usable detector."""
+
+
+def resolve_init_from(spec: ExperimentSpec) -> str | None:
+    """``spec.init_from`` as a ``runs:/`` or ``models:/`` reference.
+
+    ``spec:<name>`` means the newest finished run of the spec called ``<name>`` with this
+    spec's seed, in this spec's experiment: how a pretrain -> finetune chain runs per seed.
+    """
+    ref = spec.init_from
+    if ref is None or not ref.startswith("spec:"):
+        return ref
+    name = ref.removeprefix("spec:")
+    client = client_for(spec)
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`mlflow.runName` = '{name}' and tags.`oodlab.seed` = "
+                      f"'{spec.seed}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ModelReferenceError(
+            f"init_from {ref!r}: no finished run of spec {name!r} with seed {spec.seed} in "
+            f"experiment {spec.tracking.experiment!r}; run that spec first")
+    return f"runs:/{runs[0].info.run_id}"
 
 
 def load_detector(ref: str, tracking: str | None = None) -> Detector:

@@ -103,19 +103,30 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if steps_per_epoch == 0:
         raise ValueError(f"data.batch_size={spec.data.batch_size} x {world} workers exceeds the "
                          f"{len(bundle.id_train)} ID training images; lower it or add data")
-    opt = make_optimizer(spec.train, model.parameters())
+    oe_loader, oe_sampler = None, None
+    if method.uses_oe:
+        if bundle.oe is None:
+            raise ValueError(f"method {spec.method.name!r} needs OE data: set data.oe")
+        oe_loader, oe_sampler = train_loader(bundle.oe, spec.data.oe_batch_size, spec.seed + 1,
+                                             rank, world)
+
+    checkpoint = ray.train.get_checkpoint()
+    payload = load_checkpoint_payload(checkpoint) if checkpoint is not None else None
+    if payload is None and config.get("init_state") is not None:
+        model.load_state_dict(config["init_state"])  # init_from, checked on the driver
+    if payload is not None:
+        state.extra, state.step = payload["extra"], payload["step"]
+    # method set-up on the plain backbone (e.g. UM's loss constraint), then the trained module
+    method.on_fit_start(model, Loaders(id_train=id_loader, oe=oe_loader), state)
+    model = method.wrap(model)
+    opt = make_optimizer(spec.train, [p for p in model.parameters() if p.requires_grad])
     sched = make_scheduler(spec.train, opt, spec.train.epochs * steps_per_epoch)
 
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("init_state") is not None:
-        model.load_state_dict(config["init_state"])  # init_from, checked on the driver
-    if checkpoint is not None:
-        payload = load_checkpoint_payload(checkpoint)
+    if payload is not None:
         model.load_state_dict(payload["model"])
         opt.load_state_dict(payload["optimizer"])
         sched.load_state_dict(payload["scheduler"])
-        state.extra, state.step = payload["extra"], payload["step"]
         torch.set_rng_state(payload["torch_rng"])
         start_epoch = payload["epoch"] + 1
         if rank == 0:
@@ -124,16 +135,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     id_loader = ray.train.torch.prepare_data_loader(id_loader, add_dist_sampler=False)
     oe_stream = None
-    oe_loader = None
-    if method.uses_oe:
-        if bundle.oe is None:
-            raise ValueError(f"method {spec.method.name!r} needs OE data: set data.oe")
-        oe_loader, oe_sampler = train_loader(bundle.oe, spec.data.oe_batch_size, spec.seed + 1,
-                                             rank, world)
+    if oe_loader is not None:
         oe_loader = ray.train.torch.prepare_data_loader(oe_loader, add_dist_sampler=False)
         oe_stream = _cycle(oe_loader, oe_sampler, spec.seed)
     loaders = Loaders(id_train=id_loader, oe=oe_loader)
-    method.on_fit_start(model, loaders, state)
 
     for epoch in range(start_epoch, spec.train.epochs):
         state.epoch = epoch
@@ -160,6 +165,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                    "train/loss": total / max(seen, 1),
                    "train/lr": sched.get_last_lr()[0],
                    "train/images_per_s": seen * world / max(elapsed, 1e-9)}
+        metrics |= method.epoch_metrics(model, state)
         if rank == 0:
             metrics |= validation_metrics(unwrap(model), bundle, spec, device)
             id_key = "val/id_map" if "val/id_map" in metrics else "val/id_acc"
@@ -172,6 +178,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+
+
+def model_from_checkpoint(spec: ExperimentSpec, checkpoint: ray.train.Checkpoint,
+                          num_classes: int) -> nn.Module:
+    """The servable (exported, eval-mode, CPU) model stored in a training checkpoint."""
+    method = build_method(spec)
+    model = method.wrap(method.build(num_classes))
+    model.load_state_dict(load_checkpoint_payload(checkpoint)["model"])
+    return method.export(model).eval()
 
 
 @dataclass
@@ -210,9 +225,7 @@ def fit(spec: ExperimentSpec, *, run_name: str, num_classes: int,
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
-    payload = load_checkpoint_payload(result.checkpoint)
-    model = build_method(spec).build(num_classes)
-    model.load_state_dict(payload["model"])
-    return TrainOutcome(model=model.eval(), num_classes=num_classes,
+    model = model_from_checkpoint(spec, result.checkpoint, num_classes)
+    return TrainOutcome(model=model, num_classes=num_classes,
                         checkpoint_path=result.checkpoint.path, metrics=dict(result.metrics or {}))
 

@@ -21,16 +21,23 @@ from oodlab.methods.multilabel import (
 )
 from oodlab.methods.outlier_exposure import EnergyOE, EnergyOEParams, OEParams, OutlierExposure
 from oodlab.methods.supervised import Supervised, SupervisedParams
+from oodlab.methods.unleashing_mask import (
+    UMAPParams,
+    UMParams,
+    UnleashingMask,
+    UnleashingMaskPruning,
+)
 
 if TYPE_CHECKING:
     from oodlab.config import ExperimentSpec
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Supervised, OutlierExposure, EnergyOE, BCE, BCEOE, EnergyOEML, Edge)
+    m.name: m for m in (Supervised, OutlierExposure, EnergyOE, BCE, BCEOE, EnergyOEML, Edge,
+                        UnleashingMask, UnleashingMaskPruning)
 }
 _PARAMS: tuple[type[MethodParams], ...] = (
     SupervisedParams, OEParams, EnergyOEParams, BCEParams, BCEOEParams, EnergyOEMLParams,
-    EdgeParams,
+    EdgeParams, UMParams, UMAPParams,
 )
 METHOD_SPECS = Union[_PARAMS]  # noqa: UP007  (a runtime union for pydantic's discriminator)
 

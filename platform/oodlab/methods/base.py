@@ -57,7 +57,8 @@ class Method:
 
     name: ClassVar[str]
     kind: ClassVar[Kind] = "multiclass"
-    uses_oe: ClassVar[bool] = False
+    uses_oe: bool = False  # an instance may decide from its params (e.g. um + outlier term)
+    needs_init_from: ClassVar[bool] = False  # finetuning methods: the spec must set init_from
 
     def __init__(self, spec: ExperimentSpec) -> None:
         self.spec = spec
@@ -67,9 +68,8 @@ class Method:
         """Build the network; the default is the backbone named in ``spec.model``."""
         from oodlab.models import build_model
 
-        m = self.spec.model
-        return build_model(m.arch, num_classes=num_classes, in_channels=self.spec.data.channels,
-                           width=m.width, dropout=m.dropout)
+        return build_model(self.spec.model, num_classes=num_classes,
+                           in_channels=self.spec.data.channels)
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
                       oe_batch: tuple[Tensor, Tensor] | None, state: TrainState) -> Tensor:
@@ -77,10 +77,24 @@ class Method:
         raise NotImplementedError
 
     def on_fit_start(self, model: nn.Module, loaders: Loaders, state: TrainState) -> None:
-        """Called once before the first epoch (also after a restart)."""
+        """Called once per worker before the first epoch (also after a restart, with
+        ``state.extra`` restored) on the plain backbone holding its initial weights."""
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module that is trained (default: the backbone itself). Checkpoints hold its
+        state; e.g. ``umap`` adds learnable masks and freezes the weights."""
+        return model
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """The plain backbone that is evaluated and served, from the trained ``wrap`` module."""
+        return model
 
     def on_epoch_end(self, model: nn.Module, loaders: Loaders, state: TrainState) -> None:
         """Called on every worker after each epoch, before the checkpoint is written."""
+
+    def epoch_metrics(self, model: nn.Module, state: TrainState) -> dict[str, float]:
+        """Extra per-epoch metrics of the method, logged to MLflow with the epoch's others."""
+        return {}
 
 
 def forward_id_and_oe(model: nn.Module, x: Tensor, x_oe: Tensor | None

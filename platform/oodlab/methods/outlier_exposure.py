@@ -67,13 +67,20 @@ class EnergyOEParams(EnergyMarginParams):
     name: Literal["energy_oe"] = "energy_oe"
 
 
+OutlierParams = OEParams | EnergyOEParams
+
+
+def outlier_loss(params: OutlierParams, logits_id: Tensor, logits_oe: Tensor) -> Tensor:
+    """The weighted OE term of ``oe`` or ``energy_oe`` (also used by UM + OE)."""
+    if params.name == "oe":
+        return params.weight * uniform_ce(logits_oe)
+    return params.weight * energy_margin_loss(logits_id, logits_oe, params.m_in, params.m_out)
+
+
 class _OEMethod(Method):
     """Shared skeleton: CE on the ID half + weight * outlier term on the OE half."""
 
     uses_oe = True
-
-    def outlier_term(self, logits_id: Tensor, logits_oe: Tensor) -> Tensor:
-        raise NotImplementedError
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
                       oe_batch: tuple[Tensor, Tensor] | None, state: TrainState) -> Tensor:
@@ -81,9 +88,7 @@ class _OEMethod(Method):
         if oe_batch is None:
             raise ValueError(f"method {self.name!r} needs OE data: set data.oe in the spec")
         logits_id, logits_oe = forward_id_and_oe(model, x, oe_batch[0])
-        return F.cross_entropy(logits_id, y) + self.params.weight * self.outlier_term(
-            logits_id, logits_oe
-        )
+        return F.cross_entropy(logits_id, y) + outlier_loss(self.params, logits_id, logits_oe)
 
 
 class OutlierExposure(_OEMethod):
@@ -91,14 +96,8 @@ class OutlierExposure(_OEMethod):
 
     name = "oe"
 
-    def outlier_term(self, logits_id: Tensor, logits_oe: Tensor) -> Tensor:
-        return uniform_ce(logits_oe)
-
 
 class EnergyOE(_OEMethod):
     """``energy_oe``: L = CE(ID) + 0.1 * energy margin loss (m_in, m_out)."""
 
     name = "energy_oe"
-
-    def outlier_term(self, logits_id: Tensor, logits_oe: Tensor) -> Tensor:
-        return energy_margin_loss(logits_id, logits_oe, self.params.m_in, self.params.m_out)

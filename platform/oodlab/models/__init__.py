@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from oodlab.models.cnn import SmallCNN
+from oodlab.models.densenet import DenseNetBC
 from oodlab.models.resnet import ResNet18
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"small_cnn": SmallCNN, "resnet18": ResNet18}
+if TYPE_CHECKING:
+    from oodlab.config import ModelSpec
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "small_cnn": SmallCNN, "resnet18": ResNet18, "densenet": DenseNetBC,
+}
 
 
-def build_model(
-    arch: str, *, num_classes: int, in_channels: int, width: int = 32, dropout: float = 0.0
-) -> nn.Module:
-    """Build a backbone by name; raises ValueError naming the allowed architectures."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown model.arch {arch!r}; allowed: {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[arch](
-        num_classes=num_classes, in_channels=in_channels, width=width, dropout=dropout
-    )
+def build_model(cfg: ModelSpec, *, num_classes: int, in_channels: int) -> nn.Module:
+    """Build the backbone named in ``cfg.arch``; raises ValueError naming the allowed ones."""
+    if cfg.arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model.arch {cfg.arch!r}; allowed: {sorted(ARCHITECTURES)}")
+    if cfg.arch == "densenet":
+        return DenseNetBC(num_classes=num_classes, in_channels=in_channels, depth=cfg.depth,
+                          growth=cfg.growth, dropout=cfg.dropout)
+    return ARCHITECTURES[cfg.arch](num_classes=num_classes, in_channels=in_channels,
+                                   width=cfg.width, dropout=cfg.dropout)
 
 
-__all__ = ["ARCHITECTURES", "ResNet18", "SmallCNN", "build_model"]
+__all__ = ["ARCHITECTURES", "DenseNetBC", "ResNet18", "SmallCNN", "build_model"]

@@ -1,0 +1,160 @@
+"""Unleashing Mask (Zhu et al., ICML 2023): ``um`` finetunes, ``umap`` learns a pruning mask.
+
+Both start from a trained model (``init_from``) and minimise the flooded ID loss
+``|CE - ℓ̂| + ℓ̂`` (brief §1.3), so the training loss hovers at the level ``ℓ̂`` of the
+randomly masked trained model (brief §1.2) and the model forgets the atypical samples it
+memorised late in training. Unlike the reference code the loss is always on when the method
+is ``um``/``umap`` (pitfall 1), and a missing starting model is an error (pitfall 2).
+
+Either may add an OE term (``outlier: {name: oe|energy_oe, ...}``); the flood acts on the
+ID term only (brief §1.5).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from oodlab.methods.base import Loaders, Method, MethodParams, TrainState, forward_id_and_oe
+from oodlab.methods.outlier_exposure import EnergyOEParams, OEParams, outlier_loss
+from oodlab.pruning import add_popup_masks, bake_popup_masks, popup_masks, random_masked_copy
+
+LOSS_CONSTRAINT = "loss_constraint"
+
+
+def flood_loss(loss: Tensor, loss_constraint: float) -> Tensor:
+    """``|L_B - ℓ̂| + ℓ̂`` on the mini-batch mean ``L_B`` (brief §1.3, pitfall 8).
+
+    Its gradient is ``sign(L_B - ℓ̂) * dL_B``: descent above the constraint, ascent below it.
+    """
+    return (loss - loss_constraint).abs() + loss_constraint
+
+
+@torch.no_grad()
+def estimate_loss_constraint(model: nn.Module, dataset: Dataset, *, keep: float, seed: int,
+                             masks: int = 1, batch_size: int = 512,
+                             device: torch.device | str = "cpu", rank: int = 0,
+                             world_size: int = 1) -> float:
+    """ℓ̂ = mean CE over ``dataset`` of ``model`` with ``1 - keep`` of each layer's weights
+    zeroed at random (brief §1.2; seeded, eval mode, the images as stored: no augmentation),
+    averaged over ``masks`` random masks (seeds ``seed``, ``seed + 100003``, ...; pitfall 5).
+
+    With several workers each scores every ``world_size``-th image and the sums are
+    all-reduced, so the result is the exact mean over the whole set on every worker.
+    """
+    shard = Subset(dataset, range(rank, len(dataset), world_size))
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(masks):
+        masked = random_masked_copy(model, keep, seed + 100_003 * i).to(device).eval()
+        for x, y in DataLoader(shard, batch_size=batch_size, shuffle=False):
+            x, y = x.to(device), y.to(device)
+            totals[0] += F.cross_entropy(masked(x)[0], y, reduction="sum").double()
+            totals[1] += len(y)
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    if totals[1] == 0:
+        raise ValueError("cannot estimate the loss constraint on an empty training set")
+    return float(totals[0] / totals[1])
+
+
+Outlier = Annotated[OEParams | EnergyOEParams, Field(discriminator="name")]
+
+
+class UnleashParams(MethodParams):
+    """Knobs shared by ``um`` and ``umap``."""
+
+    loss_constraint: float | None = Field(
+        None, gt=0, description="ℓ̂; null = estimate at fit start from the masked trained model")
+    keep: float = Field(0.965, gt=0, le=1, description="fraction of each layer's weights kept "
+                        "when estimating ℓ̂ (0.965 = 3.5% zeroed, the reference value)")
+    masks: int = Field(1, ge=1, le=100, description="random masks ℓ̂ is averaged over "
+                       "(1 = the reference code)")
+    outlier: Outlier | None = Field(
+        None, description="optional OE term on auxiliary outliers: {name: oe|energy_oe, ...}")
+
+
+class UMParams(UnleashParams):
+    name: Literal["um"] = "um"
+
+
+class UMAPParams(UnleashParams):
+    name: Literal["umap"] = "umap"
+    keep_ratio: float = Field(0.8, gt=0, le=1, description="fraction of each layer's weights "
+                              "the learned mask keeps (0.8 = prune 20%, the reference value)")
+
+
+class UnleashingMask(Method):
+    """``um``: finetune all weights with the flooded loss."""
+
+    name = "um"
+    needs_init_from = True
+
+    def __init__(self, spec) -> None:
+        super().__init__(spec)
+        self.uses_oe = self.params.outlier is not None
+        self._below = self._steps = 0
+
+    def on_fit_start(self, model: nn.Module, loaders: Loaders, state: TrainState) -> None:
+        """Fix ℓ̂ once per run (given, or estimated); a restart reuses the stored value."""
+        if LOSS_CONSTRAINT in state.extra:
+            return
+        ell = self.params.loss_constraint
+        if ell is None:
+            ell = estimate_loss_constraint(
+                model, loaders.id_train.dataset, keep=self.params.keep, seed=self.spec.seed,
+                masks=self.params.masks, batch_size=self.spec.data.eval_batch_size,
+                device=state.device, rank=state.rank, world_size=state.world_size)
+        state.extra[LOSS_CONSTRAINT] = float(ell)
+
+    def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
+                      oe_batch: tuple[Tensor, Tensor] | None, state: TrainState) -> Tensor:
+        x, y = batch
+        ell = state.extra[LOSS_CONSTRAINT]
+        logits_id, logits_oe = forward_id_and_oe(model, x, None if oe_batch is None
+                                                 else oe_batch[0])
+        ce = F.cross_entropy(logits_id, y)
+        self._below += int(ce.item() < ell)
+        self._steps += 1
+        loss = flood_loss(ce, ell)
+        if self.params.outlier is not None:
+            if logits_oe is None:
+                raise ValueError(f"method {self.name!r} with an outlier term needs OE data: "
+                                 "set data.oe in the spec")
+            loss = loss + outlier_loss(self.params.outlier, logits_id, logits_oe)
+        return loss
+
+    def epoch_metrics(self, model: nn.Module, state: TrainState) -> dict[str, float]:
+        """ℓ̂ and the fraction of this epoch's steps that were gradient ascent (CE < ℓ̂)."""
+        out = {f"{self.name}/loss_constraint": state.extra[LOSS_CONSTRAINT],
+               f"{self.name}/ascent_fraction": self._below / max(self._steps, 1)}
+        self._below = self._steps = 0
+        return out
+
+
+class UnleashingMaskPruning(UnleashingMask):
+    """``umap``: weights frozen; per-weight popup scores learn which ``keep_ratio`` to keep."""
+
+    name = "umap"
+    _last_masks: dict[str, Tensor] | None = None
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return add_popup_masks(model, self.params.keep_ratio, self.spec.seed)
+
+    def export(self, model: nn.Module) -> nn.Module:
+        return bake_popup_masks(model)
+
+    def epoch_metrics(self, model: nn.Module, state: TrainState) -> dict[str, float]:
+        """Adds the fraction of weights whose keep/prune decision changed this epoch."""
+        masks = popup_masks(model)
+        before, self._last_masks = self._last_masks, masks
+        changed = 0.0
+        if before is not None:
+            changed = sum(int((masks[k] != before[k]).sum()) for k in masks) / sum(
+                m.numel() for m in masks.values())
+        return super().epoch_metrics(model, state) | {"umap/mask_changed_fraction": changed}

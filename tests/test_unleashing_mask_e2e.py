@@ -1,0 +1,71 @@
+"""pretrain -> UM (2 DDP workers) and pretrain -> UMAP on Ray, checked through MLflow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from oodlab.config import validate_spec
+from oodlab.data.bundle import load_bundle
+from oodlab.methods import build_method
+from oodlab.methods.unleashing_mask import estimate_loss_constraint
+from oodlab.pipeline import run_experiment
+from oodlab.pruning import maskable_layers, num_pruned
+from oodlab.tracking import ModelReferenceError, load_detector
+from tests.helpers import tiny_spec
+
+pytestmark = pytest.mark.ray
+
+
+def test_pretrain_then_um_and_umap(ray_session, tmp_path):
+    pre = run_experiment(validate_spec(tiny_spec(
+        tmp_path, name="pre", method={"name": "supervised"}, eval={"scores": ["msp"]},
+        train={"epochs": 2})))
+    client = MlflowClient(pre.tracking_uri)
+    pre_metrics = client.get_run(pre.run_id).data.metrics
+    auroc = [m.value for m in client.get_metric_history(pre.run_id, "val/auroc")]
+    assert pre_metrics["val/best_auroc"] == pytest.approx(max(auroc))
+    assert pre_metrics["val/last_auroc_drop"] == pytest.approx(max(auroc) - auroc[-1])
+    assert pre_metrics["val/best_auroc_epoch"] == auroc.index(max(auroc)) + 1  # 1-based
+    stored = pre.report.detector.model.state_dict()
+
+    # UM on two workers: each scores half of the training set for ℓ̂, all-reduced
+    um_spec = validate_spec(tiny_spec(
+        tmp_path, name="um", method={"name": "um"}, init_from="spec:pre",
+        eval={"scores": ["msp"]}, resources={"num_workers": 2, "cpus_per_worker": 1}))
+    um = run_experiment(um_spec)
+    run = client.get_run(um.run_id)
+    assert run.data.tags["oodlab.init_from"] == f"runs:/{pre.run_id}"
+    model = build_method(um_spec).build(10)
+    model.load_state_dict(stored)
+    expected = estimate_loss_constraint(model, load_bundle(um_spec).id_train, keep=0.965,
+                                        seed=0)
+    assert run.data.metrics["um/loss_constraint"] == pytest.approx(expected, rel=1e-5)
+    assert 0.0 <= run.data.metrics["um/ascent_fraction"] <= 1.0
+
+    umap = run_experiment(validate_spec(tiny_spec(
+        tmp_path, name="umap", method={"name": "umap", "keep_ratio": 0.75},
+        init_from="spec:pre", eval={"scores": ["msp"]}, train={"epochs": 2, "lr": 0.1})))
+    served = load_detector(f"runs:/{umap.run_id}", umap.tracking_uri).model
+    for name, layer in maskable_layers(served):
+        w, w0 = layer.weight, stored[f"{name}.weight"]
+        kept = w != 0
+        assert int((~kept).sum()) == num_pruned(w.numel(), 0.75), name  # exactly 25% pruned
+        assert torch.equal(w[kept], w0[kept]), name  # the kept weights are the stored ones
+    masked = {f"{name}.weight" for name, _ in maskable_layers(served)}
+    others = [k for k in stored if k not in masked and "running" not in k
+              and "num_batches" not in k]
+    assert any(k.endswith("bias") for k in others)
+    for key in others:  # BatchNorm affine parameters and biases are never trained
+        assert torch.equal(served.state_dict()[key], stored[key]), key
+    metrics = client.get_run(umap.run_id).data.metrics
+    assert "umap/mask_changed_fraction" in metrics
+
+
+def test_spec_reference_without_a_matching_run_is_an_error(ray_session, tmp_path):
+    spec = validate_spec(tiny_spec(tmp_path, seed=5, method={"name": "um"},
+                                   init_from="spec:never_ran"))
+    with pytest.raises(ModelReferenceError, match="no finished run of spec 'never_ran' with "
+                                                  "seed 5"):
+        run_experiment(spec)
