@@ -15,6 +15,8 @@ EXIT_BAD_INPUT = 2
 EPILOG = """examples:
   oodlab run jobs/quickstart.yaml
   oodlab run jobs/quickstart.yaml --set train.epochs=1 --set resources.num_workers=2
+  oodlab tune jobs/quickstart.yaml --space search_spaces/energy_oe.yaml
+  oodlab promote <run_id>
   oodlab data list
 """
 
@@ -75,18 +77,66 @@ def _cmd_oe_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from oodlab.config import load_spec
+    from oodlab.config import SpecError, load_spec
 
     specs = [load_spec(p, args.set) for p in args.specs]  # validate all before running any
+    for spec in specs:
+        missing = [s for s in args.scores if s not in spec.eval.scores]
+        if missing:
+            raise SpecError(f"--scores {missing}: not in eval.scores of spec {spec.name!r} "
+                            f"({spec.eval.scores})")
     from oodlab.results import run_seeds, write_report
 
     if not args.table_only:
         run_seeds(args.specs, args.seeds, args.name, args.set)
     # Echo the command that regenerates the runs too (without --table-only).
     command = "oodlab " + " ".join(a for a in args.argv_echo if a != "--table-only")
-    out = write_report(specs, args.name, args.out, command)
+    out = write_report(specs, args.name, args.out, command, args.scores)
     print(out.read_text())
     print(f"written to {out}")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from oodlab.config import load_spec
+    from oodlab.search_space import check_space, load_space
+
+    spec = load_spec(args.spec, args.set)
+    space = load_space(args.space)
+    check_space(space, spec)  # unknown field, empty range, unreported metric: exit 2 here
+    from oodlab.promote import describe, promote
+    from oodlab.tuning import run_search
+
+    out = run_search(spec, space, args.space, name=args.name, resume=args.resume,
+                     storage_url=args.storage)
+    names = [o.metric for o in space.objectives]
+    print(f"\n== search {out.name}: {len(out.trials)} trials, "
+          f"{sum(t.epochs for t in out.trials)} epochs (study {out.study_storage}) ==")
+    print(f"{'trial':<14}{'epochs':>7}  " + "".join(f"{m:>14}" for m in names) + "  params")
+    for t in sorted(out.trials, key=lambda t: t.trial_id):
+        star = "*" if t in out.pareto else " "
+        vals = "".join(f"{v:>14.4f}" for v in t.values)
+        print(f"{t.trial_id:<13}{star}{t.epochs:>7}  {vals}  "
+              + ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items()))
+    print("* = Pareto front" if len(names) > 1 else "* = best")
+    print(f"best trial {out.best.trial_id} (MLflow run {out.best.run_id})")
+    if not args.no_promote and out.best.run_id:
+        p = promote(out.best.run_id, metric=names[0], mode=space.objectives[0].mode,
+                    force=args.force)
+        print(describe(p, names[0]))
+    return 0
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from oodlab.promote import describe, promote
+
+    p = promote(args.run_id, tracking_uri=args.tracking_uri, metric=args.metric, mode=args.mode,
+                model_name=args.model_name, alias=args.alias, force=args.force)
+    print(describe(p, args.metric, args.alias))
     return 0
 
 
@@ -140,10 +190,49 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     res.add_argument("--name", required=True, help="table name (MLflow tag oodlab.results)")
     res.add_argument("--out", required=True, help="Markdown file to write")
+    res.add_argument("--scores", nargs="+", default=[], metavar="SCORE",
+                     help="one row per spec and score (each must be in the specs' eval.scores); "
+                          "default: the served score only")
     _add_set(res)
     res.add_argument("--table-only", action="store_true",
                      help="do not run anything; rebuild the table from MLflow")
     res.set_defaults(func=_cmd_results)
+
+    tun = sub.add_parser(
+        "tune", help="Ray Tune + Optuna search over a spec, then promote the best trial",
+        description="Search the fields named in a search space (search_spaces/*.yaml) with "
+                    "Optuna (TPE or random) and ASHA (or FIFO); every trial is a Ray Train run "
+                    "logged as an MLflow child run. The best trial by the validation objective "
+                    "is evaluated once on the test sets, registered under the spec's "
+                    "tracking.model_name, and becomes @champion only if it beats the current "
+                    "one. A killed search continues with --resume.")
+    tun.add_argument("spec", help="experiment spec (YAML)")
+    tun.add_argument("--space", required=True, help="search space (YAML), search_spaces/*.yaml")
+    tun.add_argument("--name", help="search name (default <spec name>-search); also the "
+                                    "Optuna study name and the Tune experiment directory")
+    tun.add_argument("--resume", action="store_true",
+                     help="continue an interrupted search: finished trials are kept")
+    tun.add_argument("--storage", help="Optuna storage URL (SQLAlchemy, e.g. "
+                                       "postgresql://...; default sqlite:///<workdir>/optuna.db)")
+    tun.add_argument("--no-promote", action="store_true", help="do not register the best trial")
+    tun.add_argument("--force", action="store_true",
+                     help="make the best trial @champion even if it is not better")
+    _add_set(tun)
+    tun.set_defaults(func=_cmd_tune)
+
+    pro = sub.add_parser(
+        "promote", help="register a run's detector; make it @champion if it is better",
+        description="Register the detector of an MLflow run (a search trial is first evaluated "
+                    "once on the test sets) and move the alias to it only if its validation "
+                    "metric beats the current holder's. Test metrics are shown, never compared.")
+    pro.add_argument("run_id")
+    pro.add_argument("--metric", default="val/auroc", help="validation metric (default val/auroc)")
+    pro.add_argument("--mode", choices=["max", "min"], default="max")
+    pro.add_argument("--alias", default="champion")
+    pro.add_argument("--model-name", help="registered model name (default: the run spec's)")
+    pro.add_argument("--tracking-uri", help="MLflow tracking URI (default: the run spec's)")
+    pro.add_argument("--force", action="store_true", help="move the alias even if not better")
+    pro.set_defaults(func=_cmd_promote)
 
     data = sub.add_parser("data", help="built-in and external datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")

@@ -83,5 +83,33 @@ def epoch_figure(history: dict[str, list[tuple[int, float]]], title: str = "Per-
     return fig
 
 
+def parallel_coordinates_figure(params: list[dict], values: list[float], metric: str):
+    """One line per trial across the searched parameters (each scaled to [0, 1]), coloured
+    by the objective; categorical values are placed at their rank."""
+    keys = sorted(params[0]) if params else []
+    fig, ax = plt.subplots(figsize=(1.6 * max(len(keys), 2) + 1.5, 4))
+    cols = []
+    for k in keys:
+        raw = [p[k] for p in params]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in raw):
+            col = np.asarray(raw, dtype=float)
+        else:
+            order = {v: i for i, v in enumerate(sorted({str(v) for v in raw}))}
+            col = np.asarray([order[str(v)] for v in raw], dtype=float)
+        span = col.max() - col.min()
+        cols.append((col - col.min()) / span if span > 0 else np.full_like(col, 0.5))
+    finite = [v for v in values if np.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    cmap = plt.get_cmap("viridis")
+    for i, v in enumerate(values):
+        colour = cmap((v - lo) / (hi - lo) if np.isfinite(v) and hi > lo else 0.0)
+        ax.plot(range(len(keys)), [c[i] for c in cols], color=colour, alpha=0.8, marker="o")
+    ax.set_xticks(range(len(keys)), keys, rotation=20, fontsize=8)
+    ax.set(ylabel="scaled value", title=f"trials coloured by {metric} ({lo:.3f} to {hi:.3f})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

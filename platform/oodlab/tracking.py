@@ -25,15 +25,22 @@ from ray.train import UserCallback
 from oodlab.config import ExperimentSpec, flatten
 from oodlab.detector import Detector
 
+CHECKPOINT_TAG = "oodlab.checkpoint"
+MODEL_URI_TAG = "oodlab.model_uri"
 DETECTOR_ARTIFACT = "detector"
 DETECTOR_STATE = "detector_state"
 MAX_PARAM_LEN = 500
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # pyfunc "models from code"
 
 
+# MLFLOW_TRACKING_URI as the user set it when oodlab started: mlflow.set_tracking_uri (which
+# client_for calls) writes that variable too, and must not leak one spec's store into the next.
+_ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri(spec: ExperimentSpec) -> str:
     """MLFLOW_TRACKING_URI, else the spec's, else ``sqlite:///<workdir>/mlflow.db``."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.tracking_uri
+    uri = _ENV_TRACKING_URI or spec.tracking.tracking_uri
     if uri:
         return uri
     spec.workdir_path.mkdir(parents=True, exist_ok=True)
@@ -113,7 +120,10 @@ class EpochMetricsCallback(UserCallback):
         if not metrics:
             return
         m = metrics[0]
-        log_metrics(MlflowClient(self.tracking_uri), self.run_id, m, step=int(m.get("epoch", 0)))
+        client = MlflowClient(self.tracking_uri)
+        log_metrics(client, self.run_id, m, step=int(m.get("epoch", 0)))
+        if checkpoint is not None:  # the latest checkpoint, so a stopped run stays usable
+            client.set_tag(self.run_id, CHECKPOINT_TAG, checkpoint.path)
 
 
 def epoch_callback(spec: ExperimentSpec, run_id: str) -> EpochMetricsCallback:
@@ -163,7 +173,6 @@ def log_detector(spec: ExperimentSpec, run_id: str, detector: Detector) -> dict[
     return {"model_uri": info.model_uri, "version": info.registered_model_version}
 
 
-MODEL_URI_TAG = "oodlab.model_uri"
 
 
 def log_figure(spec: ExperimentSpec, run_id: str, fig, name: str) -> None:

@@ -1,0 +1,320 @@
+"""``oodlab tune``: Ray Tune + Optuna over one spec; every trial is one Ray Train run.
+
+    Tuner(trial driver, OptunaSearch(TPE | random, stored study), ASHA | FIFO)
+      trial driver: sampled spec -> TorchTrainer(..., callbacks=[MLflow, TuneReportCallback])
+
+One MLflow parent run per search and one child run per trial. Trials report their per-epoch
+validation metrics (never test metrics) to Tune; ASHA stops poor trials on the first
+objective. A killed driver continues with ``resume=True`` (``Tuner.restore``): finished
+trials are kept, unfinished ones resume from their last Ray Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from oodlab import plots, tracking
+from oodlab.config import ExperimentSpec, SpecError, validate_spec
+from oodlab.search_space import (
+    Categorical,
+    IntRange,
+    LogUniform,
+    SearchSpace,
+    Uniform,
+    apply_params,
+    check_space,
+)
+from oodlab.train import fit, storage_path
+
+SEARCH_TAG = "oodlab.search"
+ROLE_TAG = "oodlab.role"
+TRIAL_TAG = "oodlab.trial_id"
+# a trial's driver only waits on its Ray Train run: it holds no CPU (a non-zero resource is
+# required, so it asks for a token amount of memory)
+DRIVER_RESOURCES = {"CPU": 0, "memory": 10_000_000}
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    run_id: str | None
+    params: dict[str, Any]
+    values: list[float]  # last reported value of each objective (nan if never reported)
+    epochs: int
+    status: str
+
+
+@dataclass
+class SearchOutcome:
+    name: str
+    parent_run_id: str
+    trials: list[TrialRecord]
+    pareto: list[TrialRecord]
+    best: TrialRecord
+    study_storage: str
+    experiment_path: str
+
+
+def tune_domain(param) -> Any:
+    """Tune search domain of one space entry (OptunaSearch converts it to a distribution)."""
+    if isinstance(param, LogUniform):
+        return tune.loguniform(param.low, param.high)
+    if isinstance(param, Uniform):
+        return tune.uniform(param.low, param.high)
+    if isinstance(param, IntRange):
+        return tune.qrandint(param.low, param.high, param.step)
+    if isinstance(param, Categorical):
+        return tune.choice(param.choices)
+    raise TypeError(f"unknown parameter type {type(param).__name__}")
+
+
+def study_url(spec: ExperimentSpec, url: str | None) -> str:
+    """The Optuna study storage: ``url`` (any SQLAlchemy URL) or SQLite under the workdir."""
+    if url:
+        return url
+    spec.workdir_path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{spec.workdir_path / 'optuna.db'}"
+
+
+def _trial_driver(config: dict[str, Any], *, base: dict[str, Any], search: str,
+                  parent_run_id: str) -> None:
+    """One trial: the sampled spec, a child MLflow run, a Ray Train run reporting to Tune."""
+    from oodlab.data.bundle import load_bundle
+
+    spec = apply_params(validate_spec(base), config)
+    trial_id = tune.get_context().get_trial_id()
+    run_id = _child_run(spec, search, trial_id, parent_run_id)
+    try:
+        fit(spec, run_name=f"{search}-{trial_id}",
+            num_classes=load_bundle(spec, include_test=False).num_classes,
+            callbacks=[tracking.epoch_callback(spec, run_id), TuneReportCallback()])
+    finally:  # also when Tune stops the trial (ASHA, or at max_t on the last epoch)
+        _close_trial_run(spec, run_id)
+
+
+def _close_trial_run(spec: ExperimentSpec, run_id: str) -> None:
+    """FINISHED when every epoch was reported, else KILLED and tagged as stopped early."""
+    client = tracking.client_for(spec)
+    epochs = tracking.metric_history(spec, run_id, "epoch")
+    done = bool(epochs) and int(epochs[-1][1]) + 1 >= spec.train.epochs
+    if not done:
+        client.set_tag(run_id, "oodlab.stopped_early", "true")
+    client.set_terminated(run_id, status="FINISHED" if done else "KILLED")
+
+
+def _child_run(spec: ExperimentSpec, search: str, trial_id: str, parent_run_id: str) -> str:
+    """The trial's MLflow run; a trial resumed after a driver restart reuses its run."""
+    client = tracking.client_for(spec)
+    existing = client.search_runs(
+        [client.get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.`{SEARCH_TAG}` = '{search}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+        max_results=1)
+    if existing:
+        client.update_run(existing[0].info.run_id, status="RUNNING")
+        return existing[0].info.run_id
+    tags = {SEARCH_TAG: search, TRIAL_TAG: trial_id, ROLE_TAG: "trial"}
+    return tracking.start_run(spec, tags=tags, parent_run_id=parent_run_id)
+
+
+def _parent_run(spec: ExperimentSpec, name: str, space_path: str | Path, resume: bool) -> str:
+    client = tracking.client_for(spec)
+    exp_id = tracking.ensure_experiment(client, spec)
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.`{SEARCH_TAG}` = '{name}' and tags.`{ROLE_TAG}` = "
+                                "'search'", max_results=1)
+    if found:
+        if not resume:
+            raise SpecError(f"a search named {name!r} already exists in experiment "
+                            f"{spec.tracking.experiment!r}; pass --resume to continue it or "
+                            "--name to start a new one")
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run_id = tracking.start_run(spec.model_copy(update={"name": name}),
+                                tags={SEARCH_TAG: name, ROLE_TAG: "search"})
+    client.log_artifact(run_id, str(space_path))
+    return run_id
+
+
+class _Progress(tune.Callback):
+    """One line per finished trial, with the best value so far."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.obj = space.objectives[0]
+        self.total = space.num_samples
+        self.done = 0
+        self.best: float | None = None
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.done += 1
+        value = (trial.last_result or {}).get(self.obj.metric)
+        if value is not None and (self.best is None or _better(value, self.best, self.obj.mode)):
+            self.best = value
+        epochs = (trial.last_result or {}).get("training_iteration", 0)
+        shown = "n/a" if value is None else f"{value:.4f}"
+        print(f"[oodlab tune] trial {self.done}/{self.total} {trial.trial_id} done after "
+              f"{epochs} epoch(s): {self.obj.metric} {shown} (best {self.best})", flush=True)
+
+
+def _better(a: float, b: float, mode: str) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def run_search(spec: ExperimentSpec, space: SearchSpace, space_path: str | Path, *,
+               name: str | None = None, resume: bool = False,
+               storage_url: str | None = None) -> SearchOutcome:
+    """Run (or continue) the search; returns every trial, the Pareto front and the best."""
+    check_space(space, spec)
+    name = name or f"{spec.name}-search"
+    if space.resources is not None:
+        spec = spec.model_copy(update={"resources": space.resources})
+    exp_path = f"{storage_path(spec)}/tune/{name}"
+    if resume and not tune.Tuner.can_restore(exp_path):
+        raise SpecError(f"--resume: no search to continue at {exp_path}")
+    if not resume and Path(exp_path).exists():
+        raise SpecError(f"search directory {exp_path} exists; pass --resume to continue the "
+                        "search or --name to start a new one")
+    from oodlab.pipeline import init_ray
+
+    # save the search state after every trial event, so a killed driver loses no finished
+    # trial (Tune's default saves it periodically)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    init_ray()
+    parent = _parent_run(spec, name, space_path, resume)
+    url = study_url(spec, storage_url)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_driver, base=spec.model_dump(mode="json"), search=name,
+                             parent_run_id=parent), DRIVER_RESOURCES)
+    ok = False
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            tuner = _new_tuner(spec, space, name, url, trainable)
+        grid = tuner.fit()
+        outcome = _collect(spec, space, name, parent, grid, url, exp_path)
+        _log_search(spec, space, outcome)
+        ok = True
+        return outcome
+    finally:
+        _close_stopped_trials(spec, name)
+        tracking.end_run(spec, parent, ok)
+
+
+def _new_tuner(spec: ExperimentSpec, space: SearchSpace, name: str, url: str, trainable
+               ) -> tune.Tuner:
+    metrics = [o.metric for o in space.objectives]
+    modes = [o.mode for o in space.objectives]
+    s = space.searcher
+    if s.name == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=s.seed)
+    single = len(metrics) == 1
+    searcher = OptunaSearch(metric=metrics[0] if single else metrics,
+                            mode=modes[0] if single else modes, sampler=sampler,
+                            study_name=name, storage=optuna.storages.RDBStorage(url))
+    if space.scheduler.name == "asha":
+        scheduler = ASHAScheduler(
+            metric=metrics[0], mode=modes[0], time_attr="training_iteration",
+            max_t=spec.train.epochs, grace_period=min(space.scheduler.grace_period,
+                                                      spec.train.epochs),
+            reduction_factor=space.scheduler.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space={k: tune_domain(p) for k, p in space.params.items()},
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=space.num_samples,
+                                    max_concurrent_trials=space.max_concurrent),
+        run_config=tune.RunConfig(name=name, storage_path=f"{storage_path(spec)}/tune",
+                                  callbacks=[_Progress(space)], verbose=0),
+    )
+
+
+def _collect(spec: ExperimentSpec, space: SearchSpace, name: str, parent: str, grid,
+             url: str, exp_path: str) -> SearchOutcome:
+    client = tracking.client_for(spec)
+    exp_id = client.get_run(parent).info.experiment_id
+    runs = {r.data.tags.get(TRIAL_TAG): r.info.run_id for r in client.search_runs(
+        [exp_id], filter_string=f"tags.`{SEARCH_TAG}` = '{name}' and tags.`{ROLE_TAG}` = "
+                                "'trial'", max_results=5000)}
+    trials = []
+    for result in grid:
+        m = result.metrics or {}
+        trial_id = m.get("trial_id") or Path(result.path).name
+        values = [float(m.get(o.metric, math.nan)) for o in space.objectives]
+        trials.append(TrialRecord(
+            trial_id=trial_id, run_id=runs.get(trial_id),
+            params={k: result.config.get(k) for k in space.params},
+            values=values, epochs=int(m.get("training_iteration", 0)),
+            status="error" if result.error else "done"))
+    scored = [t for t in trials if not any(math.isnan(v) for v in t.values)]
+    if not scored:
+        raise RuntimeError(f"search {name!r}: no trial reported {space.objectives[0].metric}")
+    pareto = pareto_front(scored, [o.mode for o in space.objectives])
+    first = space.objectives[0]
+    best = max(pareto, key=lambda t: t.values[0] if first.mode == "max" else -t.values[0])
+    return SearchOutcome(name, parent, trials, pareto, best, url, exp_path)
+
+
+def pareto_front(trials: list[TrialRecord], modes: list[str]) -> list[TrialRecord]:
+    """Trials no other trial dominates (at least as good on every objective, better on one)."""
+    sign = [1.0 if m == "max" else -1.0 for m in modes]
+
+    def key(t: TrialRecord) -> list[float]:
+        return [s * v for s, v in zip(sign, t.values, strict=True)]
+
+    front = []
+    for t in trials:
+        kt = key(t)
+        dominated = any(all(a >= b for a, b in zip(key(o), kt, strict=True))
+                        and any(a > b for a, b in zip(key(o), kt, strict=True))
+                        for o in trials if o is not t)
+        if not dominated:
+            front.append(t)
+    return front
+
+
+def _log_search(spec: ExperimentSpec, space: SearchSpace, out: SearchOutcome) -> None:
+    client = tracking.client_for(spec)
+    names = [o.metric for o in space.objectives]
+    table = {"trial_id": [t.trial_id for t in out.trials],
+             "run_id": [t.run_id or "" for t in out.trials],
+             "epochs": [t.epochs for t in out.trials],
+             "pareto": [t in out.pareto for t in out.trials]}
+    table |= {k: [t.params[k] for t in out.trials] for k in space.params}
+    table |= {m: [t.values[i] for t in out.trials] for i, m in enumerate(names)}
+    client.log_table(out.parent_run_id, table, "trials.json")
+    tracking.log_metrics(client, out.parent_run_id, {
+        "search/num_trials": len(out.trials),
+        "search/total_epochs": sum(t.epochs for t in out.trials),
+        **{f"search/best/{m}": out.best.values[i] for i, m in enumerate(names)}})
+    client.set_tag(out.parent_run_id, "oodlab.best_run_id", out.best.run_id or "")
+    fig = plots.parallel_coordinates_figure(
+        [t.params for t in out.trials], [t.values[0] for t in out.trials], names[0])
+    tracking.log_figure(spec, out.parent_run_id, fig, "plots/parallel_coordinates.png")
+    plots.close(fig)
+
+
+def _close_stopped_trials(spec: ExperimentSpec, name: str) -> None:
+    """Close trial runs a killed trial driver left RUNNING (see :func:`_close_trial_run`)."""
+    client = tracking.client_for(spec)
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    if exp is None:
+        return
+    for r in client.search_runs([exp.experiment_id], filter_string=(
+            f"tags.`{SEARCH_TAG}` = '{name}' and attributes.status = 'RUNNING' and "
+            f"tags.`{ROLE_TAG}` = 'trial'"), max_results=5000):
+        _close_trial_run(spec, r.info.run_id)

@@ -1,0 +1,96 @@
+"""Search-space files: typed, checked against the spec before any trial; the Pareto front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from oodlab.config import SpecError, load_spec, validate_spec
+from oodlab.search_space import apply_params, check_space, load_space
+from oodlab.tuning import TrialRecord, pareto_front, tune_domain
+from tests.helpers import tiny_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _space(tmp_path, **overrides) -> Path:
+    raw = {"method": "energy_oe", "objectives": [{"metric": "val/auroc", "mode": "max"}],
+           "params": {"method.m_in": {"type": "uniform", "low": -30, "high": -15}}} | overrides
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"method.m_in": {"type": "uniform", "low": -10, "high": -10}}, "empty range"),
+    ({"method.weight": {"type": "loguniform", "low": 0, "high": 1}}, "low > 0"),
+    ({"method.k": {"type": "int", "low": 5, "high": 2}}, "empty range"),
+    ({"method.m_in": {"type": "normal", "low": 0, "high": 1}}, "method.m_in"),
+    ({"method.m_in": {"type": "categorical", "choices": []}}, "choices"),
+])
+def test_malformed_space_names_the_bad_entry(tmp_path, params, message):
+    with pytest.raises(SpecError, match=message):
+        load_space(_space(tmp_path, params=params))
+
+
+def test_space_is_checked_against_the_spec(tmp_path):
+    spec = validate_spec(tiny_spec(tmp_path))  # energy_oe with val_letters as validation OOD
+    bad_field = load_space(_space(tmp_path, params={
+        "method.m_bogus": {"type": "uniform", "low": 0, "high": 1}}))
+    with pytest.raises(SpecError, match="params.method.m_bogus"):
+        check_space(bad_field, spec)
+    out_of_range = load_space(_space(tmp_path, params={
+        "train.lr": {"type": "loguniform", "low": 0.01, "high": 1.0}}))
+    check_space(out_of_range, spec)  # fine
+    negative = load_space(_space(tmp_path, params={
+        "method.weight": {"type": "uniform", "low": -1, "high": 1}}))
+    with pytest.raises(SpecError, match="method.weight = -1"):
+        check_space(negative, spec)
+    never = load_space(_space(tmp_path, objectives=[{"metric": "val/id_map", "mode": "max"}]))
+    with pytest.raises(SpecError, match="'val/id_map' is never reported"):
+        check_space(never, spec)
+    other = load_space(_space(tmp_path, method="edge"))
+    with pytest.raises(SpecError, match="for method 'edge'"):
+        check_space(other, spec)
+
+
+def test_every_shipped_space_fits_its_job():
+    pairs = {"energy_oe": "quickstart", "edge": "edge_oe_select",
+             "energy_oe_ml": "edge_energy_oe_ml", "um": "um", "umap": "umap"}
+    files = sorted(p.stem for p in (ROOT / "search_spaces").glob("*.yaml"))
+    assert files == sorted(pairs)
+    for space, job in pairs.items():
+        check_space(load_space(ROOT / "search_spaces" / f"{space}.yaml"),
+                    load_spec(ROOT / "jobs" / f"{job}.yaml"))
+
+
+def test_sampled_params_reach_the_spec_even_through_a_null_section(tmp_path):
+    spec = validate_spec(tiny_spec(tmp_path))
+    tuned = apply_params(spec, {"method.m_in": -20.5, "data.oe_select.threshold": 0.3})
+    assert tuned.method.m_in == -20.5 and tuned.data.oe_select.threshold == 0.3
+    assert spec.method.m_in == -25.0  # the original is untouched
+
+
+def test_tune_domains():
+    space = load_space(ROOT / "search_spaces" / "edge.yaml")
+    domains = {k: tune_domain(p) for k, p in space.params.items()}
+    k = domains["method.k"].sample()
+    assert 8 <= k <= 64 and k % 8 == 0
+    assert domains["data.oe_select.top_k"].sample() in (8, 16, 32)
+    assert 0.1 <= domains["method.alpha"].sample() <= 2.0
+
+
+def _t(name, *values):
+    return TrialRecord(name, None, {}, list(values), 1, "done")
+
+
+def test_pareto_front_by_hand():
+    a, b, c, d = _t("a", 0.9, 0.5), _t("b", 0.8, 0.9), _t("c", 0.7, 0.4), _t("d", 0.9, 0.5)
+    # c is dominated by a (and b); a and d tie, so neither dominates the other
+    front = pareto_front([a, b, c, d], ["max", "max"])
+    assert {t.trial_id for t in front} == {"a", "b", "d"}
+    # minimising the second objective instead: b (0.9) is dominated by a (0.9 >= 0.8, 0.5 < 0.9)
+    front = pareto_front([a, b, c], ["max", "min"])
+    assert {t.trial_id for t in front} == {"a", "c"}
