@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as stdlib_platform
 import statistics
 import sys
 import tempfile
@@ -27,9 +26,11 @@ from pathlib import Path
 
 import torch
 
+from benchlib import header, write_result
 from oodlab.config import validate_spec
 from oodlab.data.bundle import load_bundle, set_epoch, train_loader
 from oodlab.methods import TrainState, build_method
+from oodlab.ray_local import init_ray
 from oodlab.train import fit, make_optimizer, make_scheduler
 
 
@@ -76,8 +77,7 @@ def ray_loop(spec) -> tuple[list[float], float, int]:
     """The oodlab Ray Train loop (1 worker): per-epoch images/s, wall seconds, images."""
     import ray
 
-    ray.init(num_cpus=int(spec.resources.cpus_per_worker) + 1, include_dashboard=False,
-             log_to_driver=False)
+    init_ray(num_cpus=int(spec.resources.cpus_per_worker) + 1, log_to_driver=False)
     bundle = load_bundle(spec, include_test=False)
     log = Path(spec.workdir_path) / "rates.jsonl"
 
@@ -126,19 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+    head = header("train_overhead", "bench/train_overhead.py", argv)
     runs = [measure(args.epochs, threads) for threads in args.threads]
-    result = {
-        "benchmark": "train_overhead",
-        "date": time.strftime("%Y-%m-%d"),
-        "host": f"{stdlib_platform.machine()}, {os.cpu_count()} CPUs, torch "
-                f"{torch.__version__}, python {sys.version.split()[0]}",
-        "command": "python bench/train_overhead.py " + " ".join(argv or sys.argv[1:]),
+    result = head | {
         "target_steady_ratio": 0.9,
         "runs": runs,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(args.out, result)
     for r in runs:
         print(f"{r['threads']} thread(s): steady-state Ray/plain images/s {r['steady_ratio']:.3f} "
               f"(target >= 0.9); wall-clock incl. Ray start-up, validation, checkpoints "

@@ -16,16 +16,13 @@ os.environ.pop("RAY_ADDRESS", None)
 def ray_session():
     """One local Ray for the whole session (4 logical CPUs: 2 DDP workers + controllers).
 
-    The dashboard stays on: Ray Train's placement-group cleaner asks the state API (served by
-    the dashboard) whether a controller died, and Tune trials stopped by ASHA rely on it to
-    give their CPUs back.
+    Started like oodlab starts it (dashboard pinned, see ``oodlab.ray_local``): Tune trials
+    stopped by ASHA rely on the state API to give their CPUs back.
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0",
-                                           "MLFLOW_DISABLE_TELEMETRY": "true"}})
+    from oodlab.ray_local import init_ray
+
+    init_ray(num_cpus=4)
     yield ray
     ray.shutdown()

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from oodlab import __version__
+from oodlab.serve.cli import add_parser as add_serve_parser
 
 EXIT_BAD_INPUT = 2
 
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     dl = data_sub.add_parser("list", help="list every registered dataset with its role and size")
     dl.set_defaults(func=_cmd_data_list)
+    add_serve_parser(sub)
     return parser
 
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
-
-from oodlab import oe_select, plots, tracking
+from oodlab import oe_select, plots, ray_local, tracking
 from oodlab.config import ExperimentSpec, OESelectSpec
 from oodlab.data.bundle import load_bundle
 from oodlab.evaluate import EvalReport, evaluate
@@ -27,8 +24,7 @@ class RunResult:
 
 def init_ray() -> None:
     """Connect to RAY_ADDRESS if set, else start (or reuse) a local Ray."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    ray_local.init_ray()
 
 
 def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,

@@ -1,0 +1,34 @@
+"""What every benchmark writes: a header naming the run and the host, and one JSON file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform as stdlib_platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def header(name: str, script: str, argv: list[str] | None) -> dict[str, Any]:
+    """Benchmark name, date, host, the exact command and the load average at start (the
+    machine may be shared: quote ratios from one run, never a lone absolute time)."""
+    return {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%d"),
+        "host": f"{stdlib_platform.machine()}, {os.cpu_count()} CPUs, torch "
+                f"{torch.__version__}, python {sys.version.split()[0]}",
+        "command": " ".join([f"python {script}", *(sys.argv[1:] if argv is None else argv)]),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> Path:
+    """Write ``result`` as indented JSON (parents created) and return the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out

@@ -1,0 +1,273 @@
+"""Serving under a bounded load on loopback: batched vs unbatched service vs raw forward.
+
+Run:  .venv/bin/python bench/serve_load.py [--requests 400] [--concurrency 32]
+      [--images-per-request 1 8 32] [--out bench/results/serve_load.json]
+
+One Ray Serve application (``oodlab serve``'s own deploy path, 1 replica with
+``--replica-cpus`` CPUs) serves a registered detector. For each request shape (images per
+request), the same fixed number of requests is sent by ``--concurrency`` concurrent HTTP
+clients (aiohttp, JSON with base64 PNGs), first to the batched service (``max_batch_size`` =
+``--max-batch-size``), then to the same service reconfigured in place to
+``max_batch_size=1`` (unbatched). The raw figure is the model's batched forward
+(``Detector.score`` on ``--max-batch-size`` images) in this process with as many torch
+threads as the replica has. Written: throughput (requests/s, images/s), p50/p99 latency,
+the mean batch the replica formed, and the two ratios whose goals are reported, not
+asserted: batched >= 0.7x raw, batched >= 3x unbatched. Two bounds are written with them:
+the HTTP floor (requests/s of ``GET /healthz``, i.e. proxy + replica cost without a model)
+and the compute ceiling of batched/unbatched (raw forward at the batch size / at batch 1).
+
+By default the detector is the quickstart architecture (small_cnn, width 16, energy score),
+registered untrained in a temporary MLflow store: throughput does not depend on weight
+values. ``--model models:/<name>@<alias> --tracking-uri URI`` measures a registered one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchlib import header, write_result
+from oodlab.ray_local import init_ray
+
+BENCH_SPEC = {
+    "name": "bench-serve", "seed": 0,
+    "data": {"id": "mnist", "val_ood": [], "test_ood": ["letters"], "oe": []},
+    "model": {"arch": "small_cnn", "width": 16},
+    "method": {"name": "supervised"},
+    "eval": {"scores": ["energy"]},
+    "tracking": {"experiment": "bench-serve", "model_name": "bench-serve-detector"},
+}
+
+
+def register_untrained(workdir: str, arch: str, width: int) -> tuple[str, str]:
+    """Register an untrained detector of the given architecture; (model ref, tracking URI)."""
+    from oodlab import tracking
+    from oodlab.config import validate_spec
+    from oodlab.detector import Detector
+    from oodlab.methods import build_method
+    from oodlab.scores import build_score
+
+    raw = BENCH_SPEC | {"workdir": workdir, "model": {"arch": arch, "width": width}}
+    spec = validate_spec(raw)
+    torch.manual_seed(0)
+    model = build_method(spec).build(10)
+    detector = Detector(model, build_score("energy"), spec=spec.model_dump(mode="json"),
+                        num_classes=10, threshold=0.0, meta={"method": "supervised"})
+    run_id = tracking.start_run(spec, tags={"oodlab.kind": "bench"})
+    tracking.log_detector(spec, run_id, detector)
+    tracking.end_run(spec, run_id, ok=True)
+    uri = tracking.tracking_uri(spec)
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).set_registered_model_alias(spec.tracking.model_name, "champion", "1")
+    return f"models:/{spec.tracking.model_name}@champion", uri
+
+
+def sample_pngs(n: int, shape: tuple[int, int, int], seed: int = 0) -> list[bytes]:
+    """``n`` random images of the model's own shape as PNG bytes (decoding is part of it)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        arr = rng.integers(0, 256, size=(shape[1], shape[2], shape[0]), dtype=np.uint8)
+        img = Image.fromarray(arr[..., 0] if shape[0] == 1 else arr)
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def raw_throughput(detector, shape: tuple[int, int, int], batch: int, threads: int,
+                   seconds: float = 3.0) -> float:
+    """Images/s of ``detector.score`` on fixed batches, in process, ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    x = torch.rand(batch, *shape)
+    for _ in range(5):
+        detector.score(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        detector.score(x)
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+async def load(url: str, bodies: list[bytes], concurrency: int, warmup: int = 20) -> dict:
+    """POST every (JSON) body once with ``concurrency`` workers on keep-alive connections;
+    throughput and latency. aiohttp, not httpx: the client shares the CPUs with the server,
+    so it should be the cheapest one available."""
+    import aiohttp
+
+    headers = {"Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
+        for body in bodies[:warmup]:
+            async with client.post("/v1/score", data=body, headers=headers) as r:
+                r.raise_for_status()
+                await r.read()
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        for body in bodies:
+            queue.put_nowait(body)
+        latencies: list[float] = []
+        failures = 0
+
+        async def worker() -> None:
+            nonlocal failures
+            while not queue.empty():
+                body = queue.get_nowait()
+                t = time.perf_counter()
+                async with client.post("/v1/score", data=body, headers=headers) as r:
+                    await r.read()
+                    failures += r.status != 200
+                latencies.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    images = sum(len(json.loads(b)["images"]) for b in bodies)
+    lat = np.asarray(latencies) * 1000
+    return {"requests": len(bodies), "images": images, "failures": failures,
+            "seconds": wall, "requests_per_s": len(bodies) / wall, "images_per_s": images / wall,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+async def http_floor(url: str, n: int, concurrency: int) -> float:
+    """Requests/s of ``GET /healthz`` (no body, no model): the HTTP + Serve cost alone."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(url, connector=connector) as client:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with sem, client.get("/healthz") as r:
+                await r.read()
+
+        await asyncio.gather(*(one() for _ in range(20)))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(n)))
+        return n / (time.perf_counter() - t0)
+
+
+def model_stats(url: str) -> dict:
+    import httpx
+
+    return httpx.get(f"{url}/v1/model", timeout=60).json()
+
+
+def measure_service(url: str, bodies: list[bytes], concurrency: int) -> dict:
+    before = model_stats(url)["stats"]
+    out = asyncio.run(load(url, bodies, concurrency))
+    after = model_stats(url)["stats"]
+    batches = after["batches"] - before["batches"]
+    out["mean_batch"] = (after["images"] - before["images"]) / max(batches, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="registered model to serve (default: an untrained "
+                                        "quickstart-architecture detector)")
+    parser.add_argument("--tracking-uri")
+    parser.add_argument("--arch", default="small_cnn")
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=400, help="requests per measurement")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--images-per-request", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--replica-cpus", type=int, default=1)
+    parser.add_argument("--out", default="bench/results/serve_load.json")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    head = header("serve_load", "bench/serve_load.py", argv)  # load average before we start
+
+    import ray
+    from ray import serve
+
+    from oodlab.serve.config import DeploymentOptions, ModelConfig, ServeOptions, split_ref
+    from oodlab.serve.deploy import deploy
+    from oodlab.serve.registry import resolve
+    from oodlab.tracking import load_detector
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ref, uri = ((args.model, args.tracking_uri) if args.model
+                    else register_untrained(tmp, args.arch, args.width))
+        version = resolve(ref, uri).version
+        detector = load_detector(f"models:/{split_ref(ref)[0]}/{version}", uri)
+        p = detector.preprocessing
+        shape = (p["channels"], p["image_size"], p["image_size"])
+        raw = raw_throughput(detector, shape, args.max_batch_size, args.replica_cpus)
+        raw_single = raw_throughput(detector, shape, 1, args.replica_cpus)
+        print(f"raw forward, {args.replica_cpus} thread(s): {raw:.0f} images/s at batch "
+              f"{args.max_batch_size}, {raw_single:.0f} at batch 1", flush=True)
+
+        init_ray(num_cpus=args.replica_cpus + 2, log_to_driver=False)
+        opts = ServeOptions(
+            app_name="bench", port=int(os.environ.get("BENCH_PORT", "8765")),
+            model=ModelConfig(model=ref, version=version, tracking_uri=uri,
+                              max_batch_size=args.max_batch_size,
+                              batch_wait_timeout_s=args.batch_wait_ms / 1000),
+            deployment=DeploymentOptions(num_cpus=args.replica_cpus, max_ongoing_requests=256))
+        dep = deploy(opts)
+        threads = model_stats(dep.url)["torch_threads"]
+        b64 = [base64.b64encode(png).decode() for png in sample_pngs(64, shape)]
+        scenarios = []
+        try:
+            floor = asyncio.run(http_floor(dep.url, args.requests, args.concurrency))
+            print(f"HTTP floor (GET /healthz): {floor:.0f} requests/s", flush=True)
+            for k in args.images_per_request:
+                bodies = [json.dumps({"images": [b64[(i * k + j) % len(b64)] for j in range(k)]})
+                          .encode() for i in range(args.requests)]
+                row: dict = {"images_per_request": k, "concurrency": args.concurrency}
+                for mode, size in (("batched", args.max_batch_size), ("unbatched", 1)):
+                    opts.model.max_batch_size = size
+                    deploy(opts)  # user_config only: the replica reconfigures in place
+                    row[mode] = measure_service(dep.url, bodies, args.concurrency)
+                    print(f"{k} image(s)/request, {mode:>9}: "
+                          f"{row[mode]['images_per_s']:.0f} images/s, "
+                          f"p50 {row[mode]['p50_ms']:.1f} ms, p99 {row[mode]['p99_ms']:.1f} ms, "
+                          f"mean batch {row[mode]['mean_batch']:.1f}", flush=True)
+                assert row["batched"]["failures"] == row["unbatched"]["failures"] == 0, row
+                row["batched_vs_raw"] = row["batched"]["images_per_s"] / raw
+                row["batched_vs_unbatched"] = (row["batched"]["images_per_s"]
+                                               / row["unbatched"]["images_per_s"])
+                scenarios.append(row)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+    result = head | {
+        "model": {"ref": ref, "version": version, "preprocessing": p,
+                  "arch": detector.spec["model"]["arch"], "width": detector.spec["model"]["width"],
+                  "trained": bool(args.model)},
+        "replica": {"num_cpus": args.replica_cpus, "torch_threads": threads,
+                    "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms},
+        "raw_images_per_s": {"batch": args.max_batch_size, "batched": raw, "batch_1": raw_single},
+        # pure compute bound on batched/unbatched: forward at max_batch_size vs at batch 1
+        "compute_ceiling_batched_vs_unbatched": raw / raw_single,
+        "http_floor_requests_per_s": floor,
+        "goals": {"batched_vs_raw": 0.7, "batched_vs_unbatched": 3.0},
+        "scenarios": scenarios,
+    }
+    out = write_result(args.out, result)
+    for row in scenarios:
+        print(f"{row['images_per_request']} image(s)/request: batched/raw "
+              f"{row['batched_vs_raw']:.2f} (goal >= 0.7), batched/unbatched "
+              f"{row['batched_vs_unbatched']:.2f} (goal >= 3)")
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The Ray Serve application: a FastAPI ingress in front of the champion detector.
+
+Endpoints: ``POST /v1/score``, ``GET /v1/model``, ``GET /healthz`` (never needs a token),
+``GET /docs`` and ``GET /openapi.json``. Images of all concurrent requests are scored in
+dynamic batches (``@serve.batch``, one batch element per image). The model lives in the
+deployment's ``user_config`` (:class:`~oodlab.serve.config.ModelConfig`): ``reconfigure``
+loads the new version off the event loop and swaps it in whole, so requests keep being
+served by the old version until the new one is ready, and a request is always scored by
+the model it was decoded for.
+
+Serve config entry point: ``import_path: oodlab.serve.app:build_app`` with ``args`` =
+:class:`~oodlab.serve.config.AppArgs`.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the route signatures.
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import torch
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, Field, ValidationError
+from ray import serve
+from ray.serve import Application
+
+from oodlab import __version__
+from oodlab.serve import payload, registry
+from oodlab.serve.auth import authorized, load_token
+from oodlab.serve.config import DEPLOYMENT_NAME, AppArgs, ModelConfig
+from oodlab.serve.images import InputError, Preprocessing, array_image, decode_image
+from oodlab.serve.registry import LoadedModel
+
+api = FastAPI(
+    title="oodlab OOD detector", version=__version__, docs_url=None, redoc_url=None,
+    openapi_url=None,
+    description="Scores images with the registered detector (higher score = more "
+                "in-distribution; `is_ood` = score < the threshold calibrated at 95% TPR on "
+                "ID validation data). With a token configured, every endpoint but /healthz "
+                "needs `Authorization: Bearer <token>`.")
+bearer = HTTPBearer(auto_error=False, description="the server's token (OODLAB_SERVE_TOKEN)")
+
+_ITEM = {"oneOf": [
+    {"type": "string", "description": "base64 PNG or JPEG (any size or colour mode)"},
+    {"type": "array", "description": "[C][S][S] (or [S][S] for one channel) in [0, 1]",
+     "items": {}}]}
+SCORE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {
+        "type": "object", "required": ["images"],
+        "properties": {"images": {"type": "array", "minItems": 1, "items": _ITEM}}}},
+    "multipart/form-data": {"schema": {
+        "type": "object", "properties": {
+            "images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "image/png": {"schema": {"type": "string", "format": "binary"}},
+    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+}}}
+ERRORS = {s: {"description": d} for s, d in {
+    400: "malformed body (JSON syntax, multipart framing)", 401: "missing or wrong token",
+    413: "body, image or image count over the limit", 415: "unsupported content type",
+    422: "an image that cannot be used (named in the message)",
+    503: "no model loaded"}.items()}
+
+
+class ModelId(BaseModel):
+    name: str
+    version: str
+    alias: str | None = None
+
+
+class ImageScore(BaseModel):
+    index: int = Field(description="position of the image in the request")
+    score: float = Field(description="higher = more in-distribution")
+    is_ood: bool = Field(description="score < threshold")
+
+
+class ScoreResponse(BaseModel):
+    model: ModelId
+    threshold: float | None
+    results: list[ImageScore]
+
+
+def to_tensor(raw: payload.RawImage, prep: Preprocessing, max_pixels: int) -> torch.Tensor:
+    if raw.data is not None:
+        return decode_image(raw.data, raw.label, prep, max_pixels)
+    return array_image(raw.array, raw.label, prep)
+
+
+def forward(items: list[tuple[LoadedModel, torch.Tensor]]) -> list[tuple[float, bool]]:
+    """Score one batch; items decoded for different model versions go to their own model."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, (loaded, _) in enumerate(items):
+        groups[id(loaded)].append(i)
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(items)
+    for idx in groups.values():
+        detector = items[idx[0]][0].detector
+        scores, is_ood = detector.predict(torch.stack([items[i][1] for i in idx]))
+        for i, s, o in zip(idx, scores.tolist(), is_ood.tolist(), strict=True):
+            out[i] = (float(s), bool(o))
+    return out
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=10, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=20)
+@serve.ingress(api)
+class OODScorer:
+    """One replica: the loaded detector, its batching queue and its auth token."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.args = AppArgs.model_validate(args)
+        self.token = load_token(self.args.token_file, self.args.require_token)
+        self.device = registry.pick_device(self.args.device)
+        self.config: ModelConfig | None = None
+        self.current: LoadedModel | None = None
+        self.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0}
+        self._reload_lock = asyncio.Lock()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a new user_config: batching at once, a different model once it is loaded."""
+        try:
+            cfg = ModelConfig.model_validate(user_config)
+        except ValidationError as err:
+            raise ValueError(f"user_config: {err}") from None
+        self._score_batch.set_max_batch_size(cfg.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        async with self._reload_lock:
+            old = self.config
+            same = (old is not None and cfg.version is not None and old.version == cfg.version
+                    and (old.model, old.tracking_uri) == (cfg.model, cfg.tracking_uri))
+            if not same:
+                # load off the event loop: requests keep flowing to the current model
+                self.current = await asyncio.to_thread(registry.load, cfg, self.device)
+            self.config = cfg
+
+    def check_health(self) -> None:
+        if self.current is None:
+            raise RuntimeError("no model loaded: the deployment needs a user_config with "
+                               "'model' (see oodlab serve build)")
+
+    def _authorize(self, request: Request) -> None:
+        if not authorized(request.headers.get("authorization"), self.token):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer "
+                                     "<token>)", headers={"WWW-Authenticate": "Bearer"})
+
+    def _loaded(self) -> LoadedModel:
+        if self.current is None:
+            raise HTTPException(503, "no model loaded yet")
+        return self.current
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _score_batch(self, items: list[tuple[LoadedModel, torch.Tensor]]
+                           ) -> list[tuple[float, bool]]:
+        out = await asyncio.to_thread(forward, items)
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
+        return out
+
+    @api.get("/healthz", summary="liveness (no token needed)")
+    async def healthz(self) -> dict[str, str]:
+        self._loaded()
+        return {"status": "ok"}
+
+    @api.get("/v1/model", summary="the served model", dependencies=[Depends(bearer)],
+             responses={401: ERRORS[401]})
+    async def model_info(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        loaded = self._loaded()
+        assert self.config is not None
+        ctx = serve.get_replica_context()
+        return registry.describe(loaded) | {
+            "ref": self.config.model,
+            "batching": {"max_batch_size": self.config.max_batch_size,
+                         "batch_wait_timeout_s": self.config.batch_wait_timeout_s},
+            "limits": {"max_images": self.args.max_images,
+                       "max_body_bytes": self.args.max_body_bytes,
+                       "max_pixels": self.args.max_pixels},
+            "auth": self.token is not None,
+            "replica": ctx.replica_tag,
+            "torch_threads": torch.get_num_threads(),
+            "stats": dict(self.stats),
+        }
+
+    @api.post("/v1/score", summary="score images", response_model=ScoreResponse,
+              dependencies=[Depends(bearer)], openapi_extra=SCORE_BODY, responses=ERRORS)
+    async def score(self, request: Request) -> ScoreResponse:
+        self._authorize(request)
+        loaded = self._loaded()  # the whole request is scored by this version
+        try:
+            body = await payload.read_limited(request.stream(),
+                                              request.headers.get("content-length"),
+                                              self.args.max_body_bytes)
+            raws = payload.parse(request.headers.get("content-type"), body,
+                                 self.args.max_images)
+            prep = Preprocessing(**loaded.detector.preprocessing)
+            xs = [to_tensor(r, prep, self.args.max_pixels) for r in raws]
+        except InputError as err:
+            raise HTTPException(err.status, str(err)) from None
+        outs = await asyncio.gather(*(self._score_batch((loaded, x)) for x in xs))
+        self.stats["requests"] += 1
+        self.stats["images"] += len(xs)
+        ref = loaded.ref
+        return ScoreResponse(
+            model=ModelId(name=ref.name, version=ref.version, alias=ref.alias),
+            threshold=loaded.detector.threshold,
+            results=[ImageScore(index=i, score=s, is_ood=o) for i, (s, o) in enumerate(outs)])
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(api.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        self._authorize(request)
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=api.title)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Serve application builder (``import_path: oodlab.serve.app:build_app``)."""
+    try:
+        parsed = AppArgs.model_validate(args or {})
+    except ValidationError as err:
+        raise ValueError(f"oodlab serve args: {err}") from None
+    return OODScorer.bind(parsed.model_dump())
