@@ -1,5 +1,5 @@
 # The README's first two commands. Both build .venv from nothing when it is missing.
-#   make quickstart   train + evaluate + track the quickstart spec on built-in data
+#   make quickstart   search + promote + serve the quickstart spec on built-in data
 #   make test         the test suite (what CI runs via .ci/run)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -28,8 +28,12 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 	@touch $@
 
+# a small search, its best trial promoted to @champion, then served and one image scored
+# (KEEP=1 leaves the service running)
 quickstart: $(STAMP)
-	$(BIN)/oodlab run jobs/quickstart.yaml
+	$(BIN)/oodlab tune jobs/quickstart.yaml --space search_spaces/quickstart.yaml \
+	    --name quickstart-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/oodlab serve --spec jobs/quickstart.yaml --smoke $(if $(KEEP),--keep)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15

@@ -97,3 +97,18 @@ def test_help_explains_commands(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--set" in out and "MLflow" in out
+
+
+def test_pinned_spec_has_absolute_local_paths(tmp_path, monkeypatch):
+    """Tune trials run in their own directory: a pinned spec must not depend on the cwd."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OODLAB_WORKDIR", raising=False)
+    spec = validate_spec({"name": "p", "method": {"name": "supervised"}, "workdir": "work",
+                          "storage": "s3://bucket/ckpt",
+                          "data": {"cache_dir": "cache", "val_ood": [], "test_ood": []}})
+    pinned = spec.pinned()
+    assert pinned.workdir == str(tmp_path / "work")
+    assert pinned.data.cache_dir == str(tmp_path / "cache")
+    assert pinned.data.root is None and pinned.storage == "s3://bucket/ckpt"
+    monkeypatch.chdir(tmp_path.parent)
+    assert pinned.workdir_path == tmp_path / "work"

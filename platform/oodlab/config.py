@@ -160,6 +160,22 @@ class ExperimentSpec(StrictModel):
     def workdir_path(self) -> Path:
         return Path(os.environ.get("OODLAB_WORKDIR", self.workdir)).expanduser().resolve()
 
+    def pinned(self) -> ExperimentSpec:
+        """A copy whose local paths are absolute, resolved from this process's directory.
+
+        Hand this to code that runs elsewhere on the same machine (a Tune trial runs in its
+        own trial directory) so that it finds the same MLflow store, storage and caches.
+        """
+        def absolute(path: str | None) -> str | None:
+            if path is None or "://" in path:
+                return path
+            return str(Path(path).expanduser().resolve())
+
+        data = self.data.model_copy(update={"cache_dir": absolute(self.data.cache_dir),
+                                            "root": absolute(self.data.root)})
+        return self.model_copy(update={"workdir": str(self.workdir_path),
+                                       "storage": absolute(self.storage), "data": data})
+
     @model_validator(mode="after")
     def _datasets_exist(self) -> ExperimentSpec:
         from oodlab.data import list_datasets

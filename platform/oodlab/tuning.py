@@ -146,27 +146,22 @@ def _parent_run(spec: ExperimentSpec, name: str, space_path: str | Path, resume:
 
 
 class _Progress(tune.Callback):
-    """One line per finished trial, with the best value so far."""
+    """One line per finished trial, with the best value so far (counted from Tune's trial
+    list, so a resumed search goes on counting where the killed one stopped)."""
 
     def __init__(self, space: SearchSpace) -> None:
         self.obj = space.objectives[0]
         self.total = space.num_samples
-        self.done = 0
-        self.best: float | None = None
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.done += 1
+        done = [t for t in trials if t is trial or t.status in ("TERMINATED", "ERROR")]
+        values = [v for t in done if (v := (t.last_result or {}).get(self.obj.metric)) is not None]
+        best = (max if self.obj.mode == "max" else min)(values) if values else None
         value = (trial.last_result or {}).get(self.obj.metric)
-        if value is not None and (self.best is None or _better(value, self.best, self.obj.mode)):
-            self.best = value
         epochs = (trial.last_result or {}).get("training_iteration", 0)
         shown = "n/a" if value is None else f"{value:.4f}"
-        print(f"[oodlab tune] trial {self.done}/{self.total} {trial.trial_id} done after "
-              f"{epochs} epoch(s): {self.obj.metric} {shown} (best {self.best})", flush=True)
-
-
-def _better(a: float, b: float, mode: str) -> bool:
-    return a > b if mode == "max" else a < b
+        print(f"[oodlab tune] trial {len(done)}/{self.total} {trial.trial_id} done after "
+              f"{epochs} epoch(s): {self.obj.metric} {shown} (best {best})", flush=True)
 
 
 def run_search(spec: ExperimentSpec, space: SearchSpace, space_path: str | Path, *,
@@ -174,6 +169,7 @@ def run_search(spec: ExperimentSpec, space: SearchSpace, space_path: str | Path,
                storage_url: str | None = None) -> SearchOutcome:
     """Run (or continue) the search; returns every trial, the Pareto front and the best."""
     check_space(space, spec)
+    spec = spec.pinned()  # trials run in their own directories: give them absolute paths
     name = name or f"{spec.name}-search"
     if space.resources is not None:
         spec = spec.model_copy(update={"resources": space.resources})
