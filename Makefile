@@ -13,10 +13,10 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: quickstart test lint bench clean-work help
+.PHONY: quickstart test lint bench results clean-work help
 
 help:
-	@echo "make quickstart | make test | make lint | make bench | make clean-work"
+	@echo "make quickstart | make test | make lint | make bench | make results | make clean-work"
 
 # torch is installed first and by exact version so nothing can pull a different build;
 # everything else is pinned by constraints.txt (a lock of a set tested together).
@@ -35,14 +35,42 @@ quickstart: $(STAMP)
 	    --name quickstart-$$(date +%Y%m%d-%H%M%S)
 	$(BIN)/oodlab serve --spec jobs/quickstart.yaml --smoke $(if $(KEEP),--keep)
 
-test: $(STAMP)
+# the report test opens the HTML report in headless Chromium (Debian's package; needs root
+# or an existing chromium on PATH)
+BROWSER_STAMP := $(VENV)/.browser-installed
+$(BROWSER_STAMP): | $(STAMP)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@touch $@
+
+test: $(STAMP) $(BROWSER_STAMP)
 	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform tests bench
 
+# every benchmark, then one table of their ratios (docs/results/benchmarks.md)
 bench: $(STAMP)
-	$(BIN)/python bench/train_overhead.py
+	$(BIN)/python bench/train_overhead.py --epochs 4
+	$(BIN)/python bench/serve_load.py
+	$(BIN)/python bench/search_efficiency.py
+	$(BIN)/python bench/lmd_cost.py
+	$(BIN)/python bench/summary.py
+
+# every method's specs over 3 seeds on the built-in benchmarks (hours on 2 CPU cores; a GPU
+# is used when present), each table to docs/results/, then the cross-method report
+RESULTS := $(BIN)/oodlab results
+SEEDS := --seeds 0 1 2
+results: $(STAMP)
+	$(RESULTS) jobs/edge_bce.yaml jobs/edge_bce_oe.yaml jobs/edge_energy_oe_ml.yaml jobs/edge.yaml \
+	    --name edge-mosaic --out docs/results/edge_mosaic.md $(SEEDS)
+	for d in smallest largest; do $(RESULTS) jobs/edge_oe_select.yaml \
+	    --name edge-oe-direction-$$d --set data.oe_select.direction=$$d \
+	    --set data.oe_select.threshold=0.0 --out docs/results/edge_oe_direction_$$d.md $(SEEDS); done
+	$(RESULTS) jobs/um_pretrain.yaml jobs/um.yaml jobs/umap.yaml jobs/um_oe_baseline.yaml \
+	    jobs/um_oe.yaml --name unleashing-mask --scores msp energy odin \
+	    --out docs/results/unleashing_mask.md $(SEEDS)
+	$(BIN)/oodlab report --out docs/results/report
 
 clean-work:
 	rm -rf .oodlab

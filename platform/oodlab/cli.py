@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from oodlab import __version__
+from oodlab.report import add_parser as add_report_parser
 from oodlab.serve.cli import add_parser as add_serve_parser
 
 EXIT_BAD_INPUT = 2
@@ -33,7 +34,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print()
     id_key = "test/id_map" if "test/id_map" in result.metrics else "test/id_acc"
     print(f"== {spec.name}: method {spec.method.name}, ID {spec.data.id} "
-          f"({id_key} {result.metrics[id_key]:.3f}) ==")
+          f"({id_key} {result.metrics.get(id_key, float('nan')):.3f}) ==")  # nan: unsupervised
     print(results_table(result.metrics, spec.eval.scores, sets))
     if "headtail/num_head_classes" in result.metrics:
         print()
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl = data_sub.add_parser("list", help="list every registered dataset with its role and size")
     dl.set_defaults(func=_cmd_data_list)
     add_serve_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

@@ -1,0 +1,92 @@
+"""One table of every benchmark's headline ratios, from bench/results/*.json.
+
+    python bench/summary.py            # writes docs/results/benchmarks.md
+
+Each row quotes a ratio measured within one run of one benchmark (never an absolute time),
+its goal, and whether the goal was met, with the date and command of that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+Row = tuple[str, str, str, str]  # figure, value, goal, met
+
+
+def _met(ok: bool | None) -> str:
+    return "–" if ok is None else ("yes" if ok else "no")
+
+
+def train_overhead(d: dict) -> Iterator[Row]:
+    for r in d["runs"]:
+        yield (f"Ray Train ÷ plain PyTorch steady-state images/s, {r['threads']} thread(s)",
+               f"{r['steady_ratio']:.2f}", f"≥ {d['target_steady_ratio']}",
+               _met(r["steady_ratio"] >= d["target_steady_ratio"]))
+
+
+def serve_load(d: dict) -> Iterator[Row]:
+    goals = d["goals"]
+    for r in d["scenarios"]:
+        k = r["images_per_request"]
+        yield (f"serving: batched ÷ raw forward, {k} image(s)/request",
+               f"{r['batched_vs_raw']:.2f}", f"≥ {goals['batched_vs_raw']}",
+               _met(r["batched_vs_raw"] >= goals["batched_vs_raw"]))
+        yield (f"serving: batched ÷ unbatched, {k} image(s)/request",
+               f"{r['batched_vs_unbatched']:.2f}", f"≥ {goals['batched_vs_unbatched']}",
+               _met(r["batched_vs_unbatched"] >= goals["batched_vs_unbatched"]))
+
+
+def search_efficiency(d: dict) -> Iterator[Row]:
+    ratio = d["epochs_ratio_to_random_best"]
+    yield ("search: TPE+ASHA epochs to reach random+FIFO's best ÷ random's epochs",
+           "never reached" if ratio is None else f"{ratio:.2f}", "≤ 0.5", _met(d["goal_met"]))
+    yield ("search: best val AUROC, TPE+ASHA vs random+FIFO",
+           f"{d['results']['tpe_asha']['best_val_auroc']:.4f} vs "
+           f"{d['results']['random_fifo']['best_val_auroc']:.4f}", "–", "–")
+
+
+def generic(d: dict) -> Iterator[Row]:
+    """A benchmark that lists its own headline rows under ``summary``."""
+    for r in d.get("summary", []):
+        yield (r["figure"], str(r["value"]), str(r.get("goal", "–")), _met(r.get("met")))
+
+
+EXTRACTORS: dict[str, Callable[[dict], Iterator[Row]]] = {
+    "train_overhead": train_overhead, "serve_load": serve_load,
+    "search_efficiency": search_efficiency,
+}
+
+
+def render(results_dir: Path) -> str:
+    lines = ["# Benchmarks", "",
+             "Headline ratios of every benchmark in `bench/` (`make bench`), each measured "
+             "within one run; the machines are shared and noisy, so no absolute times.", "",
+             "| benchmark | figure | value | goal | met | run |", "|---|---|---|---|---|---|"]
+    for path in sorted(results_dir.glob("*.json")):
+        d = json.loads(path.read_text())
+        name = d.get("benchmark", path.stem)
+        run = f"{d.get('date', '?')}, `{d.get('command', '?')}`, {d.get('host', '?')}"
+        for figure, value, goal, met in EXTRACTORS.get(name, generic)(d):
+            lines.append(f"| {name} | {figure} | {value} | {goal} | {met} | {run} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default="bench/results")
+    parser.add_argument("--out", default="docs/results/benchmarks.md")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(Path(args.results)))
+    print(out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

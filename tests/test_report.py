@@ -1,0 +1,139 @@
+"""`oodlab report` on a tiny MLflow store written here: aggregation, missing values, HTML."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+
+from oodlab.cli import main  # noqa: E402
+from oodlab.report import RESULTS_TAG, write_report  # noqa: E402
+
+# spec -> seed -> metrics; "photos" AUPR-in is missing from every `weak` run
+RUNS = {
+    ("strong", "energy_oe", "mnist"): {
+        0: {"letters": (0.10, 0.95, 0.96), "photos": (0.00, 1.00, 1.00), "id": 0.90},
+        1: {"letters": (0.20, 0.93, 0.94), "photos": (0.02, 0.99, 0.99), "id": 0.92},
+        2: {"letters": (0.30, 0.91, 0.92), "photos": (0.04, 0.98, 0.98), "id": 0.94},
+    },
+    ("weak", "supervised", "mnist"): {
+        0: {"letters": (0.60, 0.70, 0.71), "photos": (0.50, 0.80, None), "id": 0.99},
+        1: {"letters": (0.80, 0.60, 0.61), "photos": (0.70, 0.70, None), "id": 0.97},
+    },
+}
+
+
+def _log(client: MlflowClient, exp: str, spec: str, method: str, bench: str, seed: int,
+         m: dict, tmp: Path) -> str:
+    exp_id = (client.get_experiment_by_name(exp) or
+              client.get_experiment(client.create_experiment(
+                  exp, artifact_location=(tmp / "art").as_uri())))
+    exp_id = exp_id.experiment_id
+    run = client.create_run(exp_id, run_name=spec, tags={RESULTS_TAG: "t"})
+    rid = run.info.run_id
+    for k, v in {"method.name": method, "data.id": bench, "seed": seed,
+                 "eval.scores": "['energy']"}.items():
+        client.log_param(rid, k, v)
+    for set_name, vals in m.items():
+        if set_name == "id":
+            client.log_metric(rid, "test/id_acc", vals)
+            continue
+        for key, v in zip(("fpr95", "auroc", "aupr_in"), vals, strict=True):
+            if v is not None:
+                client.log_metric(rid, f"test/energy/{set_name}/{key}", v)
+    means = {k: np.mean([v[i] for s, v in m.items() if s != "id" and v[i] is not None])
+             for i, k in enumerate(("fpr95", "auroc", "aupr_in"))}
+    for k, v in means.items():
+        client.log_metric(rid, f"test/energy/mean/{k}", float(v))
+    if seed == 0:
+        fig, ax = plt.subplots(figsize=(2, 2))
+        ax.plot([0, 1], [0, 1])
+        path = tmp / f"roc_energy_{spec}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        target = tmp / "plots"
+        target.mkdir(exist_ok=True)
+        shutil.copyfile(path, target / "roc_energy.png")
+        client.log_artifact(rid, str(target / "roc_energy.png"), "plots")
+    client.set_terminated(rid)
+    return rid
+
+
+@pytest.fixture()
+def store(tmp_path) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    for (spec, method, bench), seeds in RUNS.items():
+        for seed, m in seeds.items():
+            _log(client, "exp", spec, method, bench, seed, m, tmp_path)
+    # a failed run and an untagged run must not count
+    bad = client.create_run(client.get_experiment_by_name("exp").experiment_id,
+                            run_name="strong", tags={RESULTS_TAG: "t"})
+    client.log_param(bad.info.run_id, "eval.scores", "['energy']")
+    client.log_metric(bad.info.run_id, "test/energy/letters/fpr95", 9.0)
+    client.set_terminated(bad.info.run_id, "FAILED")
+    return uri
+
+
+def _cells(md: str, title: str, row: str) -> list[str]:
+    section = md.split(f"### {title}")[1].split("###")[0]
+    line = next(line for line in section.splitlines() if line.startswith(f"| {row}"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_aggregates_seeds_marks_best_and_missing(store, tmp_path):
+    md_path, html_path = write_report(store, tmp_path / "out", ["exp"])
+    md = md_path.read_text()
+    # columns: letters, photos, mean, ID acc
+    fpr_strong = _cells(md, "mnist: FPR@95 per OOD set", "strong (energy_oe) · energy")
+    fpr_weak = _cells(md, "mnist: FPR@95 per OOD set", "weak (supervised) · energy")
+    # by hand: letters FPR 0.1, 0.2, 0.3 -> mean 0.2, sample std 0.1
+    assert fpr_strong[0] == "**0.200 ± 0.100 (n=3)**"
+    # weak letters 0.6, 0.8 -> 0.7 ± 0.1414; not the best (FPR: lower is better)
+    assert fpr_weak[0] == "0.700 ± 0.141 (n=2)"
+    # ID accuracy: strong 0.92 ± 0.02, weak 0.98 ± 0.01414 (best: higher)
+    assert fpr_strong[3] == "0.920 ± 0.020 (n=3)"
+    assert fpr_weak[3] == "**0.980 ± 0.014 (n=2)**"
+    aupr_weak = _cells(md, "mnist: AUPR-in per OOD set", "weak (supervised) · energy")
+    assert aupr_weak[1] == "–"  # never logged: missing, not zero
+    assert "9.000" not in md  # the FAILED run is not aggregated
+    assert md.count("seed 0]") == 2 and "#/experiments/" in md
+    assert (tmp_path / "out" / "plots").is_dir() and "![" in md
+    assert "head / tail" not in md  # no multi-label runs here
+    assert html_path.read_text().count("<table>") == 3
+
+
+def test_html_opens_in_a_headless_browser(store, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is needed for this test (make test installs it)"
+    _, html_path = write_report(store, tmp_path / "out")
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=5000", "--dump-dom", html_path.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ok = re.search(r'data-images-ok="(\d+)/(\d+)"', proc.stdout)
+    assert ok, proc.stdout[:500]  # the page's script ran after load
+    loaded, total = map(int, ok.groups())
+    assert total == 2 and loaded == total  # both logged ROC plots decoded
+    console_errors = [line for line in proc.stderr.splitlines()
+                      if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)]
+    assert not console_errors, console_errors
+
+
+def test_cli_names_a_missing_experiment_and_writes_nothing(store, tmp_path, capsys):
+    out = tmp_path / "nothing"
+    code = main(["report", "--tracking-uri", store, "--experiment", "nope", "--out", str(out)])
+    assert code == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (out / "report.md").exists()
