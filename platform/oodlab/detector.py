@@ -62,6 +62,8 @@ def score_loader(model: nn.Module, score: PostHocScore, loader: DataLoader, outp
     if outputs is not None and not score.needs_model:
         return score.score(outputs.logits, outputs.features)
     model.eval()
+    if hasattr(score, "score_loader"):  # scores that batch/parallelise a set themselves (lmd)
+        return score.score_loader(model, loader, device)
     return torch.cat([score.score_model(model, x.to(device)).cpu() for x, _ in loader])
 
 

@@ -18,7 +18,9 @@ from oodlab.config import ExperimentSpec
 from oodlab.data.bundle import DataBundle, eval_loader
 from oodlab.detector import Detector, Outputs, collect_outputs, fit_score, score_loader
 from oodlab.headtail import breakdown, group_masks, head_classes
+from oodlab.methods import build_method
 from oodlab.metrics import accuracy, mean_average_precision, ood_metrics, threshold_at_tpr
+from oodlab.scores import SCORES
 
 METRIC_KEYS = ("auroc", "aupr_in", "aupr_out", "fpr95")
 
@@ -64,6 +66,10 @@ def validation_metrics(model: nn.Module, bundle: DataBundle, spec: ExperimentSpe
                        device: torch.device | str = "cpu") -> dict[str, float]:
     """Per-epoch view on validation data only: ID accuracy and val-OOD metrics of the
     primary score (fitted on at most ``eval.epoch_val_limit`` ID-train samples)."""
+    method = build_method(spec)
+    hook = getattr(method, "validation_metrics", None)
+    if hook is not None:  # a method with its own cheap per-epoch view (ddpm)
+        return hook(model, bundle, device)
     ev, bs = spec.eval, spec.data.eval_batch_size
     name = ev.scores[0]
     train_out = collect_outputs(model, eval_loader(_head(bundle.id_train, ev.epoch_val_limit), bs),
@@ -72,8 +78,10 @@ def validation_metrics(model: nn.Module, bundle: DataBundle, spec: ExperimentSpe
     val_loader = eval_loader(bundle.id_val, bs)
     val_out = collect_outputs(model, val_loader, device)
     id_scores = score_loader(model, score, val_loader, val_out, device)
-    name_id, value_id = id_metric(val_out.logits, val_out.labels)
-    out: dict[str, float] = {f"val/{name_id}": value_id}
+    out: dict[str, float] = {}
+    if method.kind != "unsupervised":  # no classifier head: no ID accuracy
+        name_id, value_id = id_metric(val_out.logits, val_out.labels)
+        out[f"val/{name_id}"] = value_id
     per_set = []
     for set_name, ds in bundle.val_ood.items():
         loader = eval_loader(ds, bs)
@@ -101,13 +109,20 @@ def evaluate(spec: ExperimentSpec, model: nn.Module, bundle: DataBundle,
                "id_val": eval_loader(bundle.id_val, bs), "id_test": eval_loader(bundle.id_test, bs)}
     loaders |= {f"ood:{n}": eval_loader(ds, bs) for n, ds in bundle.test_ood.items()}
     loaders |= {f"val_ood:{n}": eval_loader(ds, bs) for n, ds in bundle.val_ood.items()}
-    outputs = {k: collect_outputs(model, ld, device) for k, ld in loaders.items()}
+    supervised = build_method(spec).kind != "unsupervised"
+    # logits/features only when something reads them (not for scores that run the model, lmd)
+    need_outputs = supervised or any(SCORES[s].needs_fit or not SCORES[s].needs_model
+                                     for s in spec.eval.scores)
+    outputs = ({k: collect_outputs(model, ld, device) for k, ld in loaders.items()}
+               if need_outputs else {})
 
     # final validation numbers go under val_final/ so they never mix with the per-epoch val/*
-    test_name, test_value = id_metric(outputs["id_test"].logits, outputs["id_test"].labels)
-    val_name, val_value = id_metric(outputs["id_val"].logits, outputs["id_val"].labels)
-    metrics = {f"test/{test_name}": test_value, f"val_final/{val_name}": val_value}
-    multilabel = outputs["id_test"].labels.ndim == 2
+    metrics: dict[str, float] = {}
+    if supervised:  # ID accuracy / mAP need labels the model was trained to predict
+        test_name, test_value = id_metric(outputs["id_test"].logits, outputs["id_test"].labels)
+        val_name, val_value = id_metric(outputs["id_val"].logits, outputs["id_val"].labels)
+        metrics = {f"test/{test_name}": test_value, f"val_final/{val_name}": val_value}
+    multilabel = supervised and outputs["id_test"].labels.ndim == 2
     groups: dict[str, Tensor] = {}
     if multilabel:
         head = head_classes(outputs["id_train"].labels, spec.eval.head_fraction)
@@ -116,10 +131,10 @@ def evaluate(spec: ExperimentSpec, model: nn.Module, bundle: DataBundle,
     results: dict[str, ScoreResult] = {}
     detector = None
     for name in spec.eval.scores:
-        score = fit_score(name, spec.eval.score_params.get(name, {}), outputs["id_train"])
+        score = fit_score(name, spec.eval.score_params.get(name, {}), outputs.get("id_train"))
 
         def run(key: str, score=score) -> Tensor:
-            return score_loader(model, score, loaders[key], outputs[key], device)
+            return score_loader(model, score, loaders[key], outputs.get(key), device)
 
         id_val, id_test = run("id_val"), run("id_test")
         res = ScoreResult(name, id_val, id_test,

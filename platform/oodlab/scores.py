@@ -212,8 +212,88 @@ class Mahalanobis(PostHocScore):
         self.means, self.precision = state["means"], state["precision"]
 
 
+class _DiffusionScore(PostHocScore):
+    """Reconstruction scores of a diffusion model (``oodlab.diffusion``): median over
+    ``attempts`` of the similarity of image and reconstruction (higher = more ID).
+
+    Brief A.1/A.5; ``steps`` strided sampler steps (1000 with ``eta=1`` = the paper's
+    sampler), ``workers > 1`` spreads a set's batches over Ray tasks.
+    """
+
+    needs_model = True
+    masked: ClassVar[bool]
+
+    def __init__(self, steps: int = 1000, attempts: int = 10, block_size: int = 4,
+                 eta: float = 1.0, noise_level: float = 0.5, distance: str = "mse",
+                 lpips_weights: dict[str, str] | None = None, seed: int = 0,
+                 workers: int = 1) -> None:
+        from oodlab.diffusion.distances import check_distance
+
+        for key, value, low in (("steps", steps, 1), ("attempts", attempts, 1),
+                                ("block_size", block_size, 1), ("workers", workers, 1)):
+            if int(value) != value or value < low:
+                raise ValueError(f"{self.name}.{key} must be an integer >= {low}, got {value!r}")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"{self.name}.eta must be in [0, 1], got {eta!r}")
+        if not 0 < noise_level <= 1:
+            raise ValueError(f"{self.name}.noise_level must be in (0, 1], got {noise_level!r}")
+        check_distance(distance, lpips_weights)
+        self.steps, self.attempts, self.block_size = int(steps), int(attempts), int(block_size)
+        self.eta, self.noise_level, self.distance = float(eta), float(noise_level), distance
+        self.seed, self.workers = int(seed), int(workers)
+        self.lpips_weights = dict(lpips_weights) if lpips_weights else None
+
+    def score(self, logits: Tensor, features: Tensor) -> Tensor:
+        raise TypeError(f"{self.name} scores images with the diffusion model, not logits")
+
+    def score_batch(self, model: nn.Module, x: Tensor, batch: int = 0) -> Tensor:
+        """Scores of one batch of [0, 1] images; its noise is seeded with ``seed + batch``."""
+        from oodlab.diffusion.scoring import score_batch
+
+        return score_batch(model, x, masked=self.masked, steps=self.steps,
+                           attempts=self.attempts, block_size=self.block_size, eta=self.eta,
+                           noise_level=self.noise_level, distance=self.distance,
+                           lpips_weights=self.lpips_weights, seed=self.seed + batch)
+
+    def score_model(self, model: nn.Module, x: Tensor) -> Tensor:
+        return self.score_batch(model, x)
+
+    def score_loader(self, model: nn.Module, loader, device: torch.device | str) -> Tensor:
+        """A whole set, in parallel over Ray when ``workers > 1`` (progress printed)."""
+        from oodlab.diffusion.scoring import score_set
+
+        return score_set(self, model, loader, device, self.workers)
+
+    def network_calls(self, num_timesteps: int) -> int:
+        """U-Net evaluations per image."""
+        from oodlab.diffusion.sampler import network_calls
+
+        t_start = num_timesteps - 1 if self.masked else round(
+            self.noise_level * (num_timesteps - 1))
+        return self.attempts * network_calls(t_start, self.steps)
+
+    def config(self) -> dict[str, Any]:
+        return {"steps": self.steps, "attempts": self.attempts, "block_size": self.block_size,
+                "eta": self.eta, "noise_level": self.noise_level, "distance": self.distance,
+                "lpips_weights": self.lpips_weights, "seed": self.seed, "workers": self.workers}
+
+
+class LMD(_DiffusionScore):
+    """Lift, Map, Detect (Liu et al. 2023): inpaint alternating checkerboards of
+    ``block_size`` px from pure noise, keep the rest by replacement (brief A.3-A.4)."""
+
+    name, masked = "lmd", True
+
+
+class DiffusionRecon(_DiffusionScore):
+    """Baseline: noise the whole image to ``noise_level``·T and denoise it, no mask."""
+
+    name, masked = "diffusion_recon", False
+
+
 SCORES: dict[str, type[PostHocScore]] = {
-    s.name: s for s in (MSP, MaxLogit, Energy, JointEnergy, MaxSigmoid, ODIN, KNN, Mahalanobis)
+    s.name: s for s in (MSP, MaxLogit, Energy, JointEnergy, MaxSigmoid, ODIN, KNN, Mahalanobis,
+                        LMD, DiffusionRecon)
 }
 
 

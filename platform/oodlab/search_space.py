@@ -116,7 +116,9 @@ def reported_metrics(spec: ExperimentSpec) -> set[str]:
     from oodlab.methods import build_method
 
     method = build_method(spec)
-    out = {"train/loss", "val/id_map" if method.kind == "multilabel" else "val/id_acc"}
+    out = {"train/loss"}
+    if method.kind != "unsupervised":  # unsupervised methods report no ID accuracy
+        out.add("val/id_map" if method.kind == "multilabel" else "val/id_acc")
     if spec.data.val_ood:
         keys = ("auroc", "aupr_in", "aupr_out", "fpr95")
         out |= {f"val/{k}" for k in keys}

@@ -170,7 +170,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             metrics |= validation_metrics(unwrap(model), bundle, spec, device)
             id_key = "val/id_map" if "val/id_map" in metrics else "val/id_acc"
             progress(f"epoch {epoch + 1}/{spec.train.epochs} loss {metrics['train/loss']:.4f} "
-                     f"{id_key} {metrics[id_key]:.3f} "
+                     f"{id_key} {metrics.get(id_key, float('nan')):.3f} "
                      f"val/auroc {metrics.get('val/auroc', float('nan')):.3f} "
                      f"({metrics['train/images_per_s']:.0f} img/s)")
             with tempfile.TemporaryDirectory() as tmp:

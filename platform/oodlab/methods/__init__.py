@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Union
 
 from oodlab.methods.base import Loaders, Method, MethodParams, TrainState
+from oodlab.methods.ddpm import DDPM, DDPMParams
 from oodlab.methods.multilabel import (
     BCE,
     BCEOE,
@@ -33,11 +34,11 @@ if TYPE_CHECKING:
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Supervised, OutlierExposure, EnergyOE, BCE, BCEOE, EnergyOEML, Edge,
-                        UnleashingMask, UnleashingMaskPruning)
+                        UnleashingMask, UnleashingMaskPruning, DDPM)
 }
 _PARAMS: tuple[type[MethodParams], ...] = (
     SupervisedParams, OEParams, EnergyOEParams, BCEParams, BCEOEParams, EnergyOEMLParams,
-    EdgeParams, UMParams, UMAPParams,
+    EdgeParams, UMParams, UMAPParams, DDPMParams,
 )
 METHOD_SPECS = Union[_PARAMS]  # noqa: UP007  (a runtime union for pydantic's discriminator)
 
