@@ -291,9 +291,112 @@ class DiffusionRecon(_DiffusionScore):
     name, masked = "diffusion_recon", False
 
 
+class _ClusterScore(PostHocScore):
+    """Base of the k-means scores of CCL (brief B.5): seeded spherical k-means
+    (``oodlab.clustering``) on ID-train features; ``space`` picks the backbone ``features``
+    or the model's first output (``projection`` for contrastive models)."""
+
+    needs_fit = True
+
+    def __init__(self, clusters: int = 10, seed: int = 0, iters: int = 50, restarts: int = 3,
+                 space: str = "features") -> None:
+        if space not in ("features", "projection"):
+            raise ValueError(f"{self.name}.space must be 'features' or 'projection', "
+                             f"got {space!r}")
+        for key, value in (("clusters", clusters), ("iters", iters), ("restarts", restarts)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{self.name}.{key} must be an integer >= 1, got {value!r}")
+        self.clusters, self.seed, self.iters = int(clusters), int(seed), int(iters)
+        self.restarts, self.space = int(restarts), space
+
+    def pick(self, logits: Tensor, features: Tensor) -> Tensor:
+        return (features if self.space == "features" else logits).float()
+
+    def config(self) -> dict[str, Any]:
+        return {"clusters": self.clusters, "seed": self.seed, "iters": self.iters,
+                "restarts": self.restarts, "space": self.space}
+
+
+class ClusterCosine(_ClusterScore):
+    """Cosine to the nearest k-means centre: max_k cos(f(x), c_k) (brief B.5 item 3)."""
+
+    name = "cluster_cosine"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.centres = torch.empty(0)
+
+    def fit(self, features: Tensor, logits: Tensor, labels: Tensor | None) -> None:
+        from oodlab.clustering import kmeans
+
+        self.centres = kmeans(self.pick(logits, features), self.clusters, seed=self.seed,
+                              iters=self.iters, restarts=self.restarts).centres
+
+    def score(self, logits: Tensor, features: Tensor) -> Tensor:
+        if self.centres.numel() == 0:
+            raise RuntimeError("cluster_cosine score used before fit()")
+        f = F.normalize(self.pick(logits, features), dim=1)
+        return (f @ self.centres.to(f.device).T).max(1).values
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"centres": self.centres}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.centres = state["centres"]
+
+
+class ClusterMahalanobis(_ClusterScore):
+    """SSD (Sehwag et al. 2021, brief B.5 item 2): L2-normalise, standardise with the train
+    mean/std, k-means, then per cluster its mean and biased covariance (pseudo-inverse);
+    score = -min_k (f - mu_k)^T Sigma_k^+ (f - mu_k). ``clusters=1`` is SSD's default."""
+
+    name = "cluster_mahalanobis"
+
+    def __init__(self, clusters: int = 1, **kwargs: Any) -> None:
+        super().__init__(clusters=clusters, **kwargs)
+        self.mean = self.std = self.means = self.precisions = torch.empty(0)
+
+    def _standardise(self, logits: Tensor, features: Tensor) -> Tensor:
+        f = F.normalize(self.pick(logits, features), dim=1).double()
+        return (f - self.mean.to(f)) / self.std.to(f)
+
+    def fit(self, features: Tensor, logits: Tensor, labels: Tensor | None) -> None:
+        from oodlab.clustering import kmeans
+
+        f = F.normalize(self.pick(logits, features), dim=1).double()
+        self.mean, self.std = f.mean(0), f.std(0, unbiased=False).clamp(min=1e-8)
+        f = (f - self.mean) / self.std
+        assign = kmeans(f, self.clusters, seed=self.seed, iters=self.iters,
+                        restarts=self.restarts).assignments
+        means, precs = [], []
+        for k in assign.unique().tolist():
+            members = f[assign == k]
+            mu = members.mean(0)
+            cov = (members - mu).T @ (members - mu) / len(members)
+            means.append(mu)
+            precs.append(torch.linalg.pinv(cov, hermitian=True))
+        self.means, self.precisions = torch.stack(means), torch.stack(precs)
+
+    def score(self, logits: Tensor, features: Tensor) -> Tensor:
+        if self.means.numel() == 0:
+            raise RuntimeError("cluster_mahalanobis score used before fit()")
+        f = self._standardise(logits, features)
+        d = f[:, None, :] - self.means.to(f.device)[None]  # [N, K, D]
+        dist = torch.einsum("nkd,kde,nke->nk", d, self.precisions.to(f.device), d)
+        return -dist.min(1).values.float()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"mean": self.mean, "std": self.std, "means": self.means,
+                "precisions": self.precisions}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.mean, self.std = state["mean"], state["std"]
+        self.means, self.precisions = state["means"], state["precisions"]
+
+
 SCORES: dict[str, type[PostHocScore]] = {
     s.name: s for s in (MSP, MaxLogit, Energy, JointEnergy, MaxSigmoid, ODIN, KNN, Mahalanobis,
-                        LMD, DiffusionRecon)
+                        LMD, DiffusionRecon, ClusterCosine, ClusterMahalanobis)
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Union
 
 from oodlab.methods.base import Loaders, Method, MethodParams, TrainState
+from oodlab.methods.contrastive import CCL, CCLParams, SimCLR, SimCLRParams
 from oodlab.methods.ddpm import DDPM, DDPMParams
 from oodlab.methods.multilabel import (
     BCE,
@@ -34,11 +35,11 @@ if TYPE_CHECKING:
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Supervised, OutlierExposure, EnergyOE, BCE, BCEOE, EnergyOEML, Edge,
-                        UnleashingMask, UnleashingMaskPruning, DDPM)
+                        UnleashingMask, UnleashingMaskPruning, DDPM, SimCLR, CCL)
 }
 _PARAMS: tuple[type[MethodParams], ...] = (
     SupervisedParams, OEParams, EnergyOEParams, BCEParams, BCEOEParams, EnergyOEMLParams,
-    EdgeParams, UMParams, UMAPParams, DDPMParams,
+    EdgeParams, UMParams, UMAPParams, DDPMParams, SimCLRParams, CCLParams,
 )
 METHOD_SPECS = Union[_PARAMS]  # noqa: UP007  (a runtime union for pydantic's discriminator)
 
