@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from oodlab import __version__
+from oodlab.jobs import add_parser as add_jobs_parser
 from oodlab.report import add_parser as add_report_parser
 from oodlab.serve.cli import add_parser as add_serve_parser
 
@@ -242,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(func=_cmd_data_list)
     add_serve_parser(sub)
     add_report_parser(sub)
+    add_jobs_parser(sub)
     return parser
 
 

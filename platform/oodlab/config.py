@@ -40,7 +40,8 @@ class DataSpec(StrictModel):
     """Which datasets play which role, and how images are shaped and batched."""
 
     id: str = "mnist"
-    root: str | None = Field(None, description="local root of external datasets (no download)")
+    root: str | None = Field(None, description="local root of external datasets (no download), "
+                             "or s3://bucket/prefix staged into the cache")
     image_size: int = Field(28, ge=8, le=512)
     channels: Literal[1, 3] = 1
     holdout_classes: list[int] = Field(default_factory=list, description="near-OOD digit classes")
@@ -143,7 +144,10 @@ class ExperimentSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
     workdir: str = Field(".oodlab", description="local working dir (MLflow db, checkpoints)")
-    storage: str | None = Field(None, description="checkpoint storage; default <workdir>/ray")
+    storage: str | None = Field(
+        None, description="checkpoints + Tune state (and, for s3://, MLflow artifacts): a local "
+                          "path or s3://bucket/prefix (endpoint and credentials from the AWS "
+                          "variables, see docs/kubernetes.md); default <workdir>/ray")
     init_from: str | None = Field(
         None, pattern=r"^(runs:/[0-9a-f]+/?|models:/.+|spec:[A-Za-z0-9_.-]+)$",
         description="start from an earlier model: runs:/<run_id>, models:/<name>@<alias>, or "

@@ -38,6 +38,11 @@ MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # pyfunc "models from 
 _ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
+def user_tracking_uri() -> str | None:
+    """MLFLOW_TRACKING_URI as it was when oodlab started (not as mlflow rewrote it since)."""
+    return _ENV_TRACKING_URI
+
+
 def tracking_uri(spec: ExperimentSpec) -> str:
     """MLFLOW_TRACKING_URI, else the spec's, else ``sqlite:///<workdir>/mlflow.db``."""
     uri = _ENV_TRACKING_URI or spec.tracking.tracking_uri
@@ -75,6 +80,9 @@ def ensure_experiment(client: MlflowClient, spec: ExperimentSpec) -> str:
 def start_run(spec: ExperimentSpec, spec_path: str | Path | None = None,
               tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
     """Create the run, log the spec as params and as a file; return the run id."""
+    from oodlab.storage import preflight
+
+    preflight(spec.storage)  # S3 problems: one clear error before any run or training
     client = client_for(spec)
     exp_id = ensure_experiment(client, spec)
     all_tags = {"mlflow.runName": spec.name, "oodlab.method": spec.method.name,
@@ -123,7 +131,9 @@ class EpochMetricsCallback(UserCallback):
         client = MlflowClient(self.tracking_uri)
         log_metrics(client, self.run_id, m, step=int(m.get("epoch", 0)))
         if checkpoint is not None:  # the latest checkpoint, so a stopped run stays usable
-            client.set_tag(self.run_id, CHECKPOINT_TAG, checkpoint.path)
+            from oodlab.storage import checkpoint_uri
+
+            client.set_tag(self.run_id, CHECKPOINT_TAG, checkpoint_uri(checkpoint))
 
 
 def epoch_callback(spec: ExperimentSpec, run_id: str) -> EpochMetricsCallback:

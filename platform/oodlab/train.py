@@ -32,6 +32,7 @@ from oodlab.config import ExperimentSpec, TrainSpec, validate_spec
 from oodlab.data.bundle import load_bundle, set_epoch, train_loader
 from oodlab.evaluate import validation_metrics
 from oodlab.methods import Loaders, TrainState, build_method
+from oodlab.storage import checkpoint_uri, ray_storage
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -216,7 +217,7 @@ def fit(spec: ExperimentSpec, *, run_name: str, num_classes: int,
             resources_per_worker={"CPU": r.cpus_per_worker} | ({"GPU": 1} if r.use_gpu else {}),
         ),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage_path(spec),
+            name=run_name, **ray_storage(storage_path(spec)),  # s3: pyarrow fs + endpoint
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
             callbacks=callbacks or [],
@@ -227,5 +228,6 @@ def fit(spec: ExperimentSpec, *, run_name: str, num_classes: int,
         raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
     model = model_from_checkpoint(spec, result.checkpoint, num_classes)
     return TrainOutcome(model=model, num_classes=num_classes,
-                        checkpoint_path=result.checkpoint.path, metrics=dict(result.metrics or {}))
+                        checkpoint_path=checkpoint_uri(result.checkpoint),
+                        metrics=dict(result.metrics or {}))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,6 +50,11 @@ def test_ood_names(data: DataSpec) -> list[str]:
 def load_bundle(spec: ExperimentSpec, *, include_test: bool = True) -> DataBundle:
     """Load every dataset of the spec. ``include_test=False`` skips test sets (training)."""
     data, seed = spec.data, spec.seed
+    if data.root and data.root.startswith("s3://"):  # stage the S3 prefix on this node
+        from oodlab.storage import stage
+
+        cache = Path(data.cache_dir) if data.cache_dir else spec.workdir_path / "cache"
+        data = data.model_copy(update={"root": str(stage(data.root, cache / "s3").root)})
     id_train = _load(data.id, data, seed, "train")
     bundle = DataBundle(
         id_train=id_train,

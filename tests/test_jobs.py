@@ -1,0 +1,213 @@
+"""Ray Jobs against a real head started here (``ray start --head`` on 127.0.0.1, token auth on).
+
+A tiny spec is submitted with ``oodlab submit``, followed to SUCCEEDED and its MLflow run
+checked; a second (long) job is stopped while it runs. The head is stopped at the end, even
+on failure, by killing exactly the processes this test started (never ``ray stop``, which
+would end every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from oodlab import jobs
+from oodlab.config import SpecError
+from oodlab.ray_local import free_port
+from tests.helpers import tiny_spec
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children first found first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """``ray start --head --block`` on loopback with free ports; yields the dashboard URL."""
+    ports = {flag: free_port() for flag in ("port", "dashboard-port", "node-manager-port",
+                                            "object-manager-port", "metrics-export-port",
+                                            "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port",
+                                            "runtime-env-agent-port",
+                                            "ray-client-server-port")}
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # its own ray_current_cluster file
+    bin_dir = Path(sys.executable).parent
+    # a clean head: earlier tests' Ray and MLflow settings (mlflow.set_tracking_uri writes
+    # MLFLOW_TRACKING_URI into this process) must not reach the job drivers
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env |= {"PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", "RAY_AUTH_MODE": "token",
+            "RAY_USAGE_STATS_ENABLED": "0"}
+    log = open(Path(temp) / "head.log", "wb")  # noqa: SIM115 - closed in finally
+    cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", "--num-cpus=2", "--object-store-memory=200000000",
+           f"--temp-dir={temp}", "--disable-usage-stats"]
+    cmd += [f"--{flag}={port}" for flag, port in ports.items()]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (Path(temp) / "head.log").read_text()[-3000:]
+            try:
+                req = urllib.request.Request(f"{url}/api/version", headers=jobs.auth_headers())
+                urllib.request.urlopen(req, timeout=5).read()
+                jobs.list_jobs(url)  # the job API answers too
+                break
+            except (OSError, jobs.JobError):
+                assert time.monotonic() < deadline, "ray head did not come up in 120 s"
+                time.sleep(1.0)
+        yield url
+    finally:
+        pids = _descendants(proc.pid)  # gcs, raylet, dashboard, workers, job drivers
+        _kill(pids, signal.SIGTERM)  # what `ray stop` sends, but only to this head's processes
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _kill([p for p in pids if _alive(p)], signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture()
+def project(tmp_path):
+    """A working dir with one tiny spec (workdir outside it, so MLflow lands in tmp_path)."""
+    root = tmp_path / "project"
+    (root / "jobs").mkdir(parents=True)
+    spec = tiny_spec(tmp_path / "work", name="jobtiny")
+    (root / "jobs" / "tiny.yaml").write_text(yaml.safe_dump(spec))
+    return root
+
+
+def test_dashboard_requires_the_token(ray_head):
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{ray_head}/api/jobs/", timeout=10)
+    assert err.value.code == 401
+
+
+def test_a_wrong_token_is_named(ray_head, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 32)
+    with pytest.raises(jobs.JobError, match="refused our token.*RAY_AUTH_TOKEN"):
+        jobs.list_jobs(ray_head)
+
+
+def test_the_given_address_wins_over_ray_environment_variables(ray_head, monkeypatch):
+    # a local init_ray sets RAY_API_SERVER_ADDRESS, which Ray's client would prefer
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", dead)
+    monkeypatch.setenv("RAY_ADDRESS", dead)
+    assert isinstance(jobs.list_jobs(ray_head), list)
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == dead  # restored for the rest of the process
+
+
+def test_build_submission_is_checked_here(project, tmp_path, monkeypatch):
+    from oodlab import tracking
+
+    # MLFLOW_TRACKING_URI as the user set it at start, not as mlflow rewrote it since
+    monkeypatch.setattr(tracking, "_ENV_TRACKING_URI", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////another/spec/mlflow.db")
+    leaked = jobs.build_submission(project / "jobs" / "tiny.yaml", working_dir=project)
+    assert "MLFLOW_TRACKING_URI" not in leaked.runtime_env["env_vars"]
+    monkeypatch.setattr(tracking, "_ENV_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-forwarded")
+    sub = jobs.build_submission(project / "jobs" / "tiny.yaml", working_dir=project,
+                                overrides=["train.epochs=2"], env=["EXTRA=1"])
+    assert sub.entrypoint == "python -m oodlab run jobs/tiny.yaml --set train.epochs=2"
+    env = sub.runtime_env["env_vars"]
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and env["EXTRA"] == "1"
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert sub.runtime_env["py_modules"] == [str(jobs.PACKAGE_DIR)]
+    assert ".venv" in sub.runtime_env["excludes"] and ".oodlab" in sub.runtime_env["excludes"]
+    assert sub.submission_id.startswith("oodlab-run-jobtiny-")
+
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text((project / "jobs" / "tiny.yaml").read_text())
+    with pytest.raises(jobs.JobError, match="outside the working dir"):
+        jobs.build_submission(outside, working_dir=project)
+    with pytest.raises(SpecError, match=r"invalid spec:\n  train.epochs"):
+        jobs.build_submission(project / "jobs" / "tiny.yaml", working_dir=project,
+                              overrides=["train.epochs=0"])
+    with pytest.raises(jobs.JobError, match="--address 'localhost:8265'"):
+        jobs.job_address("localhost:8265")
+
+
+def test_submit_follow_to_succeeded_and_stop(ray_head, project, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from oodlab.cli import main
+
+    rc = main(["submit", str(project / "jobs" / "tiny.yaml"), "--working-dir", str(project),
+               "--address", ray_head, "--follow"])
+    out = capsys.readouterr()
+    job_id = out.out.splitlines()[0]
+    assert rc == 0, out.out[-3000:] + out.err[-2000:]
+    assert job_id.startswith("oodlab-run-jobtiny-")
+    assert "epoch 1/1" in out.out  # the worker's progress line, streamed by --follow
+    assert jobs.status(job_id, ray_head) == "SUCCEEDED"
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tests")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].data.tags["mlflow.runName"] == "jobtiny"
+    assert any(k.startswith("test/") for k in runs[0].data.metrics)  # evaluated once
+
+    assert main(["jobs", "list", "--address", ray_head]) == 0
+    assert job_id in capsys.readouterr().out
+
+    # a long job: stopped while it runs
+    sub = jobs.build_submission(project / "jobs" / "tiny.yaml", working_dir=project,
+                                overrides=["train.epochs=500"])
+    long_id = jobs.submit(sub, ray_head)
+    assert jobs.wait(long_id, ray_head, timeout_s=120, until={"RUNNING"}) == "RUNNING"
+    assert main(["jobs", "stop", long_id, "--address", ray_head]) == 0
+    assert capsys.readouterr().out.strip() == "STOPPED"
+    assert jobs.status(long_id, ray_head) == "STOPPED"
+    buf = io.StringIO(jobs.logs(long_id, ray_head))
+    assert "epoch 500/500" not in buf.getvalue()
+
+    with pytest.raises(jobs.JobError, match="no-such-job"):
+        jobs.status("no-such-job", ray_head)
