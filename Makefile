@@ -70,6 +70,11 @@ results: $(STAMP)
 	$(RESULTS) jobs/um_pretrain.yaml jobs/um.yaml jobs/umap.yaml jobs/um_oe_baseline.yaml \
 	    jobs/um_oe.yaml --name unleashing-mask --scores msp energy odin \
 	    --out docs/results/unleashing_mask.md $(SEEDS)
+	$(RESULTS) jobs/lmd.yaml --name lmd --scores lmd diffusion_recon --per-set auroc \
+	    --out docs/results/lmd.md $(SEEDS)
+	$(RESULTS) jobs/simclr.yaml jobs/ccl.yaml --name ccl \
+	    --scores knn cluster_cosine cluster_mahalanobis --per-set auroc fpr95 \
+	    --out docs/results/ccl.md $(SEEDS)
 	$(BIN)/oodlab report --out docs/results/report
 
 clean-work:

@@ -13,3 +13,42 @@ def test_mean_std_by_hand():
 
 def test_missing_metric_is_a_dash_not_zero():
     assert mean_std([]) == "–"
+
+
+def _store_with_runs(tmp_path):
+    """Two finished seeds of a spec in a fresh MLflow store, tagged for table 't'."""
+    from oodlab import tracking
+    from oodlab.config import validate_spec
+    from oodlab.results import RESULTS_TAG
+    from tests.helpers import tiny_spec
+
+    spec = validate_spec(tiny_spec(tmp_path))
+    client = tracking.client_for(spec)
+    exp = tracking.ensure_experiment(client, spec)
+    for auroc_letters, auroc_gauss in ((0.6, 0.9), (0.8, 1.0)):
+        run = client.create_run(exp, tags={RESULTS_TAG: "t", "mlflow.runName": spec.name})
+        for k, v in {"test/energy/letters/auroc": auroc_letters,
+                     "test/energy/gaussian/auroc": auroc_gauss,
+                     "test/energy/mean/auroc": (auroc_letters + auroc_gauss) / 2}.items():
+            client.log_metric(run.info.run_id, k, v)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    return spec
+
+
+def test_per_set_table_and_hand_notes_survive_a_rewrite(tmp_path):
+    from oodlab.results import NOTES_MARKER, write_report
+
+    spec = _store_with_runs(tmp_path)
+    out = tmp_path / "t.md"
+    write_report([spec], "t", out, "oodlab results x", per_set=["auroc"])
+    first = out.read_text()
+    # letters: mean 0.7, sample std sqrt(2 * 0.1^2 / 1) = 0.141; gaussian 0.95 ± 0.071;
+    # mean over sets 0.75, 0.9 -> 0.825 ± 0.106
+    assert "| tiny | energy | 0.700 ± 0.141 (n=2) | 0.950 ± 0.071 (n=2) | 0.825 ± 0.106 (n=2) |" \
+        in first
+    assert "AUROC ↑ per test OOD set" in first
+    out.write_text(first + f"\n{NOTES_MARKER}\n\nPlainly: written by hand.\n")
+    write_report([spec], "t", out, "oodlab results x")  # regenerated, without per-set now
+    second = out.read_text()
+    assert second.endswith(f"{NOTES_MARKER}\n\nPlainly: written by hand.\n")
+    assert "per test OOD set" not in second and second.count(NOTES_MARKER) == 1

@@ -94,7 +94,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
         run_seeds(args.specs, args.seeds, args.name, args.set)
     # Echo the command that regenerates the runs too (without --table-only).
     command = "oodlab " + " ".join(a for a in args.argv_echo if a != "--table-only")
-    out = write_report(specs, args.name, args.out, command, args.scores)
+    out = write_report(specs, args.name, args.out, command, args.scores, args.per_set)
     print(out.read_text())
     print(f"written to {out}")
     return 0
@@ -188,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     res = sub.add_parser(
         "results", help="run specs over seeds and write a mean ± std table from MLflow",
         description="Run each spec once per seed (tagged in MLflow), then write a Markdown "
-                    "table of mean ± std over seeds, rebuilt from MLflow.")
+                    "table of mean ± std over seeds, rebuilt from MLflow. Text from the line "
+                    "'<!-- notes: kept when this file is regenerated -->' on in an existing "
+                    "--out file is kept.")
     res.add_argument("specs", nargs="+", help="experiment specs (YAML)")
     res.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     res.add_argument("--name", required=True, help="table name (MLflow tag oodlab.results)")
@@ -196,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--scores", nargs="+", default=[], metavar="SCORE",
                      help="one row per spec and score (each must be in the specs' eval.scores); "
                           "default: the served score only")
+    res.add_argument("--per-set", nargs="+", default=[], metavar="METRIC",
+                     choices=["auroc", "fpr95", "aupr_in"],
+                     help="also write a table per metric with a column per test OOD set")
     _add_set(res)
     res.add_argument("--table-only", action="store_true",
                      help="do not run anything; rebuild the table from MLflow")
