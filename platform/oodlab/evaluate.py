@@ -18,7 +18,7 @@ from oodlab.config import ExperimentSpec
 from oodlab.data.bundle import DataBundle, eval_loader
 from oodlab.detector import Detector, Outputs, collect_outputs, fit_score, score_loader
 from oodlab.headtail import breakdown, group_masks, head_classes
-from oodlab.methods import build_method
+from oodlab.methods import Method, build_method
 from oodlab.metrics import accuracy, mean_average_precision, ood_metrics, threshold_at_tpr
 from oodlab.scores import SCORES
 
@@ -63,10 +63,12 @@ def id_metric(logits: Tensor, labels: Tensor) -> tuple[str, float]:
 
 
 def validation_metrics(model: nn.Module, bundle: DataBundle, spec: ExperimentSpec,
-                       device: torch.device | str = "cpu") -> dict[str, float]:
+                       device: torch.device | str = "cpu", method: Method | None = None
+                       ) -> dict[str, float]:
     """Per-epoch view on validation data only: ID accuracy and val-OOD metrics of the
-    primary score (fitted on at most ``eval.epoch_val_limit`` ID-train samples)."""
-    method = build_method(spec)
+    primary score (fitted on at most ``eval.epoch_val_limit`` ID-train samples). The
+    training loop passes its ``method``, so it is not rebuilt every epoch."""
+    method = method or build_method(spec)
     hook = getattr(method, "validation_metrics", None)
     if hook is not None:  # a method with its own cheap per-epoch view (ddpm)
         return hook(model, bundle, device)

@@ -168,7 +168,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                    "train/images_per_s": seen * world / max(elapsed, 1e-9)}
         metrics |= method.epoch_metrics(model, state)
         if rank == 0:
-            metrics |= validation_metrics(unwrap(model), bundle, spec, device)
+            metrics |= validation_metrics(unwrap(model), bundle, spec, device, method)
             id_key = "val/id_map" if "val/id_map" in metrics else "val/id_acc"
             progress(f"epoch {epoch + 1}/{spec.train.epochs} loss {metrics['train/loss']:.4f} "
                      f"{id_key} {metrics.get(id_key, float('nan')):.3f} "
