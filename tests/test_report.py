@@ -33,12 +33,12 @@ RUNS = {
 
 
 def _log(client: MlflowClient, exp: str, spec: str, method: str, bench: str, seed: int,
-         m: dict, tmp: Path) -> str:
+         m: dict, tmp: Path, table: str = "t") -> str:
     exp_id = (client.get_experiment_by_name(exp) or
               client.get_experiment(client.create_experiment(
                   exp, artifact_location=(tmp / "art").as_uri())))
     exp_id = exp_id.experiment_id
-    run = client.create_run(exp_id, run_name=spec, tags={RESULTS_TAG: "t"})
+    run = client.create_run(exp_id, run_name=spec, tags={RESULTS_TAG: table})
     rid = run.info.run_id
     for k, v in {"method.name": method, "data.id": bench, "seed": seed,
                  "eval.scores": "['energy']"}.items():
@@ -110,6 +110,24 @@ def test_aggregates_seeds_marks_best_and_missing(store, tmp_path):
     assert (tmp_path / "out" / "plots").is_dir() and "![" in md
     assert "head / tail" not in md  # no multi-label runs here
     assert html_path.read_text().count("<table>") == 3
+
+
+def test_one_spec_in_two_tables_is_two_rows(tmp_path):
+    """The same spec run for two results tables (e.g. two ``--set`` variants) must not pool
+    its seeds: one row per table, each labelled with its table."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    for table, fpr in (("dir-smallest", 0.1), ("dir-largest", 0.5)):
+        for seed in (0, 1):
+            m = {"letters": (fpr + seed / 10, 0.9, 0.9), "id": 0.9}
+            _log(client, "exp", "sel", "edge", "mosaic", seed, m, tmp_path, table=table)
+    _log(client, "exp", "plain", "bce", "mosaic", 0, {"letters": (0.9, 0.5, 0.5)}, tmp_path)
+    md = write_report(uri, tmp_path / "out")[0].read_text()
+    small = _cells(md, "mosaic: FPR@95 per OOD set", "sel [dir-smallest] (edge) · energy")
+    large = _cells(md, "mosaic: FPR@95 per OOD set", "sel [dir-largest] (edge) · energy")
+    assert small[0] == "**0.150 ± 0.071 (n=2)**"  # 0.1, 0.2 by hand
+    assert large[0] == "0.550 ± 0.071 (n=2)"  # 0.5, 0.6
+    assert "| plain (bce) · energy |" in md  # a spec in one table keeps the short label
 
 
 def test_html_opens_in_a_headless_browser(store, tmp_path):

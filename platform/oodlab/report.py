@@ -47,21 +47,27 @@ class RunRecord:
     seed: int
     scores: list[str]
     metrics: dict[str, float]
+    table: str = ""  # the `oodlab results --name` that made it
 
 
 @dataclass
 class Row:
-    """One table row: a spec + method + score, aggregated over its seed runs."""
+    """One table row: a spec + method + score of one results table, aggregated over its seed
+    runs. The table name is shown only where one spec was run for several tables (the same
+    spec with different ``--set`` overrides), so that their seeds are never pooled."""
 
     benchmark: str
+    table: str
     spec: str
     method: str
     score: str
     runs: list[RunRecord] = field(default_factory=list)
+    show_table: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.spec} ({self.method}) · {self.score}"
+        where = f" [{self.table}]" if self.show_table else ""
+        return f"{self.spec}{where} ({self.method}) · {self.score}"
 
     def values(self, key: str) -> list[float]:
         """The metric over seeds, from the runs that logged it (and are not NaN)."""
@@ -108,7 +114,8 @@ def gather(client: MlflowClient, experiments: list[str] | None = None,
             run_id=r.info.run_id, experiment_id=r.info.experiment_id,
             spec=r.data.tags.get("mlflow.runName", "?"), method=p.get("method.name", "?"),
             benchmark=p.get("data.id", "?"), seed=int(p.get("seed", 0)),
-            scores=_as_list(p.get("eval.scores", "")), metrics=dict(r.data.metrics)))
+            scores=_as_list(p.get("eval.scores", "")), metrics=dict(r.data.metrics),
+            table=r.data.tags.get(RESULTS_TAG, "")))
     return out
 
 
@@ -117,16 +124,21 @@ def _as_list(text: str) -> list[str]:
 
 
 def build_rows(records: list[RunRecord]) -> dict[str, list[Row]]:
-    """Benchmark -> rows (spec, method, score), ordered by spec then score order."""
-    rows: dict[tuple[str, str, str, str], Row] = {}
-    for rec in sorted(records, key=lambda r: (r.benchmark, r.spec, r.seed)):
+    """Benchmark -> rows (table, spec, method, score), ordered by spec, table, then score
+    order."""
+    rows: dict[tuple[str, str, str, str, str], Row] = {}
+    for rec in sorted(records, key=lambda r: (r.benchmark, r.spec, r.table, r.seed)):
         for score in rec.scores:
             if not any(k.startswith(f"test/{score}/") for k in rec.metrics):
                 continue
-            key = (rec.benchmark, rec.spec, rec.method, score)
+            key = (rec.benchmark, rec.table, rec.spec, rec.method, score)
             rows.setdefault(key, Row(*key)).runs.append(rec)
+    tables_of: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for row in rows.values():
+        tables_of[row.benchmark, row.spec].add(row.table)
     out: dict[str, list[Row]] = defaultdict(list)
     for row in rows.values():
+        row.show_table = len(tables_of[row.benchmark, row.spec]) > 1
         out[row.benchmark].append(row)
     return dict(out)
 
