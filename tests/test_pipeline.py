@@ -43,6 +43,8 @@ def test_two_worker_ddp_run_is_tracked(ray_session, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["resources.num_workers"] == "2"
     assert run.data.params["method.name"] == "energy_oe"
+    # where it ran: the shared test Ray has 4 logical CPUs and no GPU
+    assert "Ray cluster with 4 CPUs and 0 GPUs" in run.data.tags["oodlab.hardware"]
     m = run.data.metrics
     for key in ("test/id_acc", "test/auroc", "test/fpr95", "threshold", "val_final/auroc",
                 "test/energy/letters/auroc", "test/msp/gaussian/fpr95",

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from oodlab.cli import main  # noqa: E402
-from oodlab.report import RESULTS_TAG, write_report  # noqa: E402
+from oodlab.report import RESULTS_TAG, RunRecord, provenance, write_report  # noqa: E402
 
 # spec -> seed -> metrics; "photos" AUPR-in is missing from every `weak` run
 RUNS = {
@@ -109,7 +109,18 @@ def test_aggregates_seeds_marks_best_and_missing(store, tmp_path):
     assert md.count("seed 0]") == 2 and "#/experiments/" in md
     assert (tmp_path / "out" / "plots").is_dir() and "![" in md
     assert "head / tail" not in md  # no multi-label runs here
+    assert "5 runs on hardware not recorded" in md  # the fixture's runs carry no tag
     assert html_path.read_text().count("<table>") == 3
+
+
+def test_provenance_counts_hardware_and_wall_time():
+    def rec(hw: str, minutes: float) -> RunRecord:
+        return RunRecord("r", "0", "s", "m", "mnist", 0, [], {}, "t", hw, minutes)
+
+    text = provenance([rec("cpu box", 30), rec("cpu box", 45), rec("", 15)])
+    # 30 + 45 + 15 minutes = 1.5 h; the untagged run is said to be untagged
+    assert text == ("2 runs on cpu box; 1 run on hardware not recorded; "
+                    "1.5 h of run wall time in total")
 
 
 def test_one_spec_in_two_tables_is_two_rows(tmp_path):

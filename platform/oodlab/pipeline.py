@@ -35,8 +35,9 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
     init_ref = tracking.resolve_init_from(spec)
     init_state = initial_weights(spec, bundle.num_classes, init_ref)  # a bad ref fails here
     init_ray()
+    tags = (tags or {}) | {ray_local.HARDWARE_TAG: ray_local.hardware()}
     if init_ref is not None:
-        tags = (tags or {}) | {"oodlab.init_from": init_ref}
+        tags |= {"oodlab.init_from": init_ref}
     run_id = tracking.start_run(spec, spec_path, tags=tags, parent_run_id=parent_run_id)
     ok = False
     try:

@@ -10,11 +10,13 @@ a search), asks the wrong one and never frees a stopped trial's CPUs.
 from __future__ import annotations
 
 import os
+import platform as stdlib_platform
 import socket
 from typing import Any
 
 import ray
 
+HARDWARE_TAG = "oodlab.hardware"  # MLflow tag: hardware() of the process that ran the run
 _QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
               "DO_NOT_TRACK": "true"}
 
@@ -48,3 +50,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
              **kwargs)
     os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"]
     return True
+
+
+def hardware() -> str:
+    """What runs are computed on, in words: the Ray cluster's CPUs and GPUs when Ray is up
+    (else this machine's cores), the architecture, and the GPU model this process sees."""
+    import torch
+
+    if ray.is_initialized():
+        res = ray.cluster_resources()
+        cpus, gpus = int(res.get("CPU", 0)), int(res.get("GPU", 0))
+        where = f"Ray cluster with {cpus} CPUs and {gpus} GPUs"
+    else:
+        where = f"{os.cpu_count()} CPU cores"
+    gpu = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+           if torch.cuda.is_available() else "no GPU")
+    return f"{stdlib_platform.machine()}, {where}; driver sees {gpu}"
