@@ -16,7 +16,13 @@ import pytest  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from oodlab.cli import main  # noqa: E402
-from oodlab.report import RESULTS_TAG, RunRecord, provenance, write_report  # noqa: E402
+from oodlab.report import (  # noqa: E402
+    RESULTS_TAG,
+    RunRecord,
+    benchmark_name,
+    provenance,
+    write_report,
+)
 
 # spec -> seed -> metrics; "photos" AUPR-in is missing from every `weak` run
 RUNS = {
@@ -110,6 +116,8 @@ def test_aggregates_seeds_marks_best_and_missing(store, tmp_path):
     assert (tmp_path / "out" / "plots").is_dir() and "![" in md
     assert "head / tail" not in md  # no multi-label runs here
     assert "5 runs on hardware not recorded" in md  # the fixture's runs carry no tag
+    assert "![mnist-comparison](plots/mnist-comparison.png)" in md
+    assert (tmp_path / "out" / "plots" / "mnist-comparison.png").stat().st_size > 0
     assert html_path.read_text().count("<table>") == 3
 
 
@@ -121,6 +129,11 @@ def test_provenance_counts_hardware_and_wall_time():
     # 30 + 45 + 15 minutes = 1.5 h; the untagged run is said to be untagged
     assert text == ("2 runs on cpu box; 1 run on hardware not recorded; "
                     "1.5 h of run wall time in total")
+
+
+def test_capped_splits_are_a_benchmark_of_their_own():
+    assert benchmark_name({"data.id": "mnist", "data.limit": "None"}) == "mnist"
+    assert benchmark_name({"data.id": "mnist", "data.limit": "200"}) == "mnist, limit 200"
 
 
 def test_one_spec_in_two_tables_is_two_rows(tmp_path):
@@ -154,7 +167,7 @@ def test_html_opens_in_a_headless_browser(store, tmp_path):
     ok = re.search(r'data-images-ok="(\d+)/(\d+)"', proc.stdout)
     assert ok, proc.stdout[:500]  # the page's script ran after load
     loaded, total = map(int, ok.groups())
-    assert total == 2 and loaded == total  # both logged ROC plots decoded
+    assert total == 3 and loaded == total  # both logged ROC plots + the comparison figure
     console_errors = [line for line in proc.stderr.splitlines()
                       if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)]
     assert not console_errors, console_errors

@@ -111,5 +111,35 @@ def parallel_coordinates_figure(params: list[dict], values: list[float], metric:
     return fig
 
 
+def comparison_figure(labels: list[str], panels: dict[str, tuple[list, list, str]],
+                      title: str):
+    """Side-by-side horizontal bars, one panel per metric: ``panels[name] = (means, stds,
+    better)`` with one entry per label (NaN = missing, drawn as no bar); the best bar of each
+    panel is dark, whiskers are the std over seeds."""
+    fig, axes = plt.subplots(1, len(panels), sharey=True,
+                             figsize=(3.2 * len(panels) + 3, 0.28 * len(labels) + 1.4))
+    axes = np.atleast_1d(axes)
+    y = np.arange(len(labels))
+    for ax, (name, (means, stds, better)) in zip(axes, panels.items(), strict=True):
+        m, sd = np.asarray(means, dtype=float), np.asarray(stds, dtype=float)
+        ok = np.isfinite(m)
+        best = (np.nanmax(m) if better == "max" else np.nanmin(m)) if ok.any() else np.nan
+        colours = ["#1b5e20" if ok[i] and np.isclose(m[i], best, atol=5e-4) else "#90a4ae"
+                   for i in range(len(m))]
+        ax.barh(y[ok], m[ok], xerr=np.nan_to_num(sd[ok]), color=[colours[i] for i in y[ok]],
+                error_kw={"lw": 0.8, "capsize": 2})
+        for i in y[ok]:
+            ax.text(0.01, i, f"{m[i]:.3f}", va="center", fontsize=6,
+                    bbox={"fc": "white", "alpha": 0.7, "lw": 0, "pad": 1})
+        ax.set(xlim=(0, 1), title=f"{name} ({'higher' if better == 'max' else 'lower'} "
+                                  "is better)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, labels, fontsize=7)
+    axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

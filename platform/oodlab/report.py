@@ -116,12 +116,20 @@ def gather(client: MlflowClient, experiments: list[str] | None = None,
         out.append(RunRecord(
             run_id=r.info.run_id, experiment_id=r.info.experiment_id,
             spec=r.data.tags.get("mlflow.runName", "?"), method=p.get("method.name", "?"),
-            benchmark=p.get("data.id", "?"), seed=int(p.get("seed", 0)),
+            benchmark=benchmark_name(p), seed=int(p.get("seed", 0)),
             scores=_as_list(p.get("eval.scores", "")), metrics=dict(r.data.metrics),
             table=r.data.tags.get(RESULTS_TAG, ""),
             hardware=r.data.tags.get(HARDWARE_TAG, ""),
             minutes=((r.info.end_time or r.info.start_time) - r.info.start_time) / 60_000))
     return out
+
+
+def benchmark_name(params: dict[str, str]) -> str:
+    """The ID dataset, and the per-split cap when the run had one: runs on capped splits
+    were tested on other (smaller) test sets, so they get a table of their own."""
+    limit = params.get("data.limit", "None")
+    name = params.get("data.id", "?")
+    return name if limit in ("None", "") else f"{name}, limit {limit}"
 
 
 def _as_list(text: str) -> list[str]:
@@ -235,15 +243,40 @@ def copy_plots(tracking_uri: str, rows: list[Row], plot_dir: Path) -> dict[str, 
     return out
 
 
+def comparison_plot(benchmark: str, rows: list[Row], plot_dir: Path) -> Path:
+    """One figure of the benchmark: mean AUROC and mean FPR@95 (over OOD sets) per row, with
+    the std over seeds as whiskers and the best row dark."""
+    from oodlab import plots
+
+    panels = {}
+    for label, suffix, better in (("mean AUROC", "auroc", "max"),
+                                  ("mean FPR@95", "fpr95", "min")):
+        vals = [row.values(f"test/{row.score}/mean/{suffix}") for row in rows]
+        panels[label] = ([float(np.mean(v)) if v else np.nan for v in vals],
+                         [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in vals],
+                         better)
+    fig = plots.comparison_figure([row.label for row in rows], panels,
+                                  f"{benchmark}: every method and score, mean over OOD sets")
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    path = plot_dir / _slug(f"{benchmark}-comparison.png")
+    fig.savefig(path, dpi=110)
+    plots.close(fig)
+    return path
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
 def render_markdown(title: str, meta: str, tables: dict[str, list[Table]],
+                    overview: dict[str, Path],
                     plots: dict[str, list[Path]], out_dir: Path, base_url: str) -> str:
     lines = [f"# {title}", "", meta, ""]
     for benchmark, tabs in tables.items():
         lines += [f"## Benchmark `{benchmark}`", ""]
+        if benchmark in overview:
+            fig = overview[benchmark]
+            lines += [f"![{fig.stem}]({fig.relative_to(out_dir).as_posix()})", ""]
         for t in tabs:
             lines += [f"### {t.title}", "", "Best mean per column in **bold**.", "",
                       "| row | " + " | ".join(c.label for c in t.columns) + " |",
@@ -267,7 +300,8 @@ def render_markdown(title: str, meta: str, tables: dict[str, list[Table]],
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:100em}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;
 padding:.25em .5em;font-size:.85em;text-align:right}td:first-child,th:first-child{text-align:left}
-td.best{font-weight:bold;background:#e6f4ea}td.missing{color:#999}img{width:260px;margin:2px}"""
+td.best{font-weight:bold;background:#e6f4ea}td.missing{color:#999}img{width:260px;margin:2px}
+img.wide{width:auto;max-width:100%}"""
 
 # marks the page once every plot decoded, so a headless browser can check it opened whole
 _CHECK_JS = """window.addEventListener('load',()=>{const i=[...document.images];
@@ -275,6 +309,7 @@ document.body.dataset.imagesOk=i.filter(x=>x.complete&&x.naturalWidth>0).length+
 
 
 def render_html(title: str, meta: str, tables: dict[str, list[Table]],
+                    overview: dict[str, Path],
                 plots: dict[str, list[Path]], out_dir: Path, base_url: str) -> str:
     e = html.escape
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}"
@@ -282,6 +317,10 @@ def render_html(title: str, meta: str, tables: dict[str, list[Table]],
              f"<h1>{e(title)}</h1><p>{e(meta)}</p>"]
     for benchmark, tabs in tables.items():
         parts.append(f"<h2>Benchmark <code>{e(benchmark)}</code></h2>")
+        if benchmark in overview:
+            fig = overview[benchmark]
+            parts.append(f"<p><img class='wide' src='{e(fig.relative_to(out_dir).as_posix())}'"
+                         f" alt='{e(fig.stem)}'></p>")
         for t in tabs:
             parts.append(f"<h3>{e(t.title)}</h3><table><tr><th>row</th>"
                          + "".join(f"<th>{e(c.label)}</th>" for c in t.columns) + "</tr>")
@@ -322,13 +361,17 @@ def write_report(tracking_uri: str, out_dir: str | Path, experiments: list[str] 
     try:
         tables = {b: tables_for(b, rows) for b, rows in sorted(by_bench.items())}
         plots: dict[str, list[Path]] = {}
-        for rows in by_bench.values():
+        overview: dict[str, Path] = {}
+        for bench, rows in by_bench.items():
             plots |= copy_plots(tracking_uri, rows, stage / "plots")
+            overview[bench] = comparison_plot(bench, rows, stage / "plots")
         meta = (f"Generated by `{command}` on {time.strftime('%Y-%m-%d')} from {len(records)} "
                 f"MLflow runs ({tracking_uri}); {provenance(records)}. Mean ± sample std over "
                 "seeds, n = seeds; – = not logged.")
-        md = render_markdown("OOD detection results", meta, tables, plots, stage, base_url)
-        page = render_html("OOD detection results", meta, tables, plots, stage, base_url)
+        md = render_markdown("OOD detection results", meta, tables, overview, plots, stage,
+                             base_url)
+        page = render_html("OOD detection results", meta, tables, overview, plots, stage,
+                           base_url)
         (stage / "report.md").write_text(md + "\n")
         (stage / "report.html").write_text(page + "\n")
         if (out_dir / "plots").exists():
