@@ -57,7 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/lmd_cost.py
 	$(BIN)/python bench/summary.py
 
-# every method's specs over 3 seeds on the built-in benchmarks (about 2 h on 2 CPU cores; one
+# every method's specs over 3 seeds on the built-in benchmarks (about 1 h on 2 CPU cores; one
 # GPU per worker when torch sees a CUDA GPU), each table to docs/results/, then the
 # cross-method report
 HAS_GPU = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))")
