@@ -180,7 +180,7 @@ def tables_for(benchmark: str, rows: list[Row]) -> list[Table]:
 
 def provenance(records: list[RunRecord]) -> str:
     """Where and for how long the runs were computed: each distinct hardware tag with its run
-    count, the first and last run date, and the total wall time of the runs."""
+    count, and the total wall time of the runs."""
     count: dict[str, int] = defaultdict(int)
     for rec in records:
         count[rec.hardware or "hardware not recorded"] += 1
@@ -189,12 +189,19 @@ def provenance(records: list[RunRecord]) -> str:
     return f"{where}; {total / 60:.1f} h of run wall time in total"
 
 
+def seed_stats(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof 1; 0 for one seed) over seeds; NaN mean when missing."""
+    if not values:
+        return float("nan"), 0.0
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return float(np.mean(values)), std
+
+
 def cell(values: list[float]) -> tuple[str, float | None]:
     """``mean ± std (n=k)`` (sample std) and the mean; ``–`` and None when missing."""
     if not values:
         return "–", None
-    mean = float(np.mean(values))
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    mean, std = seed_stats(values)
     return f"{mean:.3f} ± {std:.3f} (n={len(values)})", mean
 
 
@@ -251,10 +258,8 @@ def comparison_plot(benchmark: str, rows: list[Row], plot_dir: Path) -> Path:
     panels = {}
     for label, suffix, better in (("mean AUROC", "auroc", "max"),
                                   ("mean FPR@95", "fpr95", "min")):
-        vals = [row.values(f"test/{row.score}/mean/{suffix}") for row in rows]
-        panels[label] = ([float(np.mean(v)) if v else np.nan for v in vals],
-                         [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in vals],
-                         better)
+        stats = [seed_stats(row.values(f"test/{row.score}/mean/{suffix}")) for row in rows]
+        panels[label] = ([m for m, _ in stats], [sd for _, sd in stats], better)
     fig = plots.comparison_figure([row.label for row in rows], panels,
                                   f"{benchmark}: every method and score, mean over OOD sets")
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -309,7 +314,7 @@ document.body.dataset.imagesOk=i.filter(x=>x.complete&&x.naturalWidth>0).length+
 
 
 def render_html(title: str, meta: str, tables: dict[str, list[Table]],
-                    overview: dict[str, Path],
+                overview: dict[str, Path],
                 plots: dict[str, list[Path]], out_dir: Path, base_url: str) -> str:
     e = html.escape
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}"
