@@ -1,6 +1,9 @@
-# The README's first two commands. Both build .venv from nothing when it is missing.
+# The README's first two commands. Both build .venv from nothing when it is missing, and
+# install the Debian packages they need when those are missing (as root; otherwise they print
+# the `sudo apt-get install ...` line to run and stop).
 #   make quickstart   search + promote + serve the quickstart spec on built-in data
 #   make test         the test suite (what CI runs via .ci/run)
+#   make packages     every Debian package below (sudo make packages)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,10 +16,47 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: quickstart test lint bench results clean-work help
+.PHONY: results-fmnist quickstart test packages test-packages quickstart-packages lint bench results clean-work help
 
 help:
-	@echo "make quickstart | make test | make lint | make bench | make results | make clean-work"
+	@echo "make quickstart | make test | make packages | make lint | make bench | make results" \
+	    "| make clean-work"
+
+# Debian packages, each with the shell test that finds it:
+#   chromium               headless browser for the HTML report test (tests/test_report.py)
+#   dataset-fashion-mnist  Fashion-MNIST idx files in /usr/share/datasets/fashion-mnist/
+#   postgresql             a PostgreSQL server (pg_ctl), for PostgreSQL-backed stores
+SYSTEM_PACKAGES := chromium dataset-fashion-mnist postgresql
+TEST_PACKAGES := chromium dataset-fashion-mnist
+QUICKSTART_PACKAGES := dataset-fashion-mnist
+CHECK.chromium := command -v chromium || command -v chromium-browser
+CHECK.dataset-fashion-mnist := test -d /usr/share/datasets/fashion-mnist
+CHECK.postgresql := command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl
+
+# $(call need-packages,PKG...,TARGET): a recipe line that finds the missing ones; as root it
+# installs them with apt-get, otherwise it prints them and the exact sudo command and fails
+# before apt-get is ever run. Checked before .venv is built, so a missing package fails fast.
+define need-packages
+@missing=""; \
+$(foreach p,$(1),{ $(CHECK.$(p)); } >/dev/null 2>&1 || missing="$$missing $(p)";) \
+if [ -z "$$missing" ]; then exit 0; fi; \
+if [ "$$(id -u)" != 0 ]; then \
+    echo "make $(2): missing Debian package(s):$$missing" >&2; \
+    echo "installing them needs root (you are uid $$(id -u)); run:" >&2; \
+    echo "    sudo apt-get update && sudo apt-get install -y$$missing" >&2; \
+    echo "then run make $(2) again." >&2; \
+    exit 1; \
+fi; \
+echo "installing Debian package(s):$$missing"; \
+apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing
+endef
+
+packages:
+	$(call need-packages,$(SYSTEM_PACKAGES),packages)
+test-packages:
+	$(call need-packages,$(TEST_PACKAGES),test)
+quickstart-packages:
+	$(call need-packages,$(QUICKSTART_PACKAGES),quickstart)
 
 # torch is installed first and by exact version so nothing can pull a different build;
 # everything else is pinned by constraints.txt (a lock of a set tested together).
@@ -30,24 +70,19 @@ $(STAMP): pyproject.toml constraints.txt
 
 # a small search, its best trial promoted to @champion, then served and one image scored
 # (KEEP=1 leaves the service running)
-quickstart: $(STAMP)
+quickstart: quickstart-packages $(STAMP)
 	$(BIN)/oodlab tune jobs/quickstart.yaml --space search_spaces/quickstart.yaml \
 	    --name quickstart-$$(date +%Y%m%d-%H%M%S)
 	$(BIN)/oodlab serve --spec jobs/quickstart.yaml --smoke $(if $(KEEP),--keep)
 
-# the report test opens the HTML report in headless Chromium (Debian's package; needs root
-# or an existing chromium on PATH)
-BROWSER_STAMP := $(VENV)/.browser-installed
-$(BROWSER_STAMP): | $(STAMP)
-	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
-	@touch $@
-
-test: $(STAMP) $(BROWSER_STAMP)
+# the system packages, the architecture (import-linter contracts in pyproject.toml), the suite
+test: test-packages $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform tests bench
+	$(BIN)/lint-imports
 
 # every benchmark, then one table of their ratios (docs/results/benchmarks.md)
 bench: $(STAMP)
@@ -63,7 +98,17 @@ bench: $(STAMP)
 HAS_GPU = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))")
 RESULTS = $(BIN)/oodlab results $(if $(filter 1,$(HAS_GPU)),--set resources.use_gpu=true)
 SEEDS := --seeds 0 1 2
-results: $(STAMP)
+# the Fashion-MNIST baselines, 5 seeds (FMNIST_SET=--set data.limit=N caps every split at N
+# for a CPU-sized run; the table then says so)
+FMNIST_SEEDS := --seeds 0 1 2 3 4
+FMNIST_SET ?=
+results-fmnist: $(STAMP) quickstart-packages
+	$(RESULTS) jobs/fmnist_supervised.yaml jobs/fmnist_oe.yaml jobs/fmnist_energy_oe.yaml \
+	    --name fmnist-baselines $(FMNIST_SET) \
+	    --scores msp max_logit energy odin knn mahalanobis --per-set auroc fpr95 \
+	    --out docs/results/fmnist_baselines.md $(FMNIST_SEEDS)
+
+results: $(STAMP) results-fmnist
 	$(RESULTS) jobs/edge_bce.yaml jobs/edge_bce_oe.yaml jobs/edge_energy_oe_ml.yaml jobs/edge.yaml \
 	    --name edge-mosaic --out docs/results/edge_mosaic.md $(SEEDS)
 	for d in smallest largest; do $(RESULTS) jobs/edge_oe_select.yaml \

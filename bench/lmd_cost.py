@@ -5,7 +5,7 @@ small subset only (it is very slow on a CPU); every cheaper setting is scored on
 subset, so the AUROC comparison is paired, and also on a larger subset. The model is the
 EMA DDPM of the newest finished ``jobs/lmd.yaml`` run with ``--seed`` (MLflow).
 
-Goal (issue 5): >= 10x fewer calls with AUROC within 0.01 of the paper's setting.
+Goal: >= 10x fewer calls with AUROC within 0.01 of the paper's setting.
 
     python bench/lmd_cost.py --n-small 4 --n-large 50 --threads 1
 """
@@ -22,12 +22,12 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import header, write_result  # noqa: E402
-from oodlab import tracking  # noqa: E402
-from oodlab.config import load_spec  # noqa: E402
 from oodlab.data.bundle import eval_loader, load_bundle  # noqa: E402
-from oodlab.diffusion.scoring import score_set  # noqa: E402
-from oodlab.metrics import ood_metrics  # noqa: E402
-from oodlab.scores import LMD  # noqa: E402
+from oodlab.detect.diffusion.scoring import score_set  # noqa: E402
+from oodlab.detect.metrics import ood_metrics  # noqa: E402
+from oodlab.detect.scores import LMD  # noqa: E402
+from oodlab.spec import load_spec  # noqa: E402
+from oodlab.track import tracking  # noqa: E402
 
 PAPER = (1000, 10)
 CHEAP = [(100, 10), (50, 4), (25, 4), (10, 4), (10, 2), (5, 2)]

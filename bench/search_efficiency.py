@@ -1,6 +1,6 @@
 """TPE + ASHA against random search + FIFO, same trial count, same spec, same space.
 
-Both searches run `oodlab.tuning.run_search` on the quickstart spec (energy-bounded OE on
+Both searches run `oodlab.search.tune.run_search` on the quickstart spec (energy-bounded OE on
 built-in MNIST) with a wide space (margins, OE weight and a learning rate spanning three
 decades, so poor trials exist). Figures: the best validation AUROC each search reaches, the
 epochs it spends, and the epochs TPE+ASHA needs (trials in the order they ran) to first
@@ -27,9 +27,9 @@ from pathlib import Path
 import yaml
 
 from benchlib import header, write_result
-from oodlab.config import apply_overrides, load_spec, validate_spec
-from oodlab.search_space import load_space
-from oodlab.tuning import SearchOutcome, run_search
+from oodlab.search.tune import SearchOutcome, run_search
+from oodlab.spec import apply_overrides, load_spec, validate_spec
+from oodlab.spec.search_space import load_space
 
 PARAMS = {
     "method.m_in": {"type": "uniform", "low": -30.0, "high": -10.0},

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from benchlib import header, write_result
-from oodlab.ray_local import init_ray
+from oodlab.cluster.ray_local import init_ray
 
 BENCH_SPEC = {
     "name": "bench-serve", "seed": 0,
@@ -52,11 +52,11 @@ BENCH_SPEC = {
 
 def register_untrained(workdir: str, arch: str, width: int) -> tuple[str, str]:
     """Register an untrained detector of the given architecture; (model ref, tracking URI)."""
-    from oodlab import tracking
-    from oodlab.config import validate_spec
-    from oodlab.detector import Detector
+    from oodlab.detect.detector import Detector
+    from oodlab.detect.scores import build_score
     from oodlab.methods import build_method
-    from oodlab.scores import build_score
+    from oodlab.spec import validate_spec
+    from oodlab.track import tracking
 
     raw = BENCH_SPEC | {"workdir": workdir, "model": {"arch": arch, "width": width}}
     spec = validate_spec(raw)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     from oodlab.serve.config import DeploymentOptions, ModelConfig, ServeOptions, split_ref
     from oodlab.serve.deploy import deploy
     from oodlab.serve.registry import resolve
-    from oodlab.tracking import load_detector
+    from oodlab.track.tracking import load_detector
 
     with tempfile.TemporaryDirectory() as tmp:
         ref, uri = ((args.model, args.tracking_uri) if args.model

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from benchlib import header, write_result
-from oodlab.config import validate_spec
+from oodlab.cluster.ray_local import init_ray
 from oodlab.data.bundle import load_bundle, set_epoch, train_loader
 from oodlab.methods import TrainState, build_method
-from oodlab.ray_local import init_ray
-from oodlab.train import fit, make_optimizer, make_scheduler
+from oodlab.spec import validate_spec
+from oodlab.train.loop import fit, make_optimizer, make_scheduler
 
 
 def bench_spec(workdir: str, epochs: int, threads: int) -> dict:

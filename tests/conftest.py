@@ -16,12 +16,12 @@ os.environ.pop("RAY_ADDRESS", None)
 def ray_session():
     """One local Ray for the whole session (4 logical CPUs: 2 DDP workers + controllers).
 
-    Started like oodlab starts it (dashboard pinned, see ``oodlab.ray_local``): Tune trials
+    Started like oodlab starts it (dashboard pinned, see ``oodlab.cluster.ray_local``): Tune trials
     stopped by ASHA rely on the state API to give their CPUs back.
     """
     import ray
 
-    from oodlab.ray_local import init_ray
+    from oodlab.cluster.ray_local import init_ray
 
     init_ray(num_cpus=4)
     yield ray

@@ -10,9 +10,8 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
-from oodlab.augment import AugmentParams, augment, step_generator
-from oodlab.clustering import kmeans
-from oodlab.config import SpecError, validate_spec
+from oodlab.detect.clustering import kmeans
+from oodlab.detect.scores import build_score
 from oodlab.methods import Loaders, TrainState, build_method
 from oodlab.methods.contrastive import (
     ASSIGN,
@@ -21,8 +20,9 @@ from oodlab.methods.contrastive import (
     cluster_positives,
     nt_xent,
 )
-from oodlab.scores import build_score
-from oodlab.search_space import reported_metrics
+from oodlab.methods.ops.augment import AugmentParams, augment, step_generator
+from oodlab.spec import SpecError, validate_spec
+from oodlab.spec.search_space import reported_metrics
 from tests.helpers import tiny_spec
 
 E = math.exp
@@ -244,9 +244,9 @@ def test_bad_specs_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"method.warmup_epochs \(2\) must be below "
                                          r"train.epochs \(2\)"):
         build_method(_ccl_spec(tmp_path, warmup_epochs=2))
-    with pytest.raises(SpecError, match=r"method.ccl.augment.*crop_min_scale \(0.9\)"):
+    with pytest.raises(SpecError, match=r"method.augment.*crop_min_scale \(0.9\)"):
         _ccl_spec(tmp_path, augment={"crop_min_scale": 0.9, "crop_max_scale": 0.5})
-    with pytest.raises(SpecError, match="method.ccl.clusters"):
+    with pytest.raises(SpecError, match="method.clusters"):
         _ccl_spec(tmp_path, clusters=1)
     method = build_method(_ccl_spec(tmp_path, clusters=50))
     data = TensorDataset(torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
@@ -266,8 +266,8 @@ def test_unsupervised_methods_report_no_id_accuracy(tmp_path):
 def test_shipped_search_space_fits_the_ccl_job():
     from pathlib import Path
 
-    from oodlab.config import load_spec
-    from oodlab.search_space import check_space, load_space
+    from oodlab.spec import load_spec
+    from oodlab.spec.search_space import check_space, load_space
 
     root = Path(__file__).resolve().parent.parent
     space = load_space(root / "search_spaces" / "ccl.yaml")

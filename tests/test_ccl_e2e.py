@@ -7,10 +7,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from oodlab.config import validate_spec
-from oodlab.detector import Detector
-from oodlab.pipeline import run_experiment
-from oodlab.tracking import load_detector
+from oodlab.methods import detector_from_state
+from oodlab.spec import validate_spec
+from oodlab.track.tracking import load_detector
+from oodlab.train.pipeline import run_experiment
 from tests.helpers import tiny_spec
 
 pytestmark = pytest.mark.ray
@@ -42,7 +42,7 @@ def test_ccl_two_workers_end_to_end(ray_session, tmp_path):
     expected = res.report.detector.score(x)
     served = load_detector(f"runs:/{res.run_id}", res.tracking_uri)
     assert torch.allclose(served.score(x), expected, atol=1e-5)
-    again = Detector.from_state(res.report.detector.state())
+    again = detector_from_state(res.report.detector.state())
     assert torch.allclose(again.score(x), expected, atol=1e-5)
     # every score is a function of the stored model's outputs
     proj, feats = served.model(x)

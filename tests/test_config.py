@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oodlab.cli import main
-from oodlab.config import SpecError, apply_overrides, flatten, load_spec, validate_spec
+from oodlab.cli.main import main
+from oodlab.spec import SpecError, apply_overrides, flatten, load_spec, validate_spec
 from tests.helpers import tiny_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ def test_every_job_spec_in_repo_validates():
         ({"train": {"epochz": 3}}, "train.epochz", "Extra inputs are not permitted"),
         ({"train": {"lr": "fast"}}, "train.lr", "valid number"),
         ({"method": {"name": "magic"}}, "method", "'supervised'"),
-        ({"method": {"name": "energy_oe", "m_in": -5, "m_out": -7}}, "method.energy_oe",
+        ({"method": {"name": "energy_oe", "m_in": -5, "m_out": -7}}, "method",
          "m_in (-5.0) must be below m_out"),
         ({"data": {"id": "imagenet"}}, "data.id", "unknown dataset"),
         ({"eval": {"scores": ["nope"]}}, "eval.scores", "allowed:"),
@@ -112,3 +112,71 @@ def test_pinned_spec_has_absolute_local_paths(tmp_path, monkeypatch):
     assert pinned.data.root is None and pinned.storage == "s3://bucket/ckpt"
     monkeypatch.chdir(tmp_path.parent)
     assert pinned.workdir_path == tmp_path / "work"
+
+
+# ------------------------------------------------------------- grouped test sets (OpenOOD)
+
+GROUPED = {"id": "fashion_mnist", "test_ood": [], "val_ood": ["fashion_val_blur"],
+           "near_ood": ["mnist", "letters"], "far_ood": ["photos", "synth_textures", "blobs"],
+           "sanity_ood": ["gaussian", "rademacher"], "oe": ["oe_textures"]}
+
+
+def test_grouped_test_sets_validate(tmp_path):
+    spec = validate_spec(tiny_spec(tmp_path, data=GROUPED))
+    assert spec.data.grouped
+    assert spec.data.test_sets() == {"near": ["mnist", "letters"],
+                                     "far": ["photos", "synth_textures", "blobs"],
+                                     "sanity": ["gaussian", "rademacher"]}
+
+
+def test_groups_replace_the_default_test_ood(tmp_path):
+    raw = {"name": "g", "method": {"name": "supervised"}, "workdir": str(tmp_path),
+           "data": {"id": "fashion_mnist", "near_ood": ["mnist"], "far_ood": ["photos"]}}
+    spec = validate_spec(raw)
+    assert spec.data.test_ood == [] and spec.data.test_sets() == {"near": ["mnist"],
+                                                                  "far": ["photos"]}
+    old = validate_spec({**raw, "data": {"id": "mnist"}})  # old specs keep their default
+    assert old.data.test_sets() == {"ungrouped": ["letters", "photos", "gaussian",
+                                                  "rademacher", "blobs"]}
+
+
+@pytest.mark.parametrize(
+    ("change", "hint"),
+    [
+        ({"test_ood": ["blobs"], "far_ood": ["photos"]}, "cannot be mixed"),
+        ({"near_ood": ["letters"], "far_ood": ["letters"]}, "listed twice"),
+        ({"far_ood": ["photos"], "val_ood": ["photos"]}, "never be used for training"),
+        ({"far_ood": ["photos"], "oe": ["photos"]}, "never be used for training"),
+        ({"sanity_ood": ["gaussian"], "near_ood": [], "far_ood": []}, "at least one near"),
+        ({"near_ood": ["fashion_mnist"]}, "cannot also be an OOD set"),
+        ({"near_ood": ["emnist"]}, "data.near_ood: unknown dataset"),
+        ({"imbalance_ratio": 101}, "less than or equal to 100"),
+    ],
+)
+def test_bad_groups_are_named(tmp_path, change, hint):
+    with pytest.raises(SpecError) as err:
+        validate_spec(tiny_spec(tmp_path, data={**GROUPED, **change}))
+    assert hint in str(err.value), str(err.value)
+
+
+def test_imbalance_ratio_defaults_to_the_sets_own(tmp_path):
+    assert validate_spec(tiny_spec(tmp_path)).data.imbalance_ratio is None
+    spec = validate_spec(tiny_spec(tmp_path, data={"imbalance_ratio": 100}))
+    assert spec.data.imbalance_ratio == 100
+
+
+# ------------------------------------------------------------------------------ label guard
+
+
+def test_label_scores_are_rejected_for_unsupervised_methods(tmp_path):
+    for method in ({"name": "simclr"}, {"name": "ccl"}):
+        with pytest.raises(SpecError) as err:
+            validate_spec(tiny_spec(tmp_path, method=method,
+                                    eval={"scores": ["knn", "mahalanobis"]}))
+        msg = str(err.value)
+        assert "eval.scores" in msg and "mahalanobis" in msg and "unsupervised" in msg
+    ok = validate_spec(tiny_spec(tmp_path, method={"name": "simclr"}, eval={"scores": ["knn"]}))
+    assert ok.eval.scores == ["knn"]
+    sup = validate_spec(tiny_spec(tmp_path, method={"name": "supervised"},
+                                  eval={"scores": ["msp", "mahalanobis"]}))
+    assert sup.eval.scores == ["msp", "mahalanobis"]

@@ -26,6 +26,7 @@ GENERATED = {
     "gaussian": 1000,
     "rademacher": 1000,
     "blobs": 1000,
+    "synth_textures": 1000,
     "val_letters": 500,
     "val_photos": 500,
     "val_noise": 500,
@@ -64,6 +65,15 @@ def test_generated_sets_count_shape_range_and_labels(cache: Path, name: str) -> 
     flat = ds.images.reshape(len(ds), -1).astype(np.float32)
     assert (flat.std(axis=1) > 0).all()
     assert len(np.unique(flat[:50], axis=0)) == 50
+
+
+def test_synth_textures_are_disjoint_from_oe_textures(cache: Path) -> None:
+    test = get_dataset("synth_textures", cache_dir=cache).images
+    oe = get_dataset("oe_textures", cache_dir=cache).images
+    assert not {im.tobytes() for im in test} & {im.tobytes() for im in oe}
+    # regular patterns: strong periodic structure, both dark and bright pixels in most images
+    spread = test.reshape(len(test), -1).astype(float)
+    assert (np.percentile(spread, 90, axis=1) - np.percentile(spread, 10, axis=1) > 60).mean() > 0.9
 
 
 def test_rendered_sets_have_dark_background(cache: Path) -> None:
@@ -224,7 +234,7 @@ def test_channels_and_size_transforms(cache: Path) -> None:
 
 
 def test_rgb_to_gray_uses_luminance() -> None:
-    from oodlab.data.registry import to_channels
+    from oodlab.data.types import to_channels
 
     rgb = np.array([[[[255, 0, 0], [0, 255, 0], [0, 0, 255]]]], dtype=np.uint8)
     assert to_channels(rgb, 1)[0, 0, :, 0].tolist() == [76, 150, 29]
@@ -252,8 +262,11 @@ def test_list_datasets_roles() -> None:
     by_role["oe"] = {e.name for e in entries if e.role == "oe"}
     assert {"mnist"} <= by_role["id"]
     assert {"letters", "photos", "gaussian", "rademacher", "blobs"} <= by_role["ood_test"]
+    assert {"fashion_mnist", "fashion_mosaic", "fashion_mosaic_balanced"} <= by_role["id"]
+    assert {"synth_textures", "fashion_mnist_holdout"} <= by_role["ood_test"]
     assert by_role["ood_val"] == {"val_letters", "val_photos", "val_noise", "mosaic_val_letters",
-                                  "mosaic_val_noise"}
+                                  "mosaic_val_noise", "fashion_val_blur", "fashion_val_vflip",
+                                  "fashion_val_patchperm", "fashion_val_mix"}
     assert {"oe_textures", "oe_digits8x8", "oe_symbols", "oe_noise"} <= by_role["oe"]
     assert {n for n in by_role["oe"] if not n.startswith("mosaic_")} == {
         "oe_textures", "oe_digits8x8", "oe_symbols", "oe_noise"}
@@ -263,7 +276,7 @@ def test_list_datasets_roles() -> None:
         assert e.description and "\n" not in e.description
         if e.source == "external":
             assert e.count is None
-        elif e.name != "mnist_holdout":  # its size depends on holdout_classes
+        elif not e.name.endswith("_holdout"):  # its size depends on holdout_classes
             assert isinstance(e.count, int) and e.count > 0
 
 
@@ -285,7 +298,6 @@ def test_unknown_name_lists_known_names() -> None:
         ("cifar100", "cifar-100-python"),
         ("svhn", "test_32x32.mat"),
         ("mnist_full", "MNIST/raw"),
-        ("fashion_mnist", "FashionMNIST/raw"),
         ("textures", "dtd"),
     ],
 )

@@ -7,9 +7,9 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from oodlab.cli import main
-from oodlab.config import validate_spec
-from oodlab.pipeline import run_experiment
+from oodlab.cli.main import main
+from oodlab.spec import validate_spec
+from oodlab.train.pipeline import run_experiment
 from tests.helpers import DATA_CACHE
 
 pytestmark = pytest.mark.ray

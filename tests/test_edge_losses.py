@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from oodlab.detect.scores import joint_energy
 from oodlab.methods.base import TrainState
 from oodlab.methods.multilabel import (
     BCE,
@@ -16,7 +17,6 @@ from oodlab.methods.multilabel import (
     joint_energy_margin_loss,
     tail_scores,
 )
-from oodlab.scores import joint_energy
 
 
 def logit_for(s: float) -> float:
@@ -71,7 +71,7 @@ class _Identity(torch.nn.Module):
 
 
 def _edge(**params) -> Edge:
-    from oodlab.config import validate_spec
+    from oodlab.spec import validate_spec
     from tests.helpers import tiny_spec
 
     spec = validate_spec(tiny_spec("/tmp/oodlab-unused", method={"name": "edge", **params}))
@@ -90,7 +90,7 @@ def test_edge_total_and_gap_start_epoch():
 
 
 def test_bce_rejects_single_labels():
-    from oodlab.config import validate_spec
+    from oodlab.spec import validate_spec
     from tests.helpers import tiny_spec
 
     method = BCE(validate_spec(tiny_spec("/tmp/oodlab-unused", method={"name": "bce"})))

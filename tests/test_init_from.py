@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oodlab.config import validate_spec
-from oodlab.pipeline import initial_weights, run_experiment
-from oodlab.tracking import ModelReferenceError
+from oodlab.spec import validate_spec
+from oodlab.track.tracking import ModelReferenceError
+from oodlab.train.pipeline import initial_weights, run_experiment
 from tests.helpers import tiny_spec
 
 pytestmark = pytest.mark.ray

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oodlab import jobs
-from oodlab.config import SpecError
-from oodlab.ray_local import free_port
+from oodlab.cluster import jobs
+from oodlab.cluster.ray_local import free_port
+from oodlab.spec import SpecError
 from tests.helpers import tiny_spec
 
 
@@ -144,14 +144,14 @@ def test_the_given_address_wins_over_ray_environment_variables(ray_head, monkeyp
 
 
 def test_build_submission_is_checked_here(project, tmp_path, monkeypatch):
-    from oodlab import tracking
+    from oodlab.cluster import env as user_env
 
     # MLFLOW_TRACKING_URI as the user set it at start, not as mlflow rewrote it since
-    monkeypatch.setattr(tracking, "_ENV_TRACKING_URI", None)
+    monkeypatch.setattr(user_env, "_ENV_TRACKING_URI", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////another/spec/mlflow.db")
     leaked = jobs.build_submission(project / "jobs" / "tiny.yaml", working_dir=project)
     assert "MLFLOW_TRACKING_URI" not in leaked.runtime_env["env_vars"]
-    monkeypatch.setattr(tracking, "_ENV_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setattr(user_env, "_ENV_TRACKING_URI", "http://mlflow:5000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-forwarded")
     sub = jobs.build_submission(project / "jobs" / "tiny.yaml", working_dir=project,
                                 overrides=["train.epochs=2"], env=["EXTRA=1"])
@@ -177,7 +177,7 @@ def test_build_submission_is_checked_here(project, tmp_path, monkeypatch):
 def test_submit_follow_to_succeeded_and_stop(ray_head, project, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from oodlab.cli import main
+    from oodlab.cli.main import main
 
     rc = main(["submit", str(project / "jobs" / "tiny.yaml"), "--working-dir", str(project),
                "--address", ray_head, "--follow"])

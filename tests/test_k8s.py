@@ -1,10 +1,14 @@
 """k8s/: every overlay renders with ``kubectl kustomize``, every object validates against a
-schema, and the policy checks hold (issue 9, Build 3 and Tests).
+schema, and the policy checks hold.
+
+Without ``kubectl`` on PATH the tests that render an overlay are skipped; the base resources
+are then still read straight from ``k8s/base`` (namespace and serveConfigV2 filled in as its
+kustomization does) and checked against the same schemas and policies.
 
 Schemas, all from disk (no network):
-- RayCluster, RayJob, RayService: the KubeRay v1.7.0 CRDs (``../shared/k8s-crds``, or
-  ``$OODLAB_KUBERAY_CRDS``), made strict: an unknown field is an error, as with
-  ``kubectl apply --validate=strict``.
+- RayCluster, RayJob, RayService: the KubeRay v1.7.0 CRDs vendored in ``k8s/crds`` (or the
+  directory in ``$OODLAB_KUBERAY_CRDS``), made strict: an unknown field is an error, as with
+  ``kubectl apply --validate=strict`` (https://kubernetes.io/docs/reference/kubectl/).
 - Pod templates (Deployment, Job) and Services: the core/v1 PodTemplateSpec and Service
   schemas that those CRDs embed (generated from k8s.io/api).
 - Deployment, Job, PVC, Namespace, ConfigMap and NetworkPolicy wrappers: focused schemas
@@ -31,7 +35,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 OVERLAYS = ["base", "overlays/local", "overlays/gpu"]
-CRD_DIR = Path(os.environ.get("OODLAB_KUBERAY_CRDS", ROOT.parent / "shared" / "k8s-crds"))
+CRD_DIR = Path(os.environ.get("OODLAB_KUBERAY_CRDS", K8S / "crds"))
+RAY_KINDS = ("RayCluster", "RayJob", "RayService")
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None, reason="kubectl not on PATH: the overlays are rendered with "
+                            "`kubectl kustomize` (install kubectl to run this test)")
 SECRET_REFS = {"oodlab-s3", "oodlab-postgres", "oodlab-serve-token"}
 SECRETISH = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|KEY_ID|CREDENTIAL", re.I)
 
@@ -41,11 +50,31 @@ SECRETISH = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|KEY_ID|CREDENTIAL", re
 
 @cache
 def render(overlay: str) -> tuple[dict[str, Any], ...]:
-    kubectl = shutil.which("kubectl") or "/usr/bin/kubectl"
-    out = subprocess.run([kubectl, "kustomize", str(K8S / overlay)], capture_output=True,
+    """The overlay as ``kubectl kustomize`` renders it (callers are marked needs_kubectl)."""
+    assert KUBECTL is not None, "kubectl not on PATH"
+    out = subprocess.run([KUBECTL, "kustomize", str(K8S / overlay)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+
+
+def base_objects() -> list[dict[str, Any]]:
+    """The resources of ``k8s/base`` read without kustomize: its ``namespace`` set on every
+    namespaced object and serve_config.yaml as the RayService's serveConfigV2, which is what
+    its kustomization does to the fields that the schemas and policy checks look at."""
+    kustomization = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    serve_config = (K8S / "base" / "serve_config.yaml").read_text()
+    objs = []
+    for name in kustomization["resources"]:
+        for obj in yaml.safe_load_all((K8S / "base" / name).read_text()):
+            if not obj:
+                continue
+            if obj["kind"] != "Namespace":
+                obj["metadata"]["namespace"] = kustomization["namespace"]
+            if obj["kind"] == "RayService":
+                obj["spec"]["serveConfigV2"] = serve_config
+            objs.append(obj)
+    return objs
 
 
 def strict(schema: Any) -> Any:
@@ -274,6 +303,29 @@ def policy_problems(objs: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> 
 # ------------------------------------------------------------------ tests
 
 
+@pytest.mark.parametrize("kind", RAY_KINDS)
+def test_vendored_crds_are_kuberay_v1(kind):
+    crd = yaml.safe_load((K8S / "crds" / f"ray.io_{kind.lower()}s.yaml").read_text())
+    assert crd["kind"] == "CustomResourceDefinition"
+    assert crd["spec"]["group"] == "ray.io" and crd["spec"]["names"]["kind"] == kind
+    v1 = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    assert v1["served"] and v1["storage"]
+    assert crd_schema(kind)["properties"]["spec"]["additionalProperties"] is False  # strict
+    readme = (K8S / "crds" / "README.md").read_text()
+    assert "v1.7.0" in readme and "Apache" in readme
+    assert "Apache License" in (K8S / "crds" / "LICENSE").read_text()
+
+
+def test_base_resources_validate_without_kubectl():
+    objs = base_objects()
+    assert {o["kind"] for o in objs} >= set(RAY_KINDS) | {"Deployment", "NetworkPolicy"}
+    errors = [e for o in objs for e in validate(o)]
+    assert errors == [], "\n".join(errors)
+    problems = policy_problems(objs)
+    assert problems == [], "\n".join(problems)
+
+
+@needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_and_validates(overlay):
     objs = render(overlay)
@@ -285,6 +337,7 @@ def test_overlay_renders_and_validates(overlay):
     assert all(o["metadata"].get("namespace", "oodlab") == "oodlab" for o in objs)
 
 
+@needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_passes_policy_checks(overlay):
     problems = policy_problems(render(overlay))
@@ -292,13 +345,14 @@ def test_overlay_passes_policy_checks(overlay):
 
 
 def test_schema_and_policy_checks_can_fail():
-    cluster = copy.deepcopy(next(o for o in render("base") if o["kind"] == "RayCluster"))
+    base = base_objects()
+    cluster = copy.deepcopy(next(o for o in base if o["kind"] == "RayCluster"))
     cluster["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3           # typo
     cluster["spec"]["workerGroupSpecs"][0]["minReplicas"] = "zero"     # wrong type
     errors = validate(cluster)
     assert any("maxReplica" in e for e in errors) and any("zero" in e for e in errors)
 
-    bad = copy.deepcopy(next(o for o in render("base")
+    bad = copy.deepcopy(next(o for o in base
                              if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow"))
     c = bad["spec"]["template"]["spec"]["containers"][0]
     c["securityContext"] = {"privileged": True}
@@ -307,7 +361,7 @@ def test_schema_and_policy_checks_can_fail():
     bad["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] = False
     svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "dash"},
            "spec": {"type": "NodePort", "ports": [{"port": 8265}]}}
-    head_exposed = copy.deepcopy(next(o for o in render("base") if o["kind"] == "RayService"))
+    head_exposed = copy.deepcopy(next(o for o in base if o["kind"] == "RayService"))
     head_exposed["spec"]["rayClusterConfig"]["headGroupSpec"]["serviceType"] = "LoadBalancer"
     problems = "\n".join(policy_problems([bad, svc, head_exposed]))
     for expected in ("not runAsNonRoot", "privileged", "allowPrivilegeEscalation",
@@ -317,6 +371,7 @@ def test_schema_and_policy_checks_can_fail():
         assert expected in problems, expected
 
 
+@needs_kubectl
 def test_gpu_group_autoscaling_and_dashboard_service():
     def cluster(overlay: str) -> dict[str, Any]:
         return next(o for o in render(overlay) if o["kind"] == "RayCluster")
@@ -346,8 +401,7 @@ def _build_command(kustomization: Path) -> list[str]:
 
 @pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])
 def test_serve_config_is_what_oodlab_serve_build_writes(overlay, tmp_path, monkeypatch):
-    from oodlab.cli import main
-    from oodlab.serve.build import validate as validate_serve
+    from oodlab.cli.main import main
 
     args = _build_command(K8S / overlay / "kustomization.yaml")
     out_index = args.index("-o") + 1
@@ -357,6 +411,14 @@ def test_serve_config_is_what_oodlab_serve_build_writes(overlay, tmp_path, monke
     assert main(args) == 0
     assert (tmp_path / "serve_config.yaml").read_text() == committed.read_text()
 
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])
+def test_rayservice_serves_the_committed_serve_config(overlay):
+    from oodlab.serve.build import validate as validate_serve
+
+    args = _build_command(K8S / overlay / "kustomization.yaml")
+    committed = ROOT / args[args.index("-o") + 1]
     service = next(o for o in render(overlay) if o["kind"] == "RayService")
     assert service["spec"]["serveConfigV2"] == committed.read_text()
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
@@ -369,11 +431,12 @@ def test_serve_config_is_what_oodlab_serve_build_writes(overlay, tmp_path, monke
     assert {"name": "serve-token", "mountPath": "/etc/oodlab", "readOnly": True} in mounts
 
 
+@needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rayjob_runs_oodlab_tune_on_a_real_spec(overlay):
-    from oodlab.cli import build_parser
-    from oodlab.config import load_spec
-    from oodlab.search_space import check_space, load_space
+    from oodlab.cli.main import build_parser
+    from oodlab.spec import load_spec
+    from oodlab.spec.search_space import check_space, load_space
 
     job = next(o for o in render(overlay) if o["kind"] == "RayJob")
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": "oodlab"}
@@ -393,7 +456,7 @@ def test_rayjob_runs_oodlab_tune_on_a_real_spec(overlay):
 
 
 def test_mlflow_server_settings():
-    mlflow = next(o for o in render("base") if o["kind"] == "Deployment"
+    mlflow = next(o for o in base_objects() if o["kind"] == "Deployment"
                   and o["metadata"]["name"] == "mlflow")
     c = mlflow["spec"]["template"]["spec"]["containers"][0]
     args = dict(a.removeprefix("--").split("=", 1) for a in c["args"])

@@ -10,15 +10,15 @@ import torch
 from skimage.metrics import structural_similarity
 from torch import Tensor, nn
 
-from oodlab.config import SpecError, validate_spec
-from oodlab.diffusion.distances import median, mse, ssim
-from oodlab.diffusion.masks import alternating_masks, checkerboard
-from oodlab.diffusion.sampler import inpaint, network_calls, timesteps
-from oodlab.diffusion.schedule import alphas_cumprod, betas, q_sample
-from oodlab.diffusion.scoring import reconstruct
+from oodlab.detect.diffusion.distances import median, mse, ssim
+from oodlab.detect.diffusion.masks import alternating_masks, checkerboard
+from oodlab.detect.diffusion.sampler import inpaint, network_calls, timesteps
+from oodlab.detect.diffusion.schedule import alphas_cumprod, betas, q_sample
+from oodlab.detect.diffusion.scoring import LMD, reconstruct
+from oodlab.detect.scores import build_score
 from oodlab.methods.ddpm import EMAModel
 from oodlab.models.unet import DiffusionModel, UNet
-from oodlab.scores import LMD, build_score
+from oodlab.spec import SpecError, validate_spec
 from tests.helpers import tiny_spec
 
 
@@ -211,17 +211,19 @@ def test_score_params_are_checked_with_clear_errors():
 # --- method ------------------------------------------------------------------------------
 
 def test_ema_update_by_hand():
+    """TF-style warm-up d = min(decay, (1 + n) / (10 + n)); the first update copies."""
     net = nn.Linear(1, 1, bias=False)
     ema = EMAModel(net, decay=0.999)
     with torch.no_grad():
         net.weight.fill_(1.0)
-        ema.ema.weight.fill_(0.0)
-    ema.update(0)  # n = 0: d = min(0.999, 1/10) = 0.1 -> 0.1·0 + 0.9·1
-    assert ema.ema.weight.item() == pytest.approx(0.9)
+    ema.update(0)  # first update: the average is the network
+    assert ema.ema.weight.item() == pytest.approx(1.0)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
     ema.update(0)  # the same step again: no-op
-    assert ema.ema.weight.item() == pytest.approx(0.9)
-    ema.update(1)  # n = 1: d = 2/11
-    assert ema.ema.weight.item() == pytest.approx(0.9 * 2 / 11 + 9 / 11)
+    assert ema.ema.weight.item() == pytest.approx(1.0)
+    ema.update(1)  # n = 1: d = 2/11, so 2/11 · 1 + 9/11 · 0
+    assert ema.ema.weight.item() == pytest.approx(2 / 11)
     assert not ema.ema.weight.requires_grad
 
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from oodlab.config import validate_spec
 from oodlab.data.bundle import eval_loader, load_bundle
-from oodlab.diffusion.scoring import score_set
-from oodlab.pipeline import run_experiment
+from oodlab.detect.diffusion.scoring import score_set
 from oodlab.serve.app import forward
 from oodlab.serve.registry import LoadedModel, ModelVersionRef, describe
-from oodlab.tracking import CHECKPOINT_TAG, load_detector
-from oodlab.train import CHECKPOINT_FILE
+from oodlab.spec import validate_spec
+from oodlab.track.tracking import SELECTED_CHECKPOINT_TAG, load_detector
+from oodlab.train.loop import CHECKPOINT_FILE
+from oodlab.train.pipeline import run_experiment
 from tests.helpers import tiny_spec
 
 pytestmark = pytest.mark.ray
@@ -48,12 +48,12 @@ def test_ddpm_lmd_end_to_end(ray_session, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(res.run_id, "samples")}
     assert artifacts == {"samples/epoch_001.png", "samples/epoch_002.png"}
 
-    # the served model holds the EMA weights of the last checkpoint (not the raw ones)
-    payload = torch.load(f"{run.data.tags[CHECKPOINT_TAG]}/{CHECKPOINT_FILE}",
+    # the served model holds the EMA weights of the selected checkpoint (not the raw ones)
+    payload = torch.load(f"{run.data.tags[SELECTED_CHECKPOINT_TAG]}/{CHECKPOINT_FILE}",
                          weights_only=True)["model"]
     detector = load_detector(f"runs:/{res.run_id}", res.tracking_uri)
     served = detector.model.state_dict()
-    assert all(torch.equal(v, payload[f"ema.{k}"]) for k, v in served.items())
+    assert all(torch.equal(v, payload[f"averaged.module.{k}"]) for k, v in served.items())
     assert any(not torch.equal(v, payload[f"net.{k}"]) for k, v in served.items())
 
     # serving path: the loaded detector reproduces the evaluation scores (same seeds)

@@ -1,5 +1,5 @@
 """LPIPS by path: equal to the reference ``lpips`` package with the same weights, never
-downloaded, and clear errors for missing or wrong weight files (issue 5, Detect)."""
+downloaded, and clear errors for missing or wrong weight files."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import lpips as lpips_ref  # the reference package (a dev dependency; ships alex
 import pytest
 import torch
 
-from oodlab.diffusion.distances import similarity
-from oodlab.diffusion.lpips import LPIPS
-from oodlab.scores import build_score
+from oodlab.detect.diffusion.distances import similarity
+from oodlab.detect.diffusion.lpips import LPIPS
+from oodlab.detect.scores import build_score
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from oodlab.config import validate_spec
 from oodlab.methods import TrainState, build_method
 from oodlab.methods.base import forward_id_and_oe
 from oodlab.methods.outlier_exposure import energy_margin_loss, free_energy, uniform_ce
+from oodlab.spec import validate_spec
 from tests.helpers import tiny_spec
 
 LN2 = math.log(2.0)

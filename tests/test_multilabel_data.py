@@ -9,17 +9,22 @@ import pytest
 from PIL import Image
 
 from oodlab.data import get_dataset
-from oodlab.data.builtin import _mnist
+from oodlab.data.builtin import mnist_arrays
+from oodlab.data.fashion import fashion_pool
 from oodlab.data.multilabel import (
+    FASHION_MOSAIC,
     HOLDOUT,
     ID_CLASSES,
+    balanced_mosaics,
+    balanced_plan,
     class_counts,
     class_probs,
     id_mosaics,
     tile_plan,
 )
-from oodlab.data.registry import DataError, DatasetNotFoundError, LoadRequest
+from oodlab.data.types import DataError, DatasetNotFoundError, LoadRequest
 from tests.helpers import DATA_CACHE
+from tests.test_fashion_mnist import write_fashion
 
 
 def _req(split="train", rho=10.0, seed=0) -> LoadRequest:
@@ -44,7 +49,7 @@ def test_tile_frequencies_on_a_large_sample():
 
 
 def test_labels_are_exactly_the_tiles_placed_and_from_the_right_split():
-    images, labels, splits = _mnist(_req())
+    images, labels, splits = mnist_arrays(_req())
     mosaics, multi_hot, src = id_mosaics(_req("train"))
     train = set(splits["train"].tolist())
     for i in range(200):
@@ -75,8 +80,81 @@ def test_mosaic_dataset_counts_determinism_and_long_tail():
     assert not np.array_equal(a.labels, other_seed.labels)
 
 
+# ------------------------------------------------------------------- Fashion-MNIST mosaics
+
+
+@pytest.fixture(scope="module")
+def fashion_root(tmp_path_factory):
+    return write_fashion(tmp_path_factory.mktemp("fmnist-mosaic"))
+
+
+def _freq(name, root, split="train", rho=None, **kw):
+    req = LoadRequest(name=name, role="id", split=split, root=root, image_size=56, channels=1,
+                      seed=0, holdout_classes=(), cache_dir=DATA_CACHE, limit=None,
+                      imbalance_ratio=rho)
+    _, labels, _ = fashion_pool(req)
+    return req, labels
+
+
+@pytest.mark.parametrize(("rho", "expected"), [(None, 50.0), (100.0, 100.0)])
+def test_fashion_mosaic_long_tail(fashion_root, rho, expected):
+    req, labels = _freq("fashion_mosaic", fashion_root, rho=rho)
+    _, multi_hot, src = id_mosaics(req, FASHION_MOSAIC)
+    assert len(src) == FASHION_MOSAIC.sizes["train"] and multi_hot.shape[1] == 10
+    tiles = np.bincount(labels[src[src >= 0]], minlength=10)
+    assert tiles[0] / tiles[9] == pytest.approx(expected, rel=0.25)  # ρ = head / tail
+    assert (np.diff(multi_hot.sum(0)) < 0).all()  # strictly long-tailed
+    ds = get_dataset("fashion_mosaic", split="train", root=fashion_root, image_size=28,
+                     imbalance_ratio=rho)
+    assert len(ds) == 20000 and ds.classes[0] == "T-shirt/top" and ds.images.shape[1] == 28
+    assert np.array_equal(ds.labels, multi_hot)
+
+
+def test_fashion_mosaic_tiles_come_from_the_split(fashion_root):
+    req, labels = _freq("fashion_mosaic", fashion_root, split="test")
+    _, _, splits = fashion_pool(req)
+    mosaics, multi_hot, src = id_mosaics(req, FASHION_MOSAIC)
+    assert set(src[src >= 0].tolist()) <= set(splits["test"].tolist())
+    for i in range(100):
+        assert {int(labels[s]) for s in src[i] if s >= 0} == set(np.flatnonzero(multi_hot[i]))
+
+
+def test_balanced_fashion_mosaics_have_fixed_cardinality(fashion_root):
+    req, labels = _freq("fashion_mosaic_balanced", fashion_root, split="test")
+    images, _, splits = fashion_pool(req)
+    mosaics, multi_hot, src = balanced_mosaics(req)
+    cardinality = multi_hot.sum(1)
+    assert len(mosaics) == 2000 and set(cardinality.tolist()) == {1.0, 2.0}
+    assert (cardinality == 1).sum() == 1000 and (cardinality == 2).sum() == 1000
+    assert multi_hot.sum(0).tolist() == [300] * 10  # >= 200 images per class
+    assert ((multi_hot[cardinality == 1]).sum(0) == 100).all()
+    assert set(src[src >= 0].tolist()) <= set(splits["test"].tolist())
+    for i in range(100):  # labels are the tiles placed, and the pixels are those images
+        assert {int(labels[s]) for s in src[i] if s >= 0} == set(np.flatnonzero(multi_hot[i]))
+        for t, s in enumerate(src[i]):
+            r, q = divmod(t, 2)
+            tile = mosaics[i, r * 28:(r + 1) * 28, q * 28:(q + 1) * 28]
+            assert (tile == (images[s] if s >= 0 else 0)).all()
+    ds = get_dataset("fashion_mosaic_balanced", split="test", root=fashion_root, image_size=56)
+    assert len(ds) == 2000 and class_counts(ds).tolist() == [300] * 10
+    again = get_dataset("fashion_mosaic_balanced", split="test", root=fashion_root,
+                        image_size=56)
+    other = get_dataset("fashion_mosaic_balanced", split="test", root=fashion_root,
+                        image_size=56, seed=1)
+    assert np.array_equal(ds.images, again.images) and not np.array_equal(ds.labels, other.labels)
+
+
+def test_balanced_plan_never_pairs_a_class_with_itself():
+    plan = balanced_plan(np.random.default_rng(0), 7, single_rounds=3, pair_rounds=5)
+    assert plan.shape == (7 * 3 + 7 * 5, 4)
+    for row in plan:
+        objects = row[row >= 0]
+        assert 1 <= len(objects) <= 2 and len(set(objects.tolist())) == len(objects)
+    assert np.bincount(plan[plan >= 0], minlength=7).tolist() == [3 + 2 * 5] * 7
+
+
 def test_ood_mosaics_hold_no_id_digit():
-    images, labels, splits = _mnist(_req())
+    images, labels, splits = mnist_arrays(_req())
     held = get_dataset("mosaic_holdout", cache_dir=DATA_CACHE, image_size=56)
     assert len(held) == 500 and (held.labels == -1).all()
     # every non-blank tile of mosaic_holdout is a test-split 8 or 9

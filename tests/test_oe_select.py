@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from oodlab.oe_select import dilation_distance, rank, spectrum, top_singular_values
+from oodlab.detect.oe_select import dilation_distance, rank, spectrum, top_singular_values
 
 
 def test_top_singular_values_known_cases():

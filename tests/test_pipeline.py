@@ -15,11 +15,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from oodlab.config import validate_spec
 from oodlab.data.bundle import load_bundle
-from oodlab.detector import Detector
-from oodlab.pipeline import run_experiment
-from oodlab.train import fit
+from oodlab.methods import load_detector_file
+from oodlab.spec import validate_spec
+from oodlab.train.loop import fit
+from oodlab.train.pipeline import run_experiment
 from tests.helpers import tiny_spec
 
 pytestmark = pytest.mark.ray
@@ -82,7 +82,7 @@ def test_detector_round_trip_is_exact(ray_session, tmp_path):
     result = run_experiment(spec)
     det = result.report.detector
     path = det.save(tmp_path / "det.pt")
-    again = Detector.load(path)
+    again = load_detector_file(path)
     x = torch.rand(6, 1, 28, 28)
     assert torch.allclose(det.score(x), again.score(x), atol=1e-6)
     assert again.threshold == det.threshold

@@ -15,8 +15,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
-from oodlab.cli import main  # noqa: E402
-from oodlab.report import (  # noqa: E402
+from oodlab.cli.main import main  # noqa: E402
+from oodlab.report.report import (  # noqa: E402
     RESULTS_TAG,
     RunRecord,
     benchmark_name,

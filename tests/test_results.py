@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from oodlab.results import mean_std
+from oodlab.report.results import mean_std
+from tests.helpers import tiny_spec
 
 
 def test_mean_std_by_hand():
@@ -17,9 +18,9 @@ def test_missing_metric_is_a_dash_not_zero():
 
 def _store_with_runs(tmp_path):
     """Two finished seeds of a spec in a fresh MLflow store, tagged for table 't'."""
-    from oodlab import tracking
-    from oodlab.config import validate_spec
-    from oodlab.results import RESULTS_TAG
+    from oodlab.report.results import RESULTS_TAG
+    from oodlab.spec import validate_spec
+    from oodlab.track import tracking
     from tests.helpers import tiny_spec
 
     spec = validate_spec(tiny_spec(tmp_path))
@@ -36,7 +37,7 @@ def _store_with_runs(tmp_path):
 
 
 def test_per_set_table_and_hand_notes_survive_a_rewrite(tmp_path):
-    from oodlab.results import NOTES_MARKER, write_report
+    from oodlab.report.results import NOTES_MARKER, write_report
 
     spec = _store_with_runs(tmp_path)
     out = tmp_path / "t.md"
@@ -52,3 +53,17 @@ def test_per_set_table_and_hand_notes_survive_a_rewrite(tmp_path):
     second = out.read_text()
     assert second.endswith(f"{NOTES_MARKER}\n\nPlainly: written by hand.\n")
     assert "per test OOD set" not in second and second.count(NOTES_MARKER) == 1
+
+
+def test_per_set_table_groups_near_far_and_keeps_sanity_out_of_the_mean(tmp_path):
+    from oodlab.report.results import per_set_columns
+    from oodlab.spec import validate_spec
+
+    spec = validate_spec(tiny_spec(tmp_path, data={
+        "test_ood": [], "near_ood": ["letters"], "far_ood": ["photos", "blobs"],
+        "sanity_ood": ["gaussian"]}))
+    labels = [label for label, _ in per_set_columns([spec])]
+    assert labels == ["letters", "**near mean**", "photos", "blobs", "**far mean**",
+                      "**mean**", "gaussian", "sanity mean"]
+    # the headline mean column comes before every sanity column
+    assert labels.index("**mean**") < labels.index("gaussian")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError, ReadTimeoutError
 
-from oodlab import storage
-from oodlab.config import SpecError, validate_spec
+from oodlab.cluster import storage
+from oodlab.spec import SpecError, validate_spec
 from tests.helpers import tiny_spec
 
 BUCKET = "oodlab-test"
@@ -74,8 +74,8 @@ def test_missing_bucket_is_one_clear_error_before_any_run(s3, tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from oodlab import tracking
-    from oodlab.pipeline import run_experiment
+    from oodlab.track import tracking
+    from oodlab.train.pipeline import run_experiment
 
     spec = validate_spec(tiny_spec(tmp_path, storage="s3://no-such-bucket/runs"))
     with pytest.raises(storage.StorageError, match="no-such-bucket"):
@@ -163,10 +163,10 @@ def test_data_root_on_s3_is_staged_on_each_node_by_load_bundle(s3, tmp_path):
 def test_run_on_s3_checkpoints_artifacts_and_resume(s3, ray_session, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from oodlab import tracking
     from oodlab.data.bundle import load_bundle
-    from oodlab.pipeline import run_experiment
-    from oodlab.train import fit
+    from oodlab.track import tracking
+    from oodlab.train.loop import fit
+    from oodlab.train.pipeline import run_experiment
 
     spec = validate_spec(tiny_spec(tmp_path, storage=f"s3://{BUCKET}/runs",
                                    train={"epochs": 2}))
@@ -196,7 +196,7 @@ def test_run_on_s3_checkpoints_artifacts_and_resume(s3, ray_session, tmp_path):
     assert outcome.checkpoint_path.startswith(f"s3://{BUCKET}/runs/{run_name}/")
     import ray.train
 
-    from oodlab.train import model_from_checkpoint  # what promote does with a trial's tag
+    from oodlab.train.loop import model_from_checkpoint  # what promote does with a trial's tag
 
     model = model_from_checkpoint(longer, ray.train.Checkpoint(outcome.checkpoint_path),
                                   num_classes)

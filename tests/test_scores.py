@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from oodlab.scores import (
+from oodlab.detect.metrics import auroc, fpr_at_tpr
+from oodlab.detect.outputs import Outputs, fit_score
+from oodlab.detect.scores import (
     SCORES,
     build_score,
     energy,
@@ -16,6 +18,7 @@ from oodlab.scores import (
     max_logit,
     max_sigmoid,
     msp,
+    msp_logodds,
     score_from_state,
 )
 
@@ -87,17 +90,94 @@ class _Linear(nn.Module):
 def test_odin_with_zero_epsilon_is_tempered_msp():
     model, x = _Linear(), torch.tensor([[2.0, 0.0]])
     odin = build_score("odin", temperature=2.0, epsilon=0.0)
-    # softmax([1, 0]) max = e / (e + 1)
-    assert odin.score_model(model, x).item() == pytest.approx(E / (E + 1), abs=1e-6)
+    # softmax([1, 0]) max p = e / (e + 1): its log-odds log(p / (1 - p)) = 1
+    assert odin.score_model(model, x).item() == pytest.approx(1.0, abs=1e-9)
+    assert torch.sigmoid(odin.score_model(model, x)).item() == pytest.approx(E / (E + 1))
 
 
 def test_odin_perturbation_raises_the_max_softmax():
     model, x = _Linear(), torch.tensor([[2.0, 0.0]])
     odin = build_score("odin", temperature=1.0, epsilon=0.5)
     # gradient of -log softmax_0 pushes x0 up and x1 down: x~ = (2.5, -0.5) -> softmax max
-    expected = 1 / (1 + math.exp(-3.0))
-    assert odin.score_model(model, x).item() == pytest.approx(expected, abs=1e-6)
+    # 1 / (1 + e^-3), whose log-odds is the gap 3
+    assert odin.score_model(model, x).item() == pytest.approx(3.0, abs=1e-6)
     assert all(p.grad is None for p in model.parameters())  # no grads left on the model
+
+
+# ----------------------------------------------------------- exactness at large logit gaps
+
+
+def test_msp_logodds_is_the_log_odds_of_msp():
+    z = torch.randn(200, 10) * 3
+    p = msp(z.double())
+    assert torch.allclose(msp_logodds(z), torch.log(p / (1 - p)), atol=1e-9)
+    # [[2, 0, 0]]: p = e^2 / (e^2 + 2) -> log-odds 2 - log 2
+    assert msp_logodds(torch.tensor([[2.0, 0.0, 0.0]])).item() == pytest.approx(2 - math.log(2))
+    assert msp_logodds(torch.tensor([[0.0, 0.0]])).item() == pytest.approx(0.0)  # p = 1/2
+
+
+def _separable_logits(n: int, gap_lo: float, gap_hi: float, seed: int) -> torch.Tensor:
+    """Ten-class logits whose top class leads the others by a gap in [gap_lo, gap_hi]."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 10, generator=g) * 2
+    top = torch.randint(10, (n,), generator=g)
+    gap = gap_lo + (gap_hi - gap_lo) * torch.rand(n, generator=g)
+    base[torch.arange(n), top] = base.max(1).values + gap
+    return base
+
+
+@pytest.mark.parametrize(("id_gap", "ood_gap"), [((40, 60), (30, 35)), ((200, 300), (60, 150))])
+def test_msp_and_odin_separate_confident_id_and_ood(id_gap, ood_gap):
+    id_logits = _separable_logits(500, *id_gap, seed=0)
+    ood_logits = _separable_logits(500, *ood_gap, seed=1)
+    # the plain probability saturates: everything is exactly 1.0 in float32, AUROC 0.5
+    assert (msp(id_logits) == 1).all() and (msp(ood_logits) == 1).all()
+    assert auroc(msp(id_logits), msp(ood_logits)) == 0.5
+    for name, params in (("msp", {}), ("odin", {}), ("odin", {"temperature": 1.0})):
+        s = build_score(name, **params)  # odin's default T = 1000
+        id_s, ood_s = s.score(id_logits, None), s.score(ood_logits, None)
+        assert torch.isfinite(id_s).all() and torch.isfinite(ood_s).all()
+        assert id_s.min() > ood_s.max(), name  # strictly, no tie anywhere
+        assert auroc(id_s, ood_s) == 1.0 and fpr_at_tpr(id_s, ood_s) == 0.0, name
+
+
+def test_msp_keeps_order_within_confident_images():
+    z = torch.tensor([[30.0, 0.0, 0.0], [31.0, 0.0, 0.0], [45.0, 0.0, 0.0], [45.0, 1.0, 0.0]])
+    s = build_score("msp").score(z, None)
+    assert s[0] < s[1] < s[2] and s[3] < s[2]
+    assert s[0].item() == pytest.approx(30 - math.log(2), abs=1e-9)
+
+
+# ------------------------------------------------------------------------------- label guard
+
+
+def test_needs_labels_is_declared():
+    assert SCORES["mahalanobis"].needs_labels
+    assert not any(SCORES[n].needs_labels for n in ("msp", "energy", "knn", "odin",
+                                                     "cluster_mahalanobis"))
+
+
+def test_fit_score_passes_labels_only_for_supervised_models():
+    outs = Outputs(logits=torch.zeros(4, 2), features=torch.tensor(
+        [[-2.0, -1.0], [0.0, 1.0], [2.0, -1.0], [4.0, 1.0]]), labels=torch.tensor([0, 0, 1, 1]))
+    seen = []
+
+    class Spy(SCORES["knn"]):
+        def fit(self, features, logits, labels):
+            seen.append(labels)
+            super().fit(features, logits, labels)
+
+    SCORES.register(Spy, name="spy_knn")
+    try:
+        fit_score("spy_knn", {}, outs, supervised=False)
+        fit_score("spy_knn", {}, outs, supervised=True)
+    finally:
+        SCORES.unregister("spy_knn")
+    assert seen[0] is None and torch.equal(seen[1], outs.labels)
+    fitted = fit_score("mahalanobis", {}, outs, supervised=True)
+    assert fitted.means.shape == (2, 2)
+    with pytest.raises(ValueError, match="trained without them"):
+        fit_score("mahalanobis", {}, outs, supervised=False)
 
 
 def test_registry_and_state_round_trip():

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oodlab.config import SpecError, load_spec, validate_spec
-from oodlab.search_space import apply_params, check_space, load_space
-from oodlab.tuning import TrialRecord, pareto_front, tune_domain
+from oodlab.search.tune import TrialRecord, pareto_front, tune_domain
+from oodlab.spec import SpecError, load_spec, validate_spec
+from oodlab.spec.search_space import apply_params, check_space, load_space
 from tests.helpers import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +95,46 @@ def test_pareto_front_by_hand():
     # minimising the second objective instead: b (0.9) is dominated by a (0.9 >= 0.8, 0.5 < 0.9)
     front = pareto_front([a, b, c], ["max", "min"])
     assert {t.trial_id for t in front} == {"a", "c"}
+
+
+def test_constraints_are_checked_and_measure_violation(tmp_path):
+    from oodlab.spec.search_space import Constraint, SearchSpace
+
+    spec = validate_spec(tiny_spec(tmp_path))
+    base = {"method": "energy_oe", "objectives": [{"metric": "val/auroc"}],
+            "params": {"method.weight": {"type": "uniform", "low": 0.05, "high": 0.5}}}
+    space = SearchSpace.model_validate(base | {"constraints": [{"metric": "val/id_acc",
+                                                                "min": 0.9}]})
+    check_space(space, spec)
+    with pytest.raises(SpecError, match="constraint metric 'val/nope'"):
+        check_space(SearchSpace.model_validate(
+            base | {"constraints": [{"metric": "val/nope", "min": 0}]}), spec)
+    with pytest.raises(ValueError, match="needs min and/or max"):
+        Constraint(metric="val/id_acc")
+    c = Constraint(metric="val/id_acc", min=0.9, max=0.99)
+    assert c.violation(0.95) == 0 and c.violation(0.85) == pytest.approx(0.05)
+    assert c.violation(1.0) == pytest.approx(0.01) and c.violation(None) == float("inf")
+
+
+def test_selection_rejects_a_trial_that_breaks_a_constraint():
+    """The trial with the best OOD objective but a broken classifier is never the best."""
+    from oodlab.search.tune import TrialRecord, select_best
+    from oodlab.spec.search_space import SearchSpace
+
+    space = SearchSpace.model_validate({
+        "method": "energy_oe", "objectives": [{"metric": "val/auroc"}],
+        "params": {"method.weight": {"type": "uniform", "low": 0.05, "high": 0.5}},
+        "constraints": [{"metric": "val/id_acc", "min": 0.97}]})
+    c = space.constraints[0]
+
+    def trial(i, auroc, acc):
+        return TrialRecord(f"t{i}", f"r{i}", {}, [auroc], 4, "done", [c.violation(acc)])
+
+    trials = [trial(0, 0.999, 0.66), trial(1, 0.95, 0.98), trial(2, 0.97, 0.975)]
+    pareto, best = select_best(trials, space)
+    assert best is trials[2] and trials[0] not in pareto and not trials[0].feasible
+    _, none = select_best([trial(0, 0.999, 0.5)], space)
+    assert none is None
+    unconstrained = space.model_copy(update={"constraints": []})
+    assert select_best([TrialRecord("t0", "r0", {}, [0.999], 4, "done")],
+                       unconstrained)[1].trial_id == "t0"

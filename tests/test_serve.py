@@ -8,10 +8,16 @@ the Serve config, and a version switch under load with no failed request.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import os
+import queue
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,15 +31,16 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from oodlab import tracking
-from oodlab.cli import main
-from oodlab.config import validate_spec
+from oodlab.cli.main import main
 from oodlab.data.bundle import load_bundle
-from oodlab.detector import Detector
-from oodlab.pipeline import run_experiment
-from oodlab.serve.auth import authorized
+from oodlab.detect.detector import Detector
+from oodlab.methods import detector_from_state
+from oodlab.serve.auth import BearerToken
 from oodlab.serve.config import AppArgs, DeploymentOptions, ModelConfig, ServeOptions
 from oodlab.serve.smoke import serve_and_score_once
+from oodlab.spec import validate_spec
+from oodlab.track import tracking
+from oodlab.train.pipeline import run_experiment
 from tests.helpers import tiny_spec
 
 pytestmark = pytest.mark.ray
@@ -88,7 +95,7 @@ def _second_version(spec, detector: Detector) -> dict:
     state["model_state"] = {k: v + 0.05 * torch.randn(v.shape, generator=gen)
                             if v.is_floating_point() else v
                             for k, v in state["model_state"].items()}
-    other = Detector.from_state(state)
+    other = detector_from_state(state)
     other.threshold = float(detector.threshold) + 1.0
     run_id = tracking.start_run(spec, tags={"oodlab.kind": "serve-test"})
     model = tracking.log_detector(spec, run_id, other)
@@ -197,6 +204,7 @@ def test_model_endpoint_health_and_docs(served):
     assert {"test/auroc", "test/fpr95", "threshold"} <= set(info["metrics"])
     assert info["preprocessing"] == {"image_size": 28, "channels": 1}
     assert info["auth"] is True and info["limits"]["max_images"] == MAX_IMAGES
+    assert info["torch_threads"] == 1  # the replica's CPUs (0.5 -> 1), not the machine's
     assert {"/v1/score", "/v1/model", "/healthz"} <= set(schema["paths"])
     assert "multipart/form-data" in schema["paths"]["/v1/score"]["post"]["requestBody"]["content"]
     health = httpx.get(f"{served.url}/healthz", timeout=30)  # no token needed
@@ -217,10 +225,23 @@ def test_auth_rejects_missing_or_wrong_token(served, header):
         assert c.post("/v1/score", json={"images": [served.images[0].tolist()]}).status_code == 200
 
 
-def test_authorized_compares_tokens():
-    assert authorized(None, None) and authorized("anything", None)
-    assert authorized("Bearer abc", b"abc") and authorized("bearer abc", b"abc")
-    assert not authorized("Bearer abd", b"abc") and not authorized(None, b"abc")
+def test_bearer_token_dependency_compares_tokens():
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    def check(header: str | None, token: bytes | None) -> int:
+        headers = [(b"authorization", header.encode())] if header is not None else []
+        try:
+            asyncio.run(BearerToken(token)(Request({"type": "http", "headers": headers})))
+        except HTTPException as err:
+            assert err.headers == {"WWW-Authenticate": "Bearer"} and "bearer token" in err.detail
+            return err.status_code
+        return 200
+
+    assert check(None, None) == check("anything", None) == 200  # no token: no auth
+    assert check("Bearer abc", b"abc") == check("bearer abc", b"abc") == 200
+    for header in ("Bearer abd", "Bearer ab", None, "Basic abc", "abc", "Bearer", "Bearer abc x"):
+        assert check(header, b"abc") == 401, header
 
 
 def _nested(value: float, shape=(1, 28, 28)) -> str:
@@ -271,7 +292,9 @@ def _bad_cases(images: torch.Tensor) -> list[tuple[str, dict, int, str]]:
         ("too many images", {"json": {"images": [_b64(png)] * (MAX_IMAGES + 1)}}, 413,
          f"at most {MAX_IMAGES}"),
         ("body over the limit", {"content": b"x" * (MAX_BODY + 1), "ct": "application/json"},
-         413, "limit"),
+         413, "Content Too Large"),
+        ("text field instead of a file", {"files": [("images", (None, b"abc"))]}, 422,
+         "parts[0] (field 'images'): a text field"),
         ("too many pixels", {"content": _huge_png(), "ct": "image/png"}, 413, "pixels"),
         ("wrong content type", {"content": b"images", "ct": "text/plain"}, 415,
          "'text/plain' is not supported"),
@@ -427,3 +450,56 @@ def test_version_switch_under_load_loses_no_request(served, capsys):
 
 def test_token_file_must_exist(tmp_path):
     assert main(["serve", MODEL, "--token-file", str(tmp_path / "missing")]) == 2
+
+
+def _read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+def _wait_for(lines: queue.Queue, seen: list[str], text: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not any(text in line for line in seen):
+        try:
+            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        except queue.Empty:
+            raise AssertionError(f"no {text!r} after {timeout_s:.0f}s:\n{''.join(seen)}") from None
+
+
+def test_sigterm_answers_the_request_in_flight_and_exits_0(served):
+    """`oodlab serve` in its own process (and its own Ray): a SIGTERM that arrives while a
+    request waits in its batch lets that request be answered, then the process stops Serve,
+    prints one line and exits 0; nothing answers on the port afterwards."""
+    port, app = _free_port(), "oodlab-sigterm"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oodlab", "serve", f"models:/{MODEL}/1", "--tracking-uri",
+         served.tracking_uri, "--name", app, "--port", str(port), "--device", "cpu",
+         "--num-cpus", "0.5", "--max-batch-size", "64", "--batch-wait-ms", "5000"],
+        env=env | {"OODLAB_SERVE_TOKEN": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    lines: queue.Queue = queue.Queue()
+    seen: list[str] = []
+    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        _wait_for(lines, seen, "Ctrl-C or SIGTERM stops the server", 300)
+        url = f"http://127.0.0.1:{port}"
+        expected = float(served.offline["1"].score(served.images[:1])[0])
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{url}/v1/score",
+                                  json={"images": [served.images[0].tolist()]}, timeout=120)
+            time.sleep(1.5)
+            assert not pending.done()  # it waits 5 s for its batch to fill
+            proc.send_signal(signal.SIGTERM)
+            answer = pending.result()
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["results"][0]["score"] == pytest.approx(expected, abs=1e-5)
+        assert proc.wait(timeout=180) == 0, "".join(seen)
+        _wait_for(lines, seen, f"SIGTERM: stopped '{app}'", 10)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/healthz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -14,11 +14,12 @@ import ray
 import yaml
 from mlflow import MlflowClient
 
-from oodlab import tracking
-from oodlab.config import validate_spec
-from oodlab.promote import promote
-from oodlab.search_space import load_space
-from oodlab.tuning import ROLE_TAG, SEARCH_TAG, TRIAL_TAG, run_search
+from oodlab.errors import ModelReferenceError
+from oodlab.search.promote import promote
+from oodlab.search.tune import ROLE_TAG, SEARCH_TAG, TRIAL_TAG, run_search
+from oodlab.spec import validate_spec
+from oodlab.spec.search_space import load_space
+from oodlab.track import tracking
 from tests.helpers import tiny_spec
 
 pytestmark = pytest.mark.ray
@@ -27,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SPACE = {
     "method": "energy_oe",
     "objectives": [{"metric": "val/auroc", "mode": "max"}],
+    # deterministic: every trial ASHA stopped before its 4th epoch breaks it (the tiny model's
+    # ID accuracy sits at chance, so a val/id_acc bound would be a coin flip here)
+    "constraints": [{"metric": "epoch", "min": 3}],
     "params": {"method.m_in": {"type": "uniform", "low": -30, "high": -10},
                "method.m_out": {"type": "uniform", "low": -8, "high": -2},
                "train.lr": {"type": "loguniform", "low": 0.001, "high": 0.2}},
@@ -71,8 +75,23 @@ def test_search_stops_early_tracks_every_trial_and_promotes_only_when_better(ray
     assert stopped and all(r.info.status == "KILLED" for r in stopped)
     by_run = {r.info.run_id: r for r in runs}
     best = by_run[out.best.run_id]
-    assert best.data.metrics["val/auroc"] == max(t.values[0] for t in out.trials)
-    assert not any(k.startswith("test/") for k in best.data.metrics)  # selection saw no test set
+    # the best is judged by the model it serves (its selected epoch: val_final/*), among the
+    # trials that keep the constraint
+    assert best.data.metrics["val_final/auroc"] == max(t.values[0] for t in out.trials
+                                                       if t.feasible)
+    for t in out.trials:
+        assert t.feasible == (by_run[t.run_id].data.metrics["epoch"] >= 3)
+        assert t.feasible == (t.run_id not in {r.info.run_id for r in stopped})
+    assert not any(t in out.pareto for t in out.trials if not t.feasible)
+    # every trial that finished went through the one run path (evaluated once, detector
+    # logged); stopped trials did not, and selection above used validation metrics only
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert best.info.run_id in {r.info.run_id for r in finished}
+    assert len(finished) + len(stopped) == 5
+    for r in finished:
+        assert "test/auroc" in r.data.metrics and tracking.MODEL_URI_TAG in r.data.tags
+    for r in stopped:
+        assert "test/auroc" not in r.data.metrics and tracking.MODEL_URI_TAG not in r.data.tags
     # sampled values reached the trial's spec
     assert float(best.data.params["method.m_in"]) == pytest.approx(out.best.params["method.m_in"])
 
@@ -80,12 +99,20 @@ def test_search_stops_early_tracks_every_trial_and_promotes_only_when_better(ray
     assert first.champion and first.champion_value is None and first.test_metrics
     client = MlflowClient(tracking.tracking_uri(spec))
     assert str(client.get_model_version_by_alias("tuned", "champion").version) == first.version
-    worst = min((t for t in out.trials if t.run_id != out.best.run_id),
-                key=lambda t: t.values[0])
-    second = promote(worst.run_id, metric="val/auroc")
+    # promote only registers what a run logged: a trial stopped early has no detector
+    with pytest.raises(ModelReferenceError, match="stopped early"):
+        promote(stopped[0].info.run_id, metric="val/auroc")
+    # a worse finished run is registered but does not take the alias unless forced
+    others = [t for t in out.trials if t.feasible and t.run_id != out.best.run_id]
+    if not others:  # ASHA let only the best finish: equal is not better, nor registered twice
+        again = promote(out.best.run_id, metric="val/auroc")
+        assert not again.champion and again.version == first.version
+        return
+    worst_run = min(others, key=lambda t: t.values[0]).run_id
+    second = promote(worst_run, metric="val/auroc")
     assert not second.champion and second.version != first.version
     assert str(client.get_model_version_by_alias("tuned", "champion").version) == first.version
-    forced = promote(worst.run_id, metric="val/auroc", force=True)
+    forced = promote(worst_run, metric="val/auroc", force=True)
     assert forced.version == second.version  # the same run is not registered twice
     assert str(client.get_model_version_by_alias("tuned", "champion").version) == second.version
 

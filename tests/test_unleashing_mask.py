@@ -11,11 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from oodlab.config import SpecError, validate_spec
 from oodlab.methods import TrainState, build_method
-from oodlab.methods.unleashing_mask import LOSS_CONSTRAINT, estimate_loss_constraint, flood_loss
-from oodlab.models import DenseNetBC, SmallCNN
-from oodlab.pruning import (
+from oodlab.methods.ops.pruning import (
     add_popup_masks,
     bake_popup_masks,
     maskable_layers,
@@ -23,6 +20,9 @@ from oodlab.pruning import (
     popup_masks,
     random_masked_copy,
 )
+from oodlab.methods.unleashing_mask import LOSS_CONSTRAINT, estimate_loss_constraint, flood_loss
+from oodlab.models import DenseNetBC, SmallCNN
+from oodlab.spec import SpecError, validate_spec
 from tests.helpers import tiny_spec
 
 LN3 = math.log(3.0)

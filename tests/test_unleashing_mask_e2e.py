@@ -6,13 +6,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from oodlab.config import validate_spec
 from oodlab.data.bundle import load_bundle
 from oodlab.methods import build_method
+from oodlab.methods.ops.pruning import maskable_layers, num_pruned
 from oodlab.methods.unleashing_mask import estimate_loss_constraint
-from oodlab.pipeline import run_experiment
-from oodlab.pruning import maskable_layers, num_pruned
-from oodlab.tracking import ModelReferenceError, load_detector
+from oodlab.spec import validate_spec
+from oodlab.track.tracking import ModelReferenceError, load_detector
+from oodlab.train.pipeline import run_experiment
 from tests.helpers import tiny_spec
 
 pytestmark = pytest.mark.ray

@@ -2,6 +2,6 @@
 
 import sys
 
-from oodlab.cli import main
+from oodlab.cli.main import main
 
 sys.exit(main())

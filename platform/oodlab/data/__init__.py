@@ -5,16 +5,8 @@
 External sets return an :class:`ExternalImageDataset` with the same item contract.
 """
 
-from oodlab.data.registry import (
-    DataError,
-    DatasetEntry,
-    DatasetNotFoundError,
-    ImageDataset,
-    Role,
-    default_cache_dir,
-    get_dataset,
-    list_datasets,
-)
+from oodlab.data.registry import default_cache_dir, get_dataset, list_datasets
+from oodlab.data.types import DataError, DatasetEntry, DatasetNotFoundError, ImageDataset, Role
 
 
 def __getattr__(name: str):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from oodlab.data.registry import DataError, DatasetEntry, ImageDataset, LoadRequest, transform
+from oodlab.data.types import DataError, DatasetEntry, ImageDataset, LoadRequest, transform
 
 VERSION = "v1"  # bump when a builder changes: old cache files are then ignored
 SIZE = 28
@@ -291,6 +291,67 @@ def build_textures(rng: np.random.Generator, n: int) -> np.ndarray:
     return _patches(OE_TEXTURES, rng, n, max_side=160)
 
 
+TEXTURE_KINDS = ("striped", "chequered", "dotted", "zigzagged", "crosshatched", "grid",
+                 "wavy", "honeycombed")
+
+
+def _texture(kind: str, rng: np.random.Generator) -> np.ndarray:
+    """One regular texture in [0, 1], drawn at 56 x 56 px (2x, for smooth edges)."""
+    side = 2 * SIZE
+    y, x = np.mgrid[0:side, 0:side].astype(np.float64)
+    theta = rng.uniform(0, np.pi)
+    u = x * np.cos(theta) + y * np.sin(theta) + rng.uniform(0, 100)
+    v = -x * np.sin(theta) + y * np.cos(theta) + rng.uniform(0, 100)
+    period = rng.uniform(6, 18)
+    phase = 2 * np.pi / period
+    if kind == "striped":
+        field = np.sin(phase * u) > rng.uniform(-0.6, 0.6)
+    elif kind == "chequered":
+        field = np.sin(phase * u) * np.sin(phase * v) > 0
+    elif kind == "dotted":
+        du, dv = (u % period) - period / 2, (v % period) - period / 2
+        field = np.hypot(du, dv) < rng.uniform(0.2, 0.4) * period
+    elif kind == "zigzagged":
+        tri = 2 * np.abs((v / rng.uniform(8, 20)) % 1 - 0.5)
+        field = np.sin(phase * (u + rng.uniform(3, 8) * tri)) > 0
+    elif kind == "crosshatched":
+        w = rng.uniform(0.8, 2.0)
+        u2 = x * np.cos(theta + np.pi / 3) + y * np.sin(theta + np.pi / 3)
+        field = (np.abs((u % period) - period / 2) < w) | (np.abs((u2 % period) - period / 2) < w)
+    elif kind == "grid":
+        w = rng.uniform(0.8, 2.0)
+        field = (np.abs((u % period) - period / 2) < w) | (np.abs((v % period) - period / 2) < w)
+    elif kind == "wavy":
+        swing = rng.uniform(2, 6) * np.sin(2 * np.pi * v / rng.uniform(12, 30))
+        field = np.sin(phase * (u + swing)) > rng.uniform(-0.3, 0.3)
+    else:  # honeycombed: three plane waves 120 degrees apart give a hexagonal lattice
+        h = sum(np.cos(phase * (x * np.cos(theta + a) + y * np.sin(theta + a)))
+                for a in (0, 2 * np.pi / 3, 4 * np.pi / 3))
+        field = h < rng.uniform(-0.5, 1.0)
+    return np.asarray(field, dtype=np.float64)
+
+
+def build_synth_textures(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Procedural regular textures in eight DTD categories (Cimpoi et al. 2014: striped,
+    chequered, dotted, zigzagged, crosshatched, grid, wavy, honeycombed), random scale,
+    orientation, phase, contrast and mild noise; a test-only family, disjoint from the photo
+    textures of ``oe_textures``."""
+    out = np.empty((n, SIZE, SIZE), dtype=np.uint8)
+    for i in range(n):
+        kind = TEXTURE_KINDS[int(rng.integers(len(TEXTURE_KINDS)))]
+        for _ in range(20):
+            t = _texture(kind, rng).reshape(SIZE, 2, SIZE, 2).mean((1, 3))  # 2x2 box filter
+            lo, hi = rng.uniform(0, 110), rng.uniform(145, 255)
+            if rng.random() < 0.5:
+                lo, hi = hi, lo
+            img = lo + (hi - lo) * t + rng.normal(0, rng.uniform(0, 8), size=t.shape)
+            img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+            if img.std() >= 4:
+                break
+        out[i] = img
+    return out
+
+
 def build_gaussian(rng: np.random.Generator, n: int) -> np.ndarray:
     """Per-pixel N(0.5, 0.25^2), clipped to [0, 1]."""
     x = np.clip(rng.normal(0.5, 0.25, size=(n, SIZE, SIZE)), 0.0, 1.0)
@@ -379,7 +440,7 @@ def mnist_split_indices(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     return {k: rng.permutation(np.concatenate(v)) for k, v in parts.items()}
 
 
-def _mnist(req: LoadRequest) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def mnist_arrays(req: LoadRequest) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     images, labels = cached(cache_path(req.cache_dir, "mnist", None), build_mnist)
     return images, labels, mnist_split_indices(labels, req.seed)
 
@@ -397,7 +458,7 @@ def _kept_classes(holdout: Sequence[int]) -> list[int]:
 def load_mnist(req: LoadRequest) -> ImageDataset:
     """An ID split; held-out digits removed and the rest relabelled 0..K-1 in sorted order."""
     keep = _kept_classes(req.holdout_classes)
-    images, labels, splits = _mnist(req)
+    images, labels, splits = mnist_arrays(req)
     idx = splits[req.split]
     idx = idx[np.isin(labels[idx], keep)]
     remap = np.full(MNIST_CLASSES, -1, dtype=np.int64)
@@ -410,7 +471,7 @@ def load_mnist_holdout(req: LoadRequest) -> ImageDataset:
     if not req.holdout_classes:
         raise DataError("holdout_classes: mnist_holdout needs held-out digits, e.g. [8, 9]")
     _kept_classes(req.holdout_classes)
-    images, labels, splits = _mnist(req)
+    images, labels, splits = mnist_arrays(req)
     idx = splits["test"]
     idx = idx[np.isin(labels[idx], req.holdout_classes)]
     return _make(req, images[idx], np.full(len(idx), -1, dtype=np.int64), [])
@@ -437,7 +498,7 @@ def _entry(name: str, role: str, count: int | None, description: str) -> Dataset
     return DatasetEntry(name, role, "builtin", description, count)  # type: ignore[arg-type]
 
 
-_GENERATED: tuple[tuple[str, str, int, Builder, str], ...] = (
+GENERATED: tuple[tuple[str, str, int, Builder, str], ...] = (
     (
         "letters",
         "ood_test",
@@ -462,6 +523,14 @@ _GENERATED: tuple[tuple[str, str, int, Builder, str], ...] = (
         1000,
         build_blobs,
         "28 px crops of skimage binary_blobs (64 px, blob size 0.04-0.2, volume 0.2-0.6)",
+    ),
+    (
+        "synth_textures",
+        "ood_test",
+        1000,
+        build_synth_textures,
+        "procedural regular textures (DTD categories striped, chequered, dotted, zigzagged, "
+        "crosshatched, grid, wavy, honeycombed); test-only, disjoint from oe_textures",
     ),
     (
         "val_letters",
@@ -529,6 +598,6 @@ DATASETS: list[tuple[DatasetEntry, Callable[[LoadRequest], ImageDataset]]] = [
     ),
     *(
         (_entry(name, role, n, desc), _generated(build, n))
-        for name, role, n, build, desc in _GENERATED
+        for name, role, n, build, desc in GENERATED
     ),
 ]

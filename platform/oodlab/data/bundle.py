@@ -1,4 +1,11 @@
-"""All datasets one experiment needs, by role, and the seeded loaders the train loop uses."""
+"""All datasets one experiment needs, by role, and the seeded loaders the train loop uses.
+
+Test OOD sets come grouped as in OpenOOD v1.5 (Zhang et al. 2023): ``near`` (semantic shift
+with similar low-level statistics), ``far`` (different domains) and ``sanity`` (noise, never
+part of a headline mean); a spec that lists plain ``data.test_ood`` keeps its sets ungrouped.
+A dataset whose registered role is ``id`` (``mnist`` when the ID set is ``fashion_mnist``) can
+be an OOD set: its test split is used, with held-out classes ignored and every label -1.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from oodlab.data.registry import get_dataset, list_datasets
+from oodlab.data.types import ImageDataset
 
 if TYPE_CHECKING:
-    from oodlab.config import DataSpec, ExperimentSpec
+    from oodlab.spec import DataSpec, ExperimentSpec
 
 
 @dataclass
@@ -27,6 +36,28 @@ class DataBundle:
     test_ood: dict[str, Dataset] = field(default_factory=dict)
     oe: Dataset | None = None
     oe_sets: dict[str, Dataset] = field(default_factory=dict)  # the OE candidates, by name
+    # test set names by group: "near", "far", "sanity" (OpenOOD-style) or "ungrouped"
+    test_groups: dict[str, list[str]] = field(default_factory=dict)
+
+
+class _AsOOD(Dataset):
+    """Any dataset with every label replaced by -1 (an ID-role set used as OOD)."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base, self.name, self.classes = base, getattr(base, "name", "?"), []
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        return self.base[index][0], torch.tensor(-1, dtype=torch.int64)
+
+
+def as_ood(ds: Dataset) -> Dataset:
+    """The same images with labels -1 (an in-memory copy of the labels, images shared)."""
+    if isinstance(ds, ImageDataset) and not getattr(ds, "multilabel", False):
+        return ImageDataset(ds.name, ds.images, np.full(len(ds), -1, dtype=np.int64), [])
+    return _AsOOD(ds)
 
 
 def _load(name: str, data: DataSpec, seed: int, split: str = "test"):
@@ -37,21 +68,41 @@ def _load(name: str, data: DataSpec, seed: int, split: str = "test"):
     )
 
 
-def test_ood_names(data: DataSpec) -> list[str]:
-    """Test OOD sets, plus the near-OOD held-out classes when the spec holds some out."""
-    names = list(data.test_ood)
-    near = f"{data.id}_holdout"
+def load_ood(name: str, data: DataSpec, seed: int) -> Dataset:
+    """An OOD set: its own loader, or the test split of an ID-role set with labels -1."""
+    roles = {d.name: d.role for d in list_datasets()}
+    if roles.get(name) != "id":
+        return _load(name, data, seed)
+    return as_ood(get_dataset(
+        name, split="test", root=data.root, image_size=data.image_size, channels=data.channels,
+        seed=seed, cache_dir=data.cache_dir, limit=data.limit,
+        imbalance_ratio=data.imbalance_ratio))
+
+
+def test_ood_groups(data: DataSpec) -> dict[str, list[str]]:
+    """Test OOD set names by group (``near``, ``far``, ``sanity``; ``ungrouped`` for plain
+    ``data.test_ood``), plus the held-out classes ``<id>_holdout`` when the spec holds some
+    out: in ``near`` when groups are used, else ungrouped."""
+    groups = {"near": list(data.near_ood), "far": list(data.far_ood),
+              "sanity": list(data.sanity_ood), "ungrouped": list(data.test_ood)}
+    holdout = f"{data.id}_holdout"
     known = {d.name for d in list_datasets()}
-    if data.holdout_classes and near in known and near not in names:
-        names.append(near)
-    return names
+    if data.holdout_classes and holdout in known and not any(holdout in g
+                                                             for g in groups.values()):
+        groups["near" if groups["near"] or groups["far"] else "ungrouped"].append(holdout)
+    return {g: names for g, names in groups.items() if names}
+
+
+def test_ood_names(data: DataSpec) -> list[str]:
+    """Every test OOD set (all groups, in order), with the held-out-class set if any."""
+    return [n for names in test_ood_groups(data).values() for n in names]
 
 
 def load_bundle(spec: ExperimentSpec, *, include_test: bool = True) -> DataBundle:
     """Load every dataset of the spec. ``include_test=False`` skips test sets (training)."""
     data, seed = spec.data, spec.seed
     if data.root and data.root.startswith("s3://"):  # stage the S3 prefix on this node
-        from oodlab.storage import stage
+        from oodlab.cluster.storage import stage
 
         cache = Path(data.cache_dir) if data.cache_dir else spec.workdir_path / "cache"
         data = data.model_copy(update={"root": str(stage(data.root, cache / "s3").root)})
@@ -61,10 +112,11 @@ def load_bundle(spec: ExperimentSpec, *, include_test: bool = True) -> DataBundl
         id_val=_load(data.id, data, seed, "val"),
         id_test=_load(data.id, data, seed, "test") if include_test else None,
         num_classes=len(id_train.classes),
-        val_ood={n: _load(n, data, seed) for n in data.val_ood},
+        val_ood={n: load_ood(n, data, seed) for n in data.val_ood},
     )
     if include_test:
-        bundle.test_ood = {n: _load(n, data, seed) for n in test_ood_names(data)}
+        bundle.test_groups = test_ood_groups(data)
+        bundle.test_ood = {n: load_ood(n, data, seed) for n in test_ood_names(data)}
     if data.oe:
         bundle.oe_sets = {n: _load(n, data, seed) for n in data.oe}
         bundle.oe = ConcatDataset(list(bundle.oe_sets.values()))

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from oodlab.data.registry import (
+from oodlab.data.types import (
     DataError,
     DatasetEntry,
     DatasetNotFoundError,
@@ -244,26 +244,23 @@ def load_svhn(req: LoadRequest) -> ExternalImageDataset:
 
 
 def load_mnist_like(req: LoadRequest) -> ExternalImageDataset:
-    """Full MNIST (70k) or Fashion-MNIST from the torchvision raw layout."""
+    """Full MNIST (70k) from the torchvision raw layout. (Fashion-MNIST is a built-in set,
+    :mod:`oodlab.data.fashion`, that also reads ``<root>/FashionMNIST/raw``.)"""
     from torchvision import datasets
 
-    fashion = req.name == "fashion_mnist"
-    folder, cls = ("FashionMNIST", datasets.FashionMNIST) if fashion else ("MNIST", datasets.MNIST)
-    root = _need_root(req, f"{folder}/raw/<idx-ubyte files>")
-    raw = root / folder / "raw"
-    site = (
-        "https://github.com/zalandoresearch/fashion-mnist"
-        if fashion
-        else "http://yann.lecun.com/exdb/mnist/"
-    )
+    root = _need_root(req, "MNIST/raw/<idx-ubyte files>")
+    raw = root / "MNIST" / "raw"
     _require(
         [raw / f for f in MNIST_FILES],
         req,
-        f"Download the four idx-ubyte .gz files from {site}, gunzip them into "
-        f"{raw.resolve()}, or copy a staged copy there",
+        "Download the four idx-ubyte .gz files from http://yann.lecun.com/exdb/mnist/, "
+        f"gunzip them into {raw.resolve()}, or copy a staged copy there",
     )
     base, idx = _split_of(
-        req, lambda train: _construct(req, raw, lambda: cls(str(root), train=train, download=False))
+        req,
+        lambda train: _construct(
+            req, raw, lambda: datasets.MNIST(str(root), train=train, download=False)
+        ),
     )
     return _wrap(req, base, idx, base.classes)
 
@@ -337,10 +334,6 @@ DATASETS: list[tuple[DatasetEntry, Callable[[LoadRequest], ExternalImageDataset]
     (_entry("svhn", "id", "SVHN from <root>/{train,test}_32x32.mat (torchvision)"), load_svhn),
     (
         _entry("mnist_full", "id", "full MNIST (70k) from <root>/MNIST/raw (torchvision)"),
-        load_mnist_like,
-    ),
-    (
-        _entry("fashion_mnist", "id", "Fashion-MNIST from <root>/FashionMNIST/raw (torchvision)"),
         load_mnist_like,
     ),
     (

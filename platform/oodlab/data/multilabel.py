@@ -1,13 +1,25 @@
-"""Multi-label data for EDGE: built-in 2x2 MNIST mosaics, and PASCAL VOC / MS-COCO loaders.
+"""Multi-label data for EDGE: built-in 2x2 mosaics of MNIST digits or Fashion-MNIST garments,
+and PASCAL VOC / MS-COCO loaders.
 
-Built-in benchmark. ID classes are the digits 0-7. A mosaic is 2x2 tiles of 28 px (56 px);
-each tile is blank with probability 0.25, else a digit whose class c is drawn with
-p_c ∝ ρ^(-c/7) (``imbalance_ratio`` ρ; class 0 is the head, class 7 the rarest tail; at
-least one digit per mosaic). The label is the multi-hot set of classes present. Tiles come
-from the matching split of the built-in ``mnist`` set, so train mosaics never reuse a
-test digit. OOD and OE mosaics use the same layout with tiles from a non-digit set (or
-the held-out digits 8 and 9), so they contain no ID class. Mosaics are assembled on load
-from the cached tiles (fast and deterministic for a seed).
+Built-in benchmark. A mosaic is 2x2 tiles of 28 px (56 px); each tile is blank with
+probability 0.25, else an ID image whose class c is drawn with p_c ∝ ρ^(-c/(C-1))
+(``imbalance_ratio`` ρ; class 0 is the head, class C-1 the rarest tail; at least one object
+per mosaic). The label is the multi-hot set of classes present. Tiles come from the matching
+split of the source set, so train mosaics never reuse a test image.
+
+* ``mnist_mosaic``: digits 0-7 (C = 8) from the built-in ``mnist``, ρ = 10 by default,
+  3,000 / 500 / 1,000 mosaics; the digits 8 and 9 are held out (``mosaic_holdout``).
+* ``fashion_mosaic``: the ten Fashion-MNIST classes (Xiao et al. 2017) from
+  ``fashion_mnist``, ρ = 50 by default (up to 100 in a spec), 20,000 / 2,000 / 4,000 mosaics.
+* ``fashion_mosaic_balanced``: a class-balanced evaluation design of fixed cardinality, one or
+  two garments per mosaic: 1,000 single-garment mosaics (100 per class) and 1,000 pairs of two
+  different classes (200 per class), so every class appears in exactly 300 of the 2,000
+  mosaics. The per-class rate of ID mosaics flagged OOD can then be read against the class's
+  frequency in the long-tailed training set (:func:`oodlab.detect.metrics.flagged_per_class`).
+
+OOD and OE mosaics use the same layout with tiles from a non-ID set (or the held-out digits 8
+and 9), so they contain no ID class of either benchmark. Mosaics are assembled on load from
+the cached tiles (fast and deterministic for a seed).
 
 Label counts per class for seed 0, ρ = 10, ``mnist_mosaic`` train (3,000 mosaics):
 see ``oodlab data list`` / :func:`class_counts`; class 0 appears about 10x as often as 7.
@@ -18,14 +30,16 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from oodlab.data.builtin import _GENERATED, _mnist, dataset_rng, generated_images
-from oodlab.data.registry import (
+from oodlab.data import fashion
+from oodlab.data.builtin import GENERATED, dataset_rng, generated_images, mnist_arrays
+from oodlab.data.types import (
     DataError,
     DatasetEntry,
     DatasetNotFoundError,
@@ -40,6 +54,9 @@ HOLDOUT = (8, 9)
 P_BLANK = 0.25
 TILE = 28
 SIZES = {"train": 3000, "val": 500, "test": 1000}
+FASHION_SIZES = {"train": 20000, "val": 2000, "test": 4000}
+BALANCED_SINGLE_ROUNDS = 100  # each round: one single-garment mosaic per class
+BALANCED_PAIR_ROUNDS = 100  # each round: C two-garment mosaics, every class in two of them
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                "sheep", "sofa", "train", "tvmonitor")
@@ -61,9 +78,32 @@ class MultiLabelDataset(ImageDataset):
         return to_tensor(self.images[index]), torch.from_numpy(self.labels[index].copy())
 
 
-def class_probs(rho: float) -> np.ndarray:
+@dataclass(frozen=True)
+class MosaicSource:
+    """An ID mosaic benchmark: where its tiles come from and its sizes and default ρ."""
+
+    name: str
+    pool: Callable[[LoadRequest], tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]
+    classes: tuple[str, ...]
+    sizes: dict[str, int]
+    default_rho: float
+
+    def rho(self, req: LoadRequest) -> float:
+        rho = self.default_rho if req.imbalance_ratio is None else float(req.imbalance_ratio)
+        if not rho >= 1:
+            raise DataError(f"imbalance_ratio: must be >= 1, got {rho}")
+        return rho
+
+
+MNIST_MOSAIC = MosaicSource("mnist_mosaic", mnist_arrays, tuple(str(c) for c in range(ID_CLASSES)),
+                            SIZES, 10.0)
+FASHION_MOSAIC = MosaicSource("fashion_mosaic", fashion.fashion_pool, fashion.CLASSES,
+                              FASHION_SIZES, 50.0)
+
+
+def class_probs(rho: float, n_classes: int = ID_CLASSES) -> np.ndarray:
     """Long-tailed class distribution p_c ∝ ρ^(-c/(C-1)) over the ID classes."""
-    p = float(rho) ** (-np.arange(ID_CLASSES) / (ID_CLASSES - 1))
+    p = float(rho) ** (-np.arange(n_classes) / (n_classes - 1))
     return p / p.sum()
 
 
@@ -81,6 +121,25 @@ def tile_plan(rng: np.random.Generator, n: int, probs: np.ndarray | None) -> np.
     return plan
 
 
+def balanced_plan(rng: np.random.Generator, n_classes: int, single_rounds: int,
+                  pair_rounds: int) -> np.ndarray:
+    """[n, 4] tile contents of a class-balanced design with one or two objects per mosaic.
+
+    Each single round adds one mosaic per class; each pair round draws a permutation π of
+    the classes and adds the pairs (π_i, π_(i+1 mod C)), so every class is in exactly two
+    pairs per round and never paired with itself. Objects sit on random distinct tiles."""
+    rows = [[int(c)] for _ in range(single_rounds) for c in rng.permutation(n_classes)]
+    for _ in range(pair_rounds):
+        perm = rng.permutation(n_classes)
+        rows += [[int(perm[i]), int(perm[(i + 1) % n_classes])] for i in range(n_classes)]
+    plan = np.full((len(rows), 4), -1, dtype=np.int64)
+    order = rng.permutation(len(rows))
+    for row, i in enumerate(order):
+        tiles = rng.permutation(4)[: len(rows[i])]
+        plan[row, tiles] = rows[i]
+    return plan
+
+
 def assemble(src: np.ndarray, pool: np.ndarray) -> np.ndarray:
     """Mosaics [n, 56, 56]: tile t of row i is ``pool[src[i, t]]``, blank where src < 0."""
     out = np.zeros((len(src), 2 * TILE, 2 * TILE), dtype=np.uint8)
@@ -91,41 +150,67 @@ def assemble(src: np.ndarray, pool: np.ndarray) -> np.ndarray:
     return out
 
 
-def id_mosaics(req: LoadRequest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mosaics, multi-hot labels, source mnist index per tile or -1) for one ID split."""
-    images, labels, splits = _mnist(req)
+def _mosaics(req: LoadRequest, source: MosaicSource, plan: np.ndarray, rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fill a plan with images of the request's split: (mosaics, multi-hot, source index)."""
+    images, labels, splits = source.pool(req)
     idx = splits[req.split]
-    pools = [idx[labels[idx] == c] for c in range(ID_CLASSES)]
-    rng = dataset_rng(f"mnist_mosaic-{req.split}-{req.imbalance_ratio}", req.seed)
-    plan = tile_plan(rng, SIZES[req.split], class_probs(req.imbalance_ratio))
+    pools = [idx[labels[idx] == c] for c in range(len(source.classes))]
+    empty = [source.classes[c] for c in np.unique(plan[plan >= 0]) if not len(pools[c])]
+    if empty:
+        raise DataError(f"{req.name}: the {req.split} split has no image of class(es) {empty}")
     src = np.full(plan.shape, -1, dtype=np.int64)
     for (i, t), c in np.ndenumerate(plan):
         if c >= 0:
             src[i, t] = pools[c][rng.integers(len(pools[c]))]
     mosaics = assemble(src, images)
-    multi_hot = np.zeros((len(plan), ID_CLASSES), dtype=np.float32)
+    multi_hot = np.zeros((len(plan), len(source.classes)), dtype=np.float32)
     for i, row in enumerate(plan):
         multi_hot[i, row[row >= 0]] = 1.0
     return mosaics, multi_hot, src
 
 
-def load_id_mosaic(req: LoadRequest) -> MultiLabelDataset:
-    if req.holdout_classes:
-        raise DataError("holdout_classes: not used by mnist_mosaic (digits 8, 9 are always "
-                        "held out as mosaic_holdout)")
-    mosaics, multi_hot, _ = id_mosaics(req)
-    if req.limit is not None:
-        mosaics, multi_hot = mosaics[: req.limit], multi_hot[: req.limit]
-    return MultiLabelDataset(req.name, transform(mosaics, req.image_size, req.channels),
-                             multi_hot, [str(c) for c in range(ID_CLASSES)])
+def id_mosaics(req: LoadRequest, source: MosaicSource = MNIST_MOSAIC
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mosaics, multi-hot labels, source index per tile or -1) for one ID split."""
+    rho = source.rho(req)
+    rng = dataset_rng(f"{source.name}-{req.split}-{rho}", req.seed)
+    plan = tile_plan(rng, source.sizes[req.split], class_probs(rho, len(source.classes)))
+    return _mosaics(req, source, plan, rng)
+
+
+def balanced_mosaics(req: LoadRequest, source: MosaicSource = FASHION_MOSAIC
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The class-balanced one-or-two-object design of :func:`balanced_plan` for one split."""
+    rng = dataset_rng(f"{req.name}-{req.split}", req.seed)
+    plan = balanced_plan(rng, len(source.classes), BALANCED_SINGLE_ROUNDS, BALANCED_PAIR_ROUNDS)
+    return _mosaics(req, source, plan, rng)
+
+
+def _id_mosaic_loader(source: MosaicSource, build: Callable = id_mosaics
+                      ) -> Callable[[LoadRequest], MultiLabelDataset]:
+    def load(req: LoadRequest) -> MultiLabelDataset:
+        if req.holdout_classes:
+            raise DataError(f"holdout_classes: not used by {req.name} (its OOD mosaics, "
+                            "mosaic_*, hold no ID class)")
+        mosaics, multi_hot, _ = build(req, source)
+        if req.limit is not None:
+            mosaics, multi_hot = mosaics[: req.limit], multi_hot[: req.limit]
+        return MultiLabelDataset(req.name, transform(mosaics, req.image_size, req.channels),
+                                 multi_hot, list(source.classes))
+
+    return load
+
+
+load_id_mosaic = _id_mosaic_loader(MNIST_MOSAIC)
 
 
 def _tile_pool(source: str, req: LoadRequest) -> np.ndarray:
     if source == "holdout":
-        images, labels, splits = _mnist(req)
+        images, labels, splits = mnist_arrays(req)
         idx = splits["test"]
         return images[idx[np.isin(labels[idx], HOLDOUT)]]
-    build, n = next((b, n) for name, _, n, b, _ in _GENERATED if name == source)
+    build, n = next((b, n) for name, _, n, b, _ in GENERATED if name == source)
     return generated_images(source, build, n, req.seed, req.cache_dir)
 
 
@@ -278,11 +363,22 @@ _OOD_MOSAICS = (
     ("mosaic_oe_digits8x8", "oe", 2000, "oe_digits8x8", "2x2 mosaics of `oe_digits8x8` tiles"),
 )
 
+BALANCED_COUNT = BALANCED_SINGLE_ROUNDS * len(fashion.CLASSES) * 2
+
 DATASETS: list[tuple[DatasetEntry, Callable]] = [
     (_entry("mnist_mosaic", "id", sum(SIZES.values()),
-            "multi-label 2x2 mosaics (56 px) of digits 0-7, long-tailed (imbalance_ratio), "
-            "split 3000/500/1000, tiles from the matching mnist split"), load_id_mosaic),
-    *((_entry(n, role, count, desc + " (tile blank p=0.25; no ID digit)"),
+            "multi-label 2x2 mosaics (56 px) of digits 0-7, long-tailed (imbalance_ratio, "
+            "default 10), split 3000/500/1000, tiles from the matching mnist split"),
+     load_id_mosaic),
+    (_entry("fashion_mosaic", "id", sum(FASHION_SIZES.values()),
+            "multi-label 2x2 mosaics (56 px) of the 10 fashion_mnist classes, long-tailed "
+            "(imbalance_ratio, default 50), split 20000/2000/4000, tiles from the matching split"),
+     _id_mosaic_loader(FASHION_MOSAIC)),
+    (_entry("fashion_mosaic_balanced", "id", BALANCED_COUNT,
+            "class-balanced fashion mosaics for evaluation: 1 or 2 garments each, every class "
+            "in 300 of 2000 mosaics per split, tiles from the matching fashion_mnist split"),
+     _id_mosaic_loader(FASHION_MOSAIC, balanced_mosaics)),
+    *((_entry(n, role, count, desc + " (tile blank p=0.25; no ID class)"),
        _ood_mosaic(src, count)) for n, role, count, src, desc in _OOD_MOSAICS),
     (_entry("voc", "id", None, "PASCAL VOC 2012 multi-label from <root>/VOCdevkit/VOC2012",
             "external"), load_voc),
@@ -290,5 +386,6 @@ DATASETS: list[tuple[DatasetEntry, Callable]] = [
             "external"), load_coco),
 ]
 
-__all__ = ["DATASETS", "MultiLabelDataset", "class_counts", "class_probs", "id_mosaics",
+__all__ = ["DATASETS", "FASHION_MOSAIC", "MNIST_MOSAIC", "MosaicSource", "MultiLabelDataset",
+           "balanced_mosaics", "balanced_plan", "class_counts", "class_probs", "id_mosaics",
            "tile_plan"]

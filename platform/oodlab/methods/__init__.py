@@ -1,53 +1,55 @@
-"""Method registry: each method is one class with a typed params section.
+"""Method plug-ins: one file per method family, each class registered with one decorator.
 
-To add a method: write ``methods/<name>.py`` with a ``MethodParams`` subclass (its ``name``
-field a ``Literal``) and a ``Method`` subclass, then list both below.
+To add a method, write ``methods/<name>.py``::
+
+    class MyParams(MethodParams):
+        name: Literal["my_method"] = "my_method"
+        weight: float = Field(1.0, gt=0)
+
+    @METHODS.register
+    class MyMethod(Method):
+        name = "my_method"
+        Params = MyParams
+
+        def training_step(self, model, batch, oe_batch, state):
+            ...
+
+and a search space in ``search_spaces/``. Nothing else changes: :data:`METHODS` finds the
+file on its first lookup, and specs and search spaces accept the name and its metrics.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from oodlab.detect.detector import Detector, read_state
 from oodlab.methods.base import Loaders, Method, MethodParams, TrainState
-from oodlab.methods.contrastive import CCL, CCLParams, SimCLR, SimCLRParams
-from oodlab.methods.ddpm import DDPM, DDPMParams
-from oodlab.methods.multilabel import (
-    BCE,
-    BCEOE,
-    BCEOEParams,
-    BCEParams,
-    Edge,
-    EdgeParams,
-    EnergyOEML,
-    EnergyOEMLParams,
-)
-from oodlab.methods.outlier_exposure import EnergyOE, EnergyOEParams, OEParams, OutlierExposure
-from oodlab.methods.supervised import Supervised, SupervisedParams
-from oodlab.methods.unleashing_mask import (
-    UMAPParams,
-    UMParams,
-    UnleashingMask,
-    UnleashingMaskPruning,
-)
+from oodlab.registry import METHODS
+from oodlab.spec import validate_spec
 
 if TYPE_CHECKING:
-    from oodlab.config import ExperimentSpec
+    from torch import nn
 
-METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Supervised, OutlierExposure, EnergyOE, BCE, BCEOE, EnergyOEML, Edge,
-                        UnleashingMask, UnleashingMaskPruning, DDPM, SimCLR, CCL)
-}
-_PARAMS: tuple[type[MethodParams], ...] = (
-    SupervisedParams, OEParams, EnergyOEParams, BCEParams, BCEOEParams, EnergyOEMLParams,
-    EdgeParams, UMParams, UMAPParams, DDPMParams, SimCLRParams, CCLParams,
-)
-METHOD_SPECS = Union[_PARAMS]  # noqa: UP007  (a runtime union for pydantic's discriminator)
+    from oodlab.spec import ExperimentSpec
 
 
 def build_method(spec: ExperimentSpec) -> Method:
     """Instantiate the method named in ``spec.method.name``."""
-    return METHODS[spec.method.name](spec)
+    return METHODS.get(spec.method.name)(spec)
 
 
-__all__ = ["METHODS", "METHOD_SPECS", "Loaders", "Method", "MethodParams", "TrainState",
-           "build_method"]
+def detector_from_state(state: dict[str, Any]) -> Detector:
+    """Rebuild a saved detector: the network its spec's method builds, then its weights."""
+    spec = validate_spec(state["spec"])
+    model: nn.Module = build_method(spec).build(state["num_classes"])
+    return Detector.from_state(state, model)
+
+
+def load_detector_file(path: str | Path) -> Detector:
+    """Load a detector saved with :meth:`Detector.save` (``weights_only``: no pickled code)."""
+    return detector_from_state(read_state(path))
+
+
+__all__ = ["METHODS", "Loaders", "Method", "MethodParams", "TrainState", "build_method",
+           "detector_from_state", "load_detector_file"]

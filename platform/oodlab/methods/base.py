@@ -1,8 +1,8 @@
 """The method interface: every OOD method is one small class that plugs into the one loop.
 
-A method decides how a model is built, what the loss of one step is, and how the trained
-model becomes a :class:`~oodlab.detector.Detector`. Everything else (data, DDP, checkpoints,
-tracking) is the platform's job.
+A method decides how a model is built, what the loss of one step is, and which network is
+evaluated and served (inside a :class:`~oodlab.detect.detector.Detector`). Everything else
+(data, DDP, checkpoints, tracking) is the platform's job.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from oodlab.schema import StrictModel
+from oodlab.detect.evaluate import METRIC_KEYS
+from oodlab.spec.base import MethodParams
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from torch.utils.data import DataLoader
 
-    from oodlab.config import ExperimentSpec
+    from oodlab.data.bundle import DataBundle
+    from oodlab.spec import ExperimentSpec
 
 Kind = Literal["multiclass", "multilabel", "unsupervised"]
 
@@ -48,22 +51,55 @@ class Loaders:
     oe: DataLoader | None = None
 
 
-class MethodParams(StrictModel):
-    """Base of each method's spec section; subclasses add ``name: Literal[...]`` and knobs."""
-
-
 class Method:
-    """Base class with the defaults most methods want; subclasses override ``training_step``."""
+    """Base class with the defaults most methods want; subclasses override ``training_step``.
+
+    A method is one file: a :class:`MethodParams` subclass (its ``name`` a ``Literal``) and a
+    ``Method`` subclass registered with ``@METHODS.register`` (:mod:`oodlab.registry`).
+    Class-level declarations (``kind``, ``uses_oe``, ``needs_init_from``, :meth:`check`,
+    :meth:`reported_metrics`) are all the spec layer reads: validating a spec builds no model.
+    The instance hooks below are called by the training loop in this order::
+
+        build -> on_fit_start -> wrap -> [training_step ...] -> on_epoch_end
+              -> epoch_metrics -> validation_metrics -> epoch_figures  (per epoch)
+        export (after training, for evaluation and serving)
+    """
 
     name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]]
     kind: ClassVar[Kind] = "multiclass"
-    uses_oe: bool = False  # an instance may decide from its params (e.g. um + outlier term)
+    uses_oe: ClassVar[bool] = False  # trains on OE data (see also needs_oe)
     needs_init_from: ClassVar[bool] = False  # finetuning methods: the spec must set init_from
 
     def __init__(self, spec: ExperimentSpec) -> None:
         self.spec = spec
         self.params = spec.method
 
+    # ---------------------------------------------------------------- class-level declarations
+    @classmethod
+    def needs_oe(cls, params: MethodParams) -> bool:
+        """Whether a run with these params trains on OE data (default: ``uses_oe``)."""
+        return cls.uses_oe
+
+    @classmethod
+    def check(cls, spec: ExperimentSpec) -> None:
+        """Extra checks of a spec for this method; raise ``ValueError`` naming the field.
+        Called while the spec is validated, so it must stay cheap: no model, no data."""
+
+    @classmethod
+    def reported_metrics(cls, spec: ExperimentSpec) -> set[str]:
+        """Every per-epoch metric a run of ``spec`` reports: what a search may optimise.
+        Methods that add metrics (``epoch_metrics``, ``validation_metrics``) extend this."""
+        out = {"epoch", "train/loss", "train/lr", "train/images_per_s"}
+        if cls.kind != "unsupervised":  # unsupervised methods report no ID accuracy
+            out.add("val/id_map" if cls.kind == "multilabel" else "val/id_acc")
+        if spec.data.val_ood:
+            keys = METRIC_KEYS
+            out |= {f"val/{k}" for k in keys}
+            out |= {f"val/{s}/{k}" for s in spec.data.val_ood for k in keys}
+        return out
+
+    # ------------------------------------------------------------------------ instance hooks
     def build(self, num_classes: int) -> nn.Module:
         """Build the network; the default is the backbone named in ``spec.model``."""
         from oodlab.models import build_model
@@ -94,6 +130,16 @@ class Method:
 
     def epoch_metrics(self, model: nn.Module, state: TrainState) -> dict[str, float]:
         """Extra per-epoch metrics of the method, logged to MLflow with the epoch's others."""
+        return {}
+
+    def validation_metrics(self, model: nn.Module, bundle: DataBundle,
+                           device: torch.device | str) -> dict[str, float] | None:
+        """The per-epoch validation view (rank 0). ``None`` (the default) means the
+        platform's: ID accuracy and validation-OOD metrics of the first ``eval.scores``."""
+        return None
+
+    def epoch_figures(self, model: nn.Module, state: TrainState) -> dict[str, Figure]:
+        """Figures to log to the run after this epoch (rank 0), by artifact path."""
         return {}
 
 

@@ -1,25 +1,29 @@
 """Unsupervised contrastive methods: ``simclr`` (the baseline) and ``ccl``.
 
 CCL, "Cluster-aware Contrastive Learning for Unsupervised OOD Detection" (Chen, Gui, Fan;
-arXiv 2302.02598). The paper's body and code are not public: this is the *reconstruction*
-of the brief (``shared/research/lmd-and-ccl.md`` part B), built from SimCLR (NT-Xent),
-SupCon (multi-positive loss with a positive mask) and PCL (prototype logits, warm-up,
-periodic k-means). Every choice it makes is a field of :class:`CCLParams`.
+arXiv 2302.02598). No code was released and the paper's body could not be consulted; its
+abstract says the loss treats "both the cluster centers and the samples belonging to the
+same cluster as positive samples". This is a *reconstruction* from that sentence, built from
+SimCLR (NT-Xent; Chen et al., ICML 2020), SupCon (multi-positive loss with a positive mask;
+Khosla et al., NeurIPS 2020, as in inspire-group/SSD ``losses.SupConLoss``) and PCL
+(prototype logits, warm-up, periodic k-means; Li et al., ICLR 2021, salesforce/PCL
+``pcl/builder.py``). Every choice it makes is a field of :class:`CCLParams`.
 
-* Views: two augmentations of each image, made on the training device (``oodlab.augment``),
-  seeded by (seed, rank, step).
+* Views: two augmentations of each image, made on the training device
+  (``oodlab.methods.ops.augment``), seeded by (seed, rank, step).
 * Model: the backbone of ``spec.model`` (its classifier removed) + an MLP projection head.
   ``forward`` returns ``(projection, backbone features)``: the projection takes the place of
-  the logits, so the platform's evaluation and the served :class:`~oodlab.detector.Detector`
-  work unchanged; post-hoc scores (``knn``, ``cluster_cosine``, ``cluster_mahalanobis``) use
-  the backbone features by default (SSD/CSI score the penultimate layer).
-* ``simclr`` loss (brief B.2 "NT-Xent reference"): for the 2B views z (unit norm) with
-  anchor i and its other view i⁺, ℓ_i = -log exp(z_i·z_i⁺/τ) / Σ_{a≠i} exp(z_i·z_a/τ);
-  L = mean_i ℓ_i.
-* ``ccl`` loss (brief B.2): L = L_NT-Xent + λ · L_cluster with
+  the logits, so the platform's evaluation and the served
+  :class:`~oodlab.detect.detector.Detector` work unchanged; post-hoc scores (``knn``,
+  ``cluster_cosine``, ``cluster_mahalanobis``) use the backbone features by default (SSD and
+  CSI score the penultimate layer).
+* ``simclr`` loss (NT-Xent as in alinlab/CSI ``training/contrastive_loss.NT_xent``): for the
+  2B views z (unit norm) with anchor i and its other view i⁺,
+  ℓ_i = -log exp(z_i·z_i⁺/τ) / Σ_{a≠i} exp(z_i·z_a/τ); L = mean_i ℓ_i.
+* ``ccl`` loss (the reconstruction above): L = L_NT-Xent + λ · L_cluster with
   ℓ_i = -(1/|P(i)|) Σ_{p∈P(i)} log exp(z_i·v_p/τ) / Σ_{a∈A(i)} exp(z_i·v_a/τ),
   P(i) = {i⁺} ∪ {j ≠ i : y_j = y_i} ∪ {c_{y_i}}, A(i) = the 2B-1 other views ∪ {c_1..c_K}.
-  y and c come from spherical k-means (brief B.3, PCL) of the ID training set's embeddings,
+  y and c come from spherical k-means (as in PCL) of the ID training set's embeddings,
   run on rank 0 after ``warmup_epochs`` and then every ``recluster_every`` epochs, and
   broadcast to every worker; centres are detached (no gradient into k-means). Before the
   first clustering the loss is NT-Xent only (PCL's warm-up).
@@ -36,12 +40,13 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from oodlab.augment import AugmentParams, augment, step_generator
-from oodlab.clustering import broadcast_from_rank0, kmeans
+from oodlab.detect.clustering import broadcast_from_rank0, kmeans
 from oodlab.methods.base import Loaders, Method, MethodParams, TrainState
+from oodlab.methods.ops.augment import AugmentParams, augment, step_generator
+from oodlab.registry import METHODS
 
 if TYPE_CHECKING:
-    from oodlab.config import ExperimentSpec
+    from oodlab.spec import ExperimentSpec
 
 CENTRES, ASSIGN, CLUSTERED_AT, PURITY = "ccl/centres", "ccl/assignments", "ccl/epoch", "ccl/purity"
 
@@ -52,7 +57,7 @@ CENTRES, ASSIGN, CLUSTERED_AT, PURITY = "ccl/centres", "ccl/assignments", "ccl/e
 def contrastive_loss(z: Tensor, positives: Tensor, temperature: float,
                      centres: Tensor | None = None, centre_positives: Tensor | None = None
                      ) -> Tensor:
-    """Multi-positive InfoNCE (SupCon form, brief B.2), optionally with centre logits.
+    """Multi-positive InfoNCE (SupCon form, Khosla et al. 2020), optionally with centre logits.
 
     ``z`` [M, D] unit-norm embeddings; ``positives`` [M, M] bool (the diagonal is ignored);
     ``centres`` [K, D] unit-norm, ``centre_positives`` [M, K] bool. The denominator runs
@@ -97,7 +102,7 @@ def cluster_positives(y: Tensor) -> Tensor:
 
 def cluster_loss(z1: Tensor, z2: Tensor, y: Tensor, centres: Tensor, temperature: float,
                  *, sample_positives: bool = True, centre_positive: bool = True) -> Tensor:
-    """CCL's cluster term (brief B.2): positives = i⁺, the same-cluster views (switch
+    """CCL's cluster term (as reconstructed above): positives = i⁺, the same-cluster views (switch
     ``sample_positives``) and the own centre (switch ``centre_positive``); the denominator
     holds the 2B-1 other views and all K centres."""
     z = F.normalize(torch.cat([z1, z2]), dim=1)
@@ -135,7 +140,7 @@ class ProjectionNet(nn.Module):
 
 
 class SimCLRParams(MethodParams):
-    """SimCLR: two views, NT-Xent, projection head (brief B.4; τ = 0.5 as SSD/CSI)."""
+    """SimCLR: two views, NT-Xent, projection head (τ = 0.5 as in SSD and CSI)."""
 
     name: Literal["simclr"] = "simclr"
     temperature: float = Field(0.5, gt=0, le=10, description="τ of NT-Xent (SSD/CSI: 0.5)")
@@ -148,12 +153,11 @@ class SimCLRParams(MethodParams):
 
 
 class CCLParams(SimCLRParams):
-    """CCL = SimCLR + the cluster term (brief B.2-B.3); cluster_weight 0 = SimCLR."""
+    """CCL = SimCLR + the cluster term, re-clustered as in PCL; cluster_weight 0 = SimCLR."""
 
     name: Literal["ccl"] = "ccl"  # type: ignore[assignment]
-    clusters: int = Field(10, ge=2, le=10_000, description="K of k-means (brief: sweep "
-                          "10-100)")
-    cluster_weight: float = Field(1.0, ge=0, description="λ of the cluster term (brief: 1)")
+    clusters: int = Field(10, ge=2, le=10_000, description="K of k-means (try 10-100)")
+    cluster_weight: float = Field(1.0, ge=0, description="λ of the cluster term")
     warmup_epochs: int = Field(2, ge=0, description="epochs of plain NT-Xent before the first "
                                "clustering (PCL: 10% of training)")
     recluster_every: int = Field(1, ge=1, description="re-run k-means every n epochs after "
@@ -180,10 +184,12 @@ def image_key(x: Tensor) -> bytes:
                            digest_size=16).digest()
 
 
+@METHODS.register
 class SimCLR(Method):
     """``simclr``: NT-Xent on two augmented views; labels are never used."""
 
     name = "simclr"
+    Params = SimCLRParams
     kind = "unsupervised"
 
     def build(self, num_classes: int) -> nn.Module:
@@ -210,10 +216,12 @@ class SimCLR(Method):
         return nt_xent(z1, z2, self.params.temperature)
 
 
+@METHODS.register
 class CCL(SimCLR):
     """``ccl``: SimCLR + λ · cluster-aware term with k-means pseudo-labels (see module doc)."""
 
     name = "ccl"
+    Params = CCLParams
 
     def __init__(self, spec: ExperimentSpec) -> None:
         super().__init__(spec)
@@ -247,7 +255,7 @@ class CCL(SimCLR):
         """k-means of the whole ID training set on rank 0, broadcast to every worker; stores
         centres [K, proj_dim], assignments [N] and the purity in ``state.extra``."""
         from oodlab.data.bundle import eval_loader
-        from oodlab.detector import collect_outputs
+        from oodlab.detect.outputs import collect_outputs
 
         p, n = self.params, len(dataset)
         if p.clusters > n:
@@ -295,9 +303,14 @@ class CCL(SimCLR):
                 sample_positives=p.sample_positives, centre_positive=p.centre_positive)
         return loss
 
+    @classmethod
+    def reported_metrics(cls, spec) -> set[str]:
+        return super().reported_metrics(spec) | {"ccl/active", "ccl/purity",
+                                                 "ccl/nonempty_clusters"}
+
     def epoch_metrics(self, model: nn.Module, state: TrainState) -> dict[str, float]:
         """``ccl/active``: fraction of this epoch's steps with the cluster term; then the
-        current clusters in use and their purity vs the hidden labels (diagnostic, brief B.3)."""
+        current clusters in use and their purity vs the hidden labels (a diagnostic only)."""
         out = {"ccl/active": self._cluster_steps / max(self._steps, 1)}
         self._steps = self._cluster_steps = 0
         if CENTRES in state.extra:

@@ -1,33 +1,37 @@
 """``ddpm``: an ε-prediction diffusion model trained on ID images only, for LMD.
 
-Training (brief A.2, Ho et al. 2020 Eq. 14): x_0 in [-1, 1], t ~ U{0..T-1}, ε ~ N(0, I),
+Training (Ho et al. 2020, Eq. 14, "L_simple"): x_0 in [-1, 1], t ~ U{0..T-1}, ε ~ N(0, I),
 loss = ‖ε - ε_θ(sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε, t)‖² (mean). Labels are unused
 (``kind = "unsupervised"``). An exponential moving average of the weights is trained
 alongside (inside the checkpointed module, so it survives restarts); the EMA network is what
-is evaluated and served (brief A.2: "EMA weights used at test"). Detection is a post-hoc
-score over the model: ``lmd`` (Lift-Map-Detect) or ``diffusion_recon`` (the baseline).
+is evaluated and served, as in Ho et al. 2020 (App. B: EMA decay 0.9999) and the LMD model
+(Liu et al. 2023, "Unsupervised Out-of-Distribution Detection with Diffusion Inpainting").
+Detection is a post-hoc score over the model: ``lmd`` (Lift-Map-Detect) or
+``diffusion_recon`` (the baseline).
 """
 
 from __future__ import annotations
 
-import copy
-import re
 import sys
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from oodlab.diffusion.schedule import alphas_cumprod, q_sample
+from oodlab.detect.diffusion.schedule import alphas_cumprod, q_sample
 from oodlab.methods.base import Loaders, Method, MethodParams, TrainState
-from oodlab.models.unet import DiffusionModel, UNet
+from oodlab.models.unet import DiffusionModel, UNet, check_depth
+from oodlab.registry import METHODS, SCORES
 
 if TYPE_CHECKING:
-    from oodlab.config import ExperimentSpec
+    from matplotlib.figure import Figure
+
     from oodlab.data.bundle import DataBundle
+    from oodlab.spec import ExperimentSpec
 
 DIFFUSION_SCORES = ("lmd", "diffusion_recon")
 
@@ -69,15 +73,46 @@ class DDPMParams(MethodParams):
         return v
 
 
+MultiAvgFn = Callable[[list[Tensor], list[Tensor], Tensor | int], None]
+
+
+def warmup_ema_multi_avg_fn(decay: float) -> MultiAvgFn:
+    """A ``multi_avg_fn`` for :class:`~torch.optim.swa_utils.AveragedModel`: the EMA of
+    :func:`~torch.optim.swa_utils.get_ema_multi_avg_fn` with the warm-up of TensorFlow's
+    ``tf.train.ExponentialMovingAverage(num_updates=n)``: decay ``min(decay, (1+n)/(10+n))``
+    after ``n`` updates, so an EMA of a short run does not stay at the initial weights."""
+
+    def update(averaged: list[Tensor], current: list[Tensor], n_averaged: Tensor | int) -> None:
+        n = int(n_averaged)
+        get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)))(averaged, current, n_averaged)
+
+    return update
+
+
 class EMAModel(nn.Module):
-    """The trained network ``net`` and its moving average ``ema`` (no gradients)."""
+    """The trained network ``net`` and its exponential moving average ``ema`` (no gradients).
+
+    The average is a :class:`~torch.optim.swa_utils.AveragedModel` over parameters and
+    buffers (``use_buffers=True``) with the warm-up EMA of :func:`warmup_ema_multi_avg_fn`:
+    its first update copies ``net`` (``n_averaged = 0``), update ``n >= 1`` folds ``net`` in
+    with decay ``min(decay, (1+n)/(10+n))``. Its state (averaged weights, ``n_averaged``) and
+    the last folded optimizer step live in this module's ``state_dict``, so a restored
+    checkpoint continues the same average.
+    """
 
     def __init__(self, net: nn.Module, decay: float) -> None:
         super().__init__()
-        self.net, self.ema, self.decay = net, copy.deepcopy(net), decay
-        self.ema.requires_grad_(False)
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.net, self.decay = net, decay
+        self.averaged = AveragedModel(net, multi_avg_fn=warmup_ema_multi_avg_fn(decay),
+                                      use_buffers=True)
+        self.averaged.requires_grad_(False)
         self.register_buffer("last_step", torch.full((), -1, dtype=torch.long))
+        self.register_load_state_dict_pre_hook(_upgrade_legacy_ema_keys)
+
+    @property
+    def ema(self) -> nn.Module:
+        """The averaged plain network (what is evaluated, sampled and exported)."""
+        return self.averaged.module
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         return self.net(x, t)
@@ -87,14 +122,19 @@ class EMAModel(nn.Module):
         """Fold the current weights in once per optimizer step (idempotent for ``step``)."""
         if int(self.last_step) >= step:
             return
-        n = int(self.updates)
-        d = min(self.decay, (1 + n) / (10 + n))
-        for e, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
-            e.lerp_(p.detach(), 1 - d)
-        for e, b in zip(self.ema.buffers(), self.net.buffers(), strict=True):
-            e.copy_(b)
-        self.updates += 1
+        self.averaged.update_parameters(self.net)
         self.last_step.fill_(step)
+
+
+def _upgrade_legacy_ema_keys(module: nn.Module, state_dict: dict[str, Tensor],
+                                   prefix: str, *_: object) -> None:
+    """Read a checkpoint of the earlier hand-written EMA: its ``ema.*`` weights and
+    ``updates`` count are ``averaged.module.*`` and ``averaged.n_averaged`` here."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}ema.")]:
+        state_dict[f"{prefix}averaged.module.{key.removeprefix(f'{prefix}ema.')}"] = \
+            state_dict.pop(key)
+    if f"{prefix}updates" in state_dict:
+        state_dict[f"{prefix}averaged.n_averaged"] = state_dict.pop(f"{prefix}updates")
 
 
 def _ema_module(model: nn.Module) -> EMAModel:
@@ -121,7 +161,7 @@ def denoising_loss(model: nn.Module, x01: Tensor, generator: torch.Generator | N
 def sample(model: DiffusionModel, n: int, shape: tuple[int, int, int], steps: int,
            seed: int = 0) -> Tensor:
     """n unconditional samples in [0, 1]: the inpainter with nothing known."""
-    from oodlab.diffusion.sampler import inpaint
+    from oodlab.detect.diffusion.sampler import inpaint
 
     device = model.alphas_cumprod.device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -135,11 +175,12 @@ def sample_grid_figure(images: Tensor, title: str):
     """A square grid of [0, 1] images."""
     import math
 
-    from oodlab import plots
+    from matplotlib.figure import Figure
 
     n = len(images)
     side = math.ceil(math.sqrt(n))
-    fig, axes = plots.plt.subplots(side, side, figsize=(side, side))
+    fig = Figure(figsize=(side, side))
+    axes = fig.subplots(side, side)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
@@ -150,25 +191,33 @@ def sample_grid_figure(images: Tensor, title: str):
     return fig
 
 
+@METHODS.register
 class DDPM(Method):
     """Train the diffusion model; detect with the ``lmd`` / ``diffusion_recon`` scores."""
 
     name = "ddpm"
+    Params = DDPMParams
     kind = "unsupervised"
 
     def __init__(self, spec: ExperimentSpec) -> None:
         super().__init__(spec)
-        from oodlab.scores import build_score
+        self._samples: Tensor | None = None
 
+    @classmethod
+    def check(cls, spec: ExperimentSpec) -> None:
+        """Diffusion scores only, with valid parameters, and an image size the U-Net's depth
+        divides: bad settings fail when the spec is loaded, not after training."""
         bad = [s for s in spec.eval.scores if s not in DIFFUSION_SCORES]
         if bad:
             raise ValueError(f"eval.scores: {bad} need logits/features; method 'ddpm' "
                              f"supports {list(DIFFUSION_SCORES)}")
-        for s in spec.eval.scores:  # bad score params fail at spec load, not after training
-            build_score(s, **spec.eval.score_params.get(s, {}))
-        UNet(in_channels=spec.data.channels, image_size=spec.data.image_size, channels=8,
-             channel_mult=self.params.channel_mult, num_res_blocks=1,
-             attention_resolutions=[])  # checks image_size against the depth
+        for s in spec.eval.scores:  # a score object holds settings only: cheap to build
+            SCORES.get(s)(**spec.eval.score_params.get(s, {}))
+        check_depth(spec.data.image_size, spec.method.channel_mult)
+
+    @classmethod
+    def reported_metrics(cls, spec: ExperimentSpec) -> set[str]:
+        return super().reported_metrics(spec) | {"val/denoise_loss"}
 
     def build(self, num_classes: int) -> nn.Module:
         p, d = self.params, self.spec.data
@@ -197,34 +246,19 @@ class DDPM(Method):
         last = state.epoch + 1 == self.spec.train.epochs
         if state.rank == 0 and p.sample_every and ((state.epoch + 1) % p.sample_every == 0
                                                    or last):
-            self._log_samples(ema.ema, state)
+            d, net = self.spec.data, ema.ema
+            was = net.training
+            self._samples = sample(net.eval(), 16, (d.channels, d.image_size, d.image_size),
+                                   p.sample_steps, seed=self.spec.seed)
+            net.train(was)
 
-    def _log_samples(self, model: DiffusionModel, state: TrainState) -> None:
-        """Log a 4x4 sample grid of the EMA model to the run's MLflow run (rank 0)."""
-        import ray.train
-
-        from oodlab import plots, tracking
-
-        ctx = ray.train.get_context()
-        match = re.search(r"-([0-9a-f]{32})$", ctx.get_experiment_name())
-        if match is None:  # not started by oodlab's pipeline: no MLflow run to log to
-            return
-        spec = self.spec
-        if spec.storage is None:  # workers run in Ray's directory: find <workdir> from the
-            workdir = Path(ctx.get_storage().storage_fs_path).parent  # storage, <workdir>/ray
-            spec = spec.model_copy(update={"workdir": str(workdir)})
-        d = spec.data
-        was = model.training
-        imgs = sample(model.eval(), 16, (d.channels, d.image_size, d.image_size),
-                      self.params.sample_steps, seed=spec.seed)
-        model.train(was)
-        fig = sample_grid_figure(imgs, f"{spec.name}: EMA samples, epoch {state.epoch + 1}")
-        try:
-            tracking.log_figure(spec, match.group(1), fig,
-                                f"samples/epoch_{state.epoch + 1:03d}.png")
-        except Exception as err:  # a lost picture must not end the training run
-            print(f"[oodlab] could not log the sample grid: {err}", flush=True)
-        plots.close(fig)
+    def epoch_figures(self, model: nn.Module, state: TrainState) -> dict[str, Figure]:
+        """A 4x4 grid of EMA samples every ``sample_every`` epochs and after the last."""
+        if self._samples is None:
+            return {}
+        images, self._samples = self._samples, None
+        title = f"{self.spec.name}: EMA samples, epoch {state.epoch + 1}"
+        return {f"samples/epoch_{state.epoch + 1:03d}.png": sample_grid_figure(images, title)}
 
     def validation_metrics(self, model: nn.Module, bundle: DataBundle,
                            device: torch.device | str) -> dict[str, float]:
@@ -232,9 +266,9 @@ class DDPM(Method):
         the served score's AUROC (with ``val_steps`` / ``val_attempts`` if set) on the first
         ``val_limit`` images of ID-val and of each validation OOD set."""
         from oodlab.data.bundle import eval_loader
-        from oodlab.evaluate import METRIC_KEYS, _head
-        from oodlab.metrics import ood_metrics
-        from oodlab.scores import build_score
+        from oodlab.detect.evaluate import METRIC_KEYS, first_n
+        from oodlab.detect.metrics import ood_metrics
+        from oodlab.detect.scores import build_score
 
         p, bs = self.params, self.spec.data.batch_size
         net = model.ema if isinstance(model, EMAModel) else model
@@ -243,7 +277,7 @@ class DDPM(Method):
         gen = torch.Generator(device=device).manual_seed(self.spec.seed)
         with torch.no_grad():
             losses = [denoising_loss(net, x.to(device), gen).item() * len(x)
-                      for x, _ in eval_loader(_head(bundle.id_val, p.val_limit), bs)]
+                      for x, _ in eval_loader(first_n(bundle.id_val, p.val_limit), bs)]
         out = {"val/denoise_loss": sum(losses) / min(len(bundle.id_val), p.val_limit)}
         served = self.spec.eval.scores[0]
         cheap = {k: v for k, v in (("steps", p.val_steps), ("attempts", p.val_attempts))
@@ -252,7 +286,7 @@ class DDPM(Method):
 
         def run(ds) -> Tensor:
             return torch.cat([score.score_batch(net, x.to(device), i).cpu() for i, (x, _)
-                              in enumerate(eval_loader(_head(ds, p.val_limit), bs))])
+                              in enumerate(eval_loader(first_n(ds, p.val_limit), bs))])
 
         id_scores, per_set = run(bundle.id_val), []
         for set_name, ds in bundle.val_ood.items():

@@ -1,8 +1,10 @@
 """Multi-label OOD methods: ``bce``, ``bce_oe``, ``energy_oe_ml`` and ``edge``.
 
 All are scored with JointEnergy S(x) = sum_c softplus(f_c(x)) (Wang et al. 2021; higher =
-more ID). Spec: shared/research/edge-multilabel-ood.md. With OE, ID and OE go through one
-forward pass (brief §3.1: "one forward pass on both", so BatchNorm sees them together).
+more ID). EDGE: Sun et al., "Unknown-aware Multi-label Learning by Energy Distribution Gap
+Expansion", AAAI 2025 (arXiv 2412.07499); reference code Yuchen-Sunflower/EDGE ``weg.py``
+(``--score joint``). With OE, ID and OE go through one forward pass, as in ``weg.py``, so
+BatchNorm sees them together.
 """
 
 from __future__ import annotations
@@ -14,27 +16,29 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from oodlab.detect.scores import joint_energy
 from oodlab.methods.base import Method, MethodParams, TrainState, forward_id_and_oe
 from oodlab.methods.outlier_exposure import EnergyMarginParams, energy_hinge
-from oodlab.scores import joint_energy
+from oodlab.registry import METHODS
 
 
 def confidence_loss(logits_oe: Tensor) -> Tensor:
     """L_conf: BCE of OE logits toward the all-zero label, mean over samples x classes.
 
-    Brief §3.1 table: ``-log(1 - sigmoid(z_oe)).mean()`` == ``softplus(z_oe).mean()``
+    EDGE's ``weg.py``: ``-log(1 - sigmoid(z_oe)).mean()`` == ``softplus(z_oe).mean()``
     (= S_JE(x_oe) / C on average); written with softplus for stability.
     """
     return F.softplus(logits_oe).mean()
 
 
 def tail_scores(s_id: Tensor, k: int) -> Tensor:
-    """The k LOWEST JointEnergy scores of the ID batch ("tail" samples, brief §3.2)."""
+    """The k LOWEST JointEnergy scores of the ID batch ("tail" samples, ``torch.topk(-S_in, k)``
+    in EDGE's ``weg.py``; not defined by class frequency)."""
     return torch.topk(s_id, min(k, s_id.numel()), largest=False).values
 
 
 def gap_loss(logits_id: Tensor, logits_oe: Tensor, k: int, margin: float) -> Tensor:
-    """L_gap = 1/(n_oe k) sum_i sum_j relu(S(x_oe_i) - S(tail_j) + m), brief §3.1.
+    """L_gap = 1/(n_oe k) sum_i sum_j relu(S(x_oe_i) - S(tail_j) + m), as in EDGE's ``weg.py``.
 
     A pairwise hinge between every OE sample and every bottom-k ID sample; nothing is
     detached, so gradients lower S(OE) and raise S(tail ID).
@@ -71,8 +75,8 @@ class EnergyOEMLParams(EnergyMarginParams):
 
 class EdgeParams(MethodParams):
     name: Literal["edge"] = "edge"
-    alpha: float = Field(1.0, ge=0, description="weight of L_conf (brief §3.3: 1)")
-    beta: float = Field(0.1, ge=0, description="weight of L_gap (brief §3.3: 0.1)")
+    alpha: float = Field(1.0, ge=0, description="weight of L_conf (EDGE weg.py: 1)")
+    beta: float = Field(0.1, ge=0, description="weight of L_gap (EDGE weg.py: 0.1)")
     k: int = Field(32, ge=1, description="bottom-k ID samples per batch (README cmd: 32)")
     margin: float = Field(0.0, description="m in L_gap (README cmd: 0; argparse default: 1)")
     gap_start_epoch: int = Field(0, ge=0, description="L_gap is off before this epoch")
@@ -102,36 +106,44 @@ class _MultiLabel(Method):
         return self.id_loss(logits_id, y) + self.oe_term(logits_id, logits_oe, state)
 
 
+@METHODS.register
 class BCE(_MultiLabel):
     """``bce``: BCE only; scored with JointEnergy this is the JointEnergy baseline."""
 
     name = "bce"
+    Params = BCEParams
 
 
+@METHODS.register
 class BCEOE(_MultiLabel):
     """``bce_oe``: BCE + alpha * L_conf."""
 
     name, uses_oe = "bce_oe", True
+    Params = BCEOEParams
 
     def oe_term(self, logits_id: Tensor, logits_oe: Tensor, state: TrainState) -> Tensor:
         return self.params.alpha * confidence_loss(logits_oe)
 
 
+@METHODS.register
 class EnergyOEML(_MultiLabel):
     """``energy_oe_ml``: BCE + weight * squared JointEnergy margins (m_in, m_out)."""
 
     name, uses_oe = "energy_oe_ml", True
+    Params = EnergyOEMLParams
 
     def oe_term(self, logits_id: Tensor, logits_oe: Tensor, state: TrainState) -> Tensor:
         p = self.params
         return p.weight * joint_energy_margin_loss(logits_id, logits_oe, p.m_in, p.m_out)
 
 
+@METHODS.register
 class Edge(_MultiLabel):
-    """``edge`` (Sun et al., AAAI 2025): L = BCE + alpha L_conf + beta L_gap (brief §3.1),
+    """``edge`` (Sun et al., AAAI 2025): L = BCE + alpha L_conf + beta L_gap (``weg.py``),
     with beta = 0 before ``gap_start_epoch`` (the reference code's ``--start_epoch``)."""
 
     name, uses_oe = "edge", True
+    Params = EdgeParams
 
     def oe_term(self, logits_id: Tensor, logits_oe: Tensor, state: TrainState) -> Tensor:
         p = self.params

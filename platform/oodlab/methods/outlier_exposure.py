@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from oodlab.methods.base import Method, MethodParams, TrainState, forward_id_and_oe
+from oodlab.registry import METHODS
 
 
 def uniform_ce(logits_oe: Tensor) -> Tensor:
@@ -91,13 +92,17 @@ class _OEMethod(Method):
         return F.cross_entropy(logits_id, y) + outlier_loss(self.params, logits_id, logits_oe)
 
 
+@METHODS.register
 class OutlierExposure(_OEMethod):
     """``oe``: L = CE(ID) + 0.5 * CE(OE -> uniform)."""
 
     name = "oe"
+    Params = OEParams
 
 
+@METHODS.register
 class EnergyOE(_OEMethod):
     """``energy_oe``: L = CE(ID) + 0.1 * energy margin loss (m_in, m_out)."""
 
     name = "energy_oe"
+    Params = EnergyOEParams

@@ -8,16 +8,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oodlab.methods.base import Method, MethodParams, TrainState
+from oodlab.registry import METHODS
 
 
 class SupervisedParams(MethodParams):
     name: Literal["supervised"] = "supervised"
 
 
+@METHODS.register
 class Supervised(Method):
     """Minimise the mean cross-entropy of the ID mini-batch."""
 
     name = "supervised"
+    Params = SupervisedParams
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
                       oe_batch: tuple[Tensor, Tensor] | None, state: TrainState) -> Tensor:

@@ -1,13 +1,16 @@
 """Unleashing Mask (Zhu et al., ICML 2023): ``um`` finetunes, ``umap`` learns a pruning mask.
 
 Both start from a trained model (``init_from``) and minimise the flooded ID loss
-``|CE - ℓ̂| + ℓ̂`` (brief §1.3), so the training loss hovers at the level ``ℓ̂`` of the
-randomly masked trained model (brief §1.2) and the model forgets the atypical samples it
+``|CE - ℓ̂| + ℓ̂`` (flooding, Ishida et al. 2020; reference code tmlr-group/Unleashing-Mask,
+``utils/custom_loss.py``), so the training loss hovers at the level ``ℓ̂`` of the randomly
+masked trained model (``estimate_loss.py``) and the model forgets the atypical samples it
 memorised late in training. Unlike the reference code the loss is always on when the method
-is ``um``/``umap`` (pitfall 1), and a missing starting model is an error (pitfall 2).
+is ``um``/``umap`` (there, ``utils/net_utils.get_criterion`` silently falls back to plain CE
+when a config sets ``criterion: CrossEntropyLoss``, as the shipped ones do), and a missing
+starting model is an error (the reference ``pretrained()`` continues from random weights).
 
 Either may add an OE term (``outlier: {name: oe|energy_oe, ...}``); the flood acts on the
-ID term only (brief §1.5).
+ID term only (as in the reference ``main_OE.py``).
 """
 
 from __future__ import annotations
@@ -22,14 +25,21 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from oodlab.methods.base import Loaders, Method, MethodParams, TrainState, forward_id_and_oe
+from oodlab.methods.ops.pruning import (
+    add_popup_masks,
+    bake_popup_masks,
+    popup_masks,
+    random_masked_copy,
+)
 from oodlab.methods.outlier_exposure import EnergyOEParams, OEParams, outlier_loss
-from oodlab.pruning import add_popup_masks, bake_popup_masks, popup_masks, random_masked_copy
+from oodlab.registry import METHODS
 
 LOSS_CONSTRAINT = "loss_constraint"
 
 
 def flood_loss(loss: Tensor, loss_constraint: float) -> Tensor:
-    """``|L_B - ℓ̂| + ℓ̂`` on the mini-batch mean ``L_B`` (brief §1.3, pitfall 8).
+    """``|L_B - ℓ̂| + ℓ̂`` on the mini-batch mean ``L_B`` (not per sample), as in the reference
+    ``utils/custom_loss.py``.
 
     Its gradient is ``sign(L_B - ℓ̂) * dL_B``: descent above the constraint, ascent below it.
     """
@@ -42,8 +52,10 @@ def estimate_loss_constraint(model: nn.Module, dataset: Dataset, *, keep: float,
                              device: torch.device | str = "cpu", rank: int = 0,
                              world_size: int = 1) -> float:
     """ℓ̂ = mean CE over ``dataset`` of ``model`` with ``1 - keep`` of each layer's weights
-    zeroed at random (brief §1.2; seeded, eval mode, the images as stored: no augmentation),
-    averaged over ``masks`` random masks (seeds ``seed``, ``seed + 100003``, ...; pitfall 5).
+    zeroed at random (the reference ``estimate_loss.py`` / ``trainers/default.modifier``, but
+    seeded and on the images as stored, with no augmentation; eval mode as there), averaged
+    over ``masks`` random masks (seeds ``seed``, ``seed + 100003``, ...; the reference draws
+    one unseeded mask).
 
     With several workers each scores every ``world_size``-th image and the sums are
     all-reduced, so the result is the exact mean over the whole set on every worker.
@@ -89,16 +101,28 @@ class UMAPParams(UnleashParams):
                               "the learned mask keeps (0.8 = prune 20%, the reference value)")
 
 
+@METHODS.register
 class UnleashingMask(Method):
     """``um``: finetune all weights with the flooded loss."""
 
     name = "um"
+    Params = UMParams
     needs_init_from = True
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
-        self.uses_oe = self.params.outlier is not None
+        self.uses_oe = self.needs_oe(self.params)
         self._below = self._steps = 0
+
+    @classmethod
+    def needs_oe(cls, params: UnleashParams) -> bool:
+        """UM + OE: with an ``outlier`` term the finetune trains on OE data too."""
+        return params.outlier is not None
+
+    @classmethod
+    def reported_metrics(cls, spec) -> set[str]:
+        return super().reported_metrics(spec) | {f"{cls.name}/loss_constraint",
+                                                 f"{cls.name}/ascent_fraction"}
 
     def on_fit_start(self, model: nn.Module, loaders: Loaders, state: TrainState) -> None:
         """Fix ℓ̂ once per run (given, or estimated); a restart reuses the stored value."""
@@ -137,11 +161,17 @@ class UnleashingMask(Method):
         return out
 
 
+@METHODS.register
 class UnleashingMaskPruning(UnleashingMask):
     """``umap``: weights frozen; per-weight popup scores learn which ``keep_ratio`` to keep."""
 
     name = "umap"
+    Params = UMAPParams
     _last_masks: dict[str, Tensor] | None = None
+
+    @classmethod
+    def reported_metrics(cls, spec) -> set[str]:
+        return super().reported_metrics(spec) | {"umap/mask_changed_fraction"}
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return add_popup_masks(model, self.params.keep_ratio, self.spec.seed)

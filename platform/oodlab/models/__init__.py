@@ -11,7 +11,7 @@ from oodlab.models.densenet import DenseNetBC
 from oodlab.models.resnet import ResNet18
 
 if TYPE_CHECKING:
-    from oodlab.config import ModelSpec
+    from oodlab.spec import ModelSpec
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "small_cnn": SmallCNN, "resnet18": ResNet18, "densenet": DenseNetBC,

@@ -1,8 +1,10 @@
 """DenseNet-BC (Huang et al. 2017), the Unleashing-Mask backbone ("DenseNet-101" = depth 100,
 growth 12, compression 0.5, bottleneck layers), with the small-image stem of the CIFAR code.
 
-Unlike the reference code it keeps standard affine BatchNorm everywhere (brief, pitfall 3:
-do not mix affine and non-affine BN between pre-training and finetuning).
+Unlike the reference code (tmlr-group/Unleashing-Mask, whose configs use
+``NonAffineBatchNorm`` from ``utils/bn_type.py``) it keeps standard affine BatchNorm everywhere:
+the reference ``pretrained()`` silently skips mismatched keys, so mixing affine and non-affine
+BN between pre-training and finetuning would drop every BN weight.
 """
 
 from __future__ import annotations

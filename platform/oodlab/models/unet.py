@@ -1,6 +1,8 @@
 """A small ε-prediction U-Net (Ho et al. 2020 layout) and the diffusion model around it.
 
-Brief A.2: time-conditional U-Net with GroupNorm, swish, dropout and self-attention at one
+As in LMD (Liu et al., ICML 2023), which uses the DDPM U-Net of Song et al.'s
+``score_sde_pytorch`` (``model.name='ddpm'``): time-conditional, with GroupNorm, swish,
+dropout and self-attention at one
 resolution; here the widths/depth are spec fields and the default is small enough for
 28-32 px on a CPU. :class:`DiffusionModel` carries the noise schedule as buffers, so a saved
 detector (state dict only) knows the schedule it was trained with.
@@ -64,6 +66,14 @@ class Attention(nn.Module):
         return x + self.out(a.transpose(1, 2).reshape(b, c, h, w))
 
 
+def check_depth(image_size: int, channel_mult: Sequence[int]) -> None:
+    """Each level but the last halves the image: it must stay an integer size."""
+    levels = len(channel_mult)
+    if image_size % 2 ** (levels - 1):
+        raise ValueError(f"data.image_size={image_size} must be divisible by "
+                         f"2^(len(method.channel_mult) - 1) = {2 ** (levels - 1)}")
+
+
 class UNet(nn.Module):
     """ε(x_t, t): ``len(channel_mult)`` resolution levels, ``num_res_blocks`` per level,
     attention at the resolutions (in px) listed in ``attention_resolutions``."""
@@ -72,10 +82,8 @@ class UNet(nn.Module):
                  channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 1,
                  attention_resolutions: Sequence[int] = (7,), dropout: float = 0.1) -> None:
         super().__init__()
+        check_depth(image_size, channel_mult)
         levels = len(channel_mult)
-        if image_size % 2 ** (levels - 1):
-            raise ValueError(f"data.image_size={image_size} must be divisible by "
-                             f"2^(len(method.channel_mult) - 1) = {2 ** (levels - 1)}")
         t_dim = 4 * channels
         self.channels = channels
         self.temb = nn.Sequential(nn.Linear(channels, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))

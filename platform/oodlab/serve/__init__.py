@@ -6,12 +6,13 @@ Modules, one job each:
 * ``registry``: alias -> version, load a version, its metrics;
 * ``payload`` and ``images``: request body -> raw images -> model input tensors, with 4xx
   errors that name the bad field;
-* ``auth``: bearer token, constant-time comparison;
-* ``app``: the FastAPI ingress + Serve deployment; ``build_app`` is the import path;
+* ``auth``: the bearer-token FastAPI dependency, constant-time comparison;
+* ``app``: the Serve deployment and its FastAPI ingress; ``build_app`` is the import path;
 * ``build``: the Serve config YAML (``serve deploy``, KubeRay ``serveConfigV2``);
-* ``deploy``: deploy / reload in place / remove on a Ray cluster;
-* ``smoke``: serve, score one image over loopback HTTP, tear down;
-* ``cli``: the ``oodlab serve`` command.
+* ``deploy``: deploy / reload in place / remove on a Ray cluster (Serve REST API);
+* ``smoke``: serve, score one image over loopback HTTP, tear down.
+
+The ``oodlab serve`` command is :mod:`oodlab.cli.serve`.
 
 Importing this package is cheap; Ray, MLflow and torch load with the module that needs them.
 """

@@ -1,12 +1,16 @@
 """The Ray Serve application: a FastAPI ingress in front of the champion detector.
 
 Endpoints: ``POST /v1/score``, ``GET /v1/model``, ``GET /healthz`` (never needs a token),
-``GET /docs`` and ``GET /openapi.json``. Images of all concurrent requests are scored in
-dynamic batches (``@serve.batch``, one batch element per image). The model lives in the
-deployment's ``user_config`` (:class:`~oodlab.serve.config.ModelConfig`): ``reconfigure``
-loads the new version off the event loop and swaps it in whole, so requests keep being
-served by the old version until the new one is ready, and a request is always scored by
-the model it was decoded for.
+``GET /docs`` and ``GET /openapi.json``. Each replica builds its FastAPI app after its
+constructor (Serve's late-bound ingress, ``__serve_build_asgi_app__``, see
+``ray.serve.ingress``), so the replica's own settings become plain FastAPI features: the
+token one router-level security dependency, the body limit the route's ``max_body_size``.
+
+Images of all concurrent requests are scored in dynamic batches (``@serve.batch``, one batch
+element per image). The model lives in the deployment's ``user_config``
+(:class:`~oodlab.serve.config.ModelConfig`): ``reconfigure`` loads the new version off the
+event loop and swaps it in whole, so requests keep being served by the old version until the
+new one is ready, and a request is always scored by the model it was decoded for.
 
 Serve config entry point: ``import_path: oodlab.serve.app:build_app`` with ``args`` =
 :class:`~oodlab.serve.config.AppArgs`.
@@ -19,38 +23,27 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.serve import Application
 
 from oodlab import __version__
-from oodlab.serve import payload, registry
-from oodlab.serve.auth import authorized, load_token
+from oodlab.serve import registry
+from oodlab.serve.auth import BearerToken, load_token
 from oodlab.serve.config import DEPLOYMENT_NAME, AppArgs, ModelConfig
 from oodlab.serve.images import InputError, Preprocessing, array_image, decode_image
+from oodlab.serve.payload import RawImage, ScoreRequest, read_images
 from oodlab.serve.registry import LoadedModel
 
-api = FastAPI(
-    title="oodlab OOD detector", version=__version__, docs_url=None, redoc_url=None,
-    openapi_url=None,
-    description="Scores images with the registered detector (higher score = more "
-                "in-distribution; `is_ood` = score < the threshold calibrated at 95% TPR on "
-                "ID validation data). With a token configured, every endpoint but /healthz "
-                "needs `Authorization: Bearer <token>`.")
-bearer = HTTPBearer(auto_error=False, description="the server's token (OODLAB_SERVE_TOKEN)")
-
-_ITEM = {"oneOf": [
-    {"type": "string", "description": "base64 PNG or JPEG (any size or colour mode)"},
-    {"type": "array", "description": "[C][S][S] (or [S][S] for one channel) in [0, 1]",
-     "items": {}}]}
+DESCRIPTION = (
+    "Scores images with the registered detector (higher score = more in-distribution; "
+    "`is_ood` = score < the threshold calibrated at 95% TPR on ID validation data). With a "
+    "token configured, every endpoint but /healthz needs `Authorization: Bearer <token>`.")
 SCORE_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {
-        "type": "object", "required": ["images"],
-        "properties": {"images": {"type": "array", "minItems": 1, "items": _ITEM}}}},
+    "application/json": {"schema": ScoreRequest.model_json_schema()},
     "multipart/form-data": {"schema": {
         "type": "object", "properties": {
             "images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
@@ -82,10 +75,11 @@ class ScoreResponse(BaseModel):
     results: list[ImageScore]
 
 
-def to_tensor(raw: payload.RawImage, prep: Preprocessing, max_pixels: int) -> torch.Tensor:
-    if raw.data is not None:
-        return decode_image(raw.data, raw.label, prep, max_pixels)
-    return array_image(raw.array, raw.label, prep)
+def to_tensors(raws: list[RawImage], prep: Preprocessing, max_pixels: int
+               ) -> list[torch.Tensor]:
+    """Decode a request's images (CPU work: the caller runs it off the event loop)."""
+    return [decode_image(r.data, r.label, prep, max_pixels) if r.data is not None
+            else array_image(r.array, r.label, prep) for r in raws]
 
 
 def forward(items: list[tuple[LoadedModel, torch.Tensor]]) -> list[tuple[float, bool]]:
@@ -102,20 +96,28 @@ def forward(items: list[tuple[LoadedModel, torch.Tensor]]) -> list[tuple[float, 
     return out
 
 
-@serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=10, health_check_timeout_s=30,
-                  graceful_shutdown_timeout_s=20)
-@serve.ingress(api)
-class OODScorer:
+def replica_cpus() -> int:
+    """Whole CPUs Ray gave this replica (at least 1): the torch thread count."""
+    import ray
+
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)))
+
+
+class Scorer:
     """One replica: the loaded detector, its batching queue and its auth token."""
 
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = AppArgs.model_validate(args)
         self.token = load_token(self.args.token_file, self.args.require_token)
         self.device = registry.pick_device(self.args.device)
+        torch.set_num_threads(replica_cpus())  # not the node's core count
         self.config: ModelConfig | None = None
         self.current: LoadedModel | None = None
         self.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0}
         self._reload_lock = asyncio.Lock()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a new user_config: batching at once, a different model once it is loaded."""
@@ -139,12 +141,7 @@ class OODScorer:
             raise RuntimeError("no model loaded: the deployment needs a user_config with "
                                "'model' (see oodlab serve build)")
 
-    def _authorize(self, request: Request) -> None:
-        if not authorized(request.headers.get("authorization"), self.token):
-            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer "
-                                     "<token>)", headers={"WWW-Authenticate": "Bearer"})
-
-    def _loaded(self) -> LoadedModel:
+    def loaded(self) -> LoadedModel:
         if self.current is None:
             raise HTTPException(503, "no model loaded yet")
         return self.current
@@ -157,44 +154,13 @@ class OODScorer:
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
         return out
 
-    @api.get("/healthz", summary="liveness (no token needed)")
-    async def healthz(self) -> dict[str, str]:
-        self._loaded()
-        return {"status": "ok"}
-
-    @api.get("/v1/model", summary="the served model", dependencies=[Depends(bearer)],
-             responses={401: ERRORS[401]})
-    async def model_info(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
-        loaded = self._loaded()
-        assert self.config is not None
-        ctx = serve.get_replica_context()
-        return registry.describe(loaded) | {
-            "ref": self.config.model,
-            "batching": {"max_batch_size": self.config.max_batch_size,
-                         "batch_wait_timeout_s": self.config.batch_wait_timeout_s},
-            "limits": {"max_images": self.args.max_images,
-                       "max_body_bytes": self.args.max_body_bytes,
-                       "max_pixels": self.args.max_pixels},
-            "auth": self.token is not None,
-            "replica": ctx.replica_tag,
-            "torch_threads": torch.get_num_threads(),
-            "stats": dict(self.stats),
-        }
-
-    @api.post("/v1/score", summary="score images", response_model=ScoreResponse,
-              dependencies=[Depends(bearer)], openapi_extra=SCORE_BODY, responses=ERRORS)
     async def score(self, request: Request) -> ScoreResponse:
-        self._authorize(request)
-        loaded = self._loaded()  # the whole request is scored by this version
+        """Read, decode and score every image of one request with one model version."""
+        loaded = self.loaded()
         try:
-            body = await payload.read_limited(request.stream(),
-                                              request.headers.get("content-length"),
-                                              self.args.max_body_bytes)
-            raws = payload.parse(request.headers.get("content-type"), body,
-                                 self.args.max_images)
+            raws = await read_images(request, self.args.max_images)
             prep = Preprocessing(**loaded.detector.preprocessing)
-            xs = [to_tensor(r, prep, self.args.max_pixels) for r in raws]
+            xs = await asyncio.to_thread(to_tensors, raws, prep, self.args.max_pixels)
         except InputError as err:
             raise HTTPException(err.status, str(err)) from None
         outs = await asyncio.gather(*(self._score_batch((loaded, x)) for x in xs))
@@ -206,16 +172,62 @@ class OODScorer:
             threshold=loaded.detector.threshold,
             results=[ImageScore(index=i, score=s, is_ood=o) for i, (s, o) in enumerate(outs)])
 
-    @api.get("/openapi.json", include_in_schema=False)
-    async def openapi(self, request: Request) -> JSONResponse:
-        self._authorize(request)
+    def info(self) -> dict[str, Any]:
+        """What ``GET /v1/model`` answers."""
+        loaded = self.loaded()
+        assert self.config is not None
+        return registry.describe(loaded) | {
+            "ref": self.config.model,
+            "batching": {"max_batch_size": self.config.max_batch_size,
+                         "batch_wait_timeout_s": self.config.batch_wait_timeout_s},
+            "limits": {"max_images": self.args.max_images,
+                       "max_body_bytes": self.args.max_body_bytes,
+                       "max_pixels": self.args.max_pixels},
+            "auth": self.token is not None,
+            "replica": serve.get_replica_context().replica_tag,
+            "torch_threads": torch.get_num_threads(),
+            "stats": dict(self.stats),
+        }
+
+
+def build_api(scorer: Scorer) -> FastAPI:
+    """The HTTP API of one replica; every route but /healthz needs the replica's token."""
+    api = FastAPI(title="oodlab OOD detector", version=__version__, description=DESCRIPTION,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    secured = APIRouter(dependencies=[Depends(BearerToken(scorer.token))],
+                        responses={401: ERRORS[401]})
+
+    @api.get("/healthz", summary="liveness (no token needed)")
+    async def healthz() -> dict[str, str]:
+        scorer.loaded()
+        return {"status": "ok"}
+
+    @secured.get("/v1/model", summary="the served model")
+    async def model_info() -> dict[str, Any]:
+        return scorer.info()
+
+    @secured.post("/v1/score", summary="score images", response_model=ScoreResponse,
+                  openapi_extra=SCORE_BODY, responses=ERRORS,
+                  max_body_size=scorer.args.max_body_bytes)
+    async def score(request: Request) -> ScoreResponse:
+        return await scorer.score(request)
+
+    @secured.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
         return JSONResponse(api.openapi())
 
-    @api.get("/docs", include_in_schema=False)
-    async def docs(self, request: Request) -> HTMLResponse:
-        self._authorize(request)
+    @secured.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "").rstrip("/")
         return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=api.title)
+
+    api.include_router(secured)
+    return api
+
+
+OODScorer = serve.deployment(
+    name=DEPLOYMENT_NAME, health_check_period_s=10, health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=20)(serve.ingress()(Scorer))
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -1,11 +1,15 @@
-"""Bearer-token auth: one shared token from a file or the environment, compared in constant
-time. No token configured means no auth (the default for loopback development)."""
+"""Bearer-token auth (RFC 6750): one shared token from a file or the environment, checked by
+one FastAPI security dependency in constant time. No token configured means no auth (the
+default for loopback development)."""
 
 from __future__ import annotations
 
 import hmac
 import os
 from pathlib import Path
+
+from fastapi import HTTPException, Request
+from fastapi.security import HTTPBearer
 
 from oodlab.serve.config import TOKEN_ENV
 
@@ -33,11 +37,23 @@ def load_token(token_file: str | None, require: bool = False) -> bytes | None:
     return token.encode() if token else None
 
 
-def authorized(header: str | None, token: bytes | None) -> bool:
-    """True if no token is configured or ``header`` is ``Bearer <token>``."""
-    if token is None:
-        return True
-    scheme, _, given = (header or "").partition(" ")
-    # compare even on a wrong scheme so the timing does not depend on the header's shape
-    ok = hmac.compare_digest(given.strip().encode(), token)
-    return ok and scheme.lower() == "bearer"
+class BearerToken(HTTPBearer):
+    """FastAPI dependency (``Depends(BearerToken(token))``): 401 with ``WWW-Authenticate:
+    Bearer`` unless the request carries ``Authorization: Bearer <token>``; a no-op without a
+    token. Shown in the OpenAPI schema as an HTTP bearer security scheme."""
+
+    def __init__(self, token: bytes | None) -> None:
+        super().__init__(description=f"the server's token (${TOKEN_ENV} or token_file)")
+        self.token = token
+
+    def make_not_authenticated_error(self) -> HTTPException:
+        return HTTPException(401, "missing or wrong bearer token (Authorization: Bearer "
+                                  "<token>)", headers=self.make_authenticate_headers())
+
+    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+        if self.token is None:
+            return
+        credentials = await super().__call__(request)  # no header or another scheme: 401
+        assert credentials is not None
+        if not hmac.compare_digest(credentials.credentials.encode(), self.token):
+            raise self.make_not_authenticated_error()

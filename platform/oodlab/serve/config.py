@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from oodlab.schema import StrictModel
+from oodlab.spec.base import StrictModel
 
 DEPLOYMENT_NAME = "OODScorer"
 IMPORT_PATH = "oodlab.serve.app:build_app"

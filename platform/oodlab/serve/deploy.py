@@ -1,25 +1,35 @@
 """Run the Serve config on a Ray cluster: deploy, reload the champion in place, tear down.
 
-``oodlab serve`` deploys the very application entry that ``oodlab serve build`` writes,
-through Serve's declarative path (the one ``serve deploy`` and KubeRay use). Only that
-path keeps a deployment's code version when just its ``user_config`` changes, so a reload
-reaches the running replicas' ``reconfigure`` instead of replacing them. The declarative
-calls (``serve_start`` / ``deploy_apps`` / ``get_serve_details``) are Ray 2.60's
-``ray.serve._private`` client API, the same the ``serve run config.yaml`` command uses;
-they are kept to this module.
+``oodlab serve`` deploys the very config that ``oodlab serve build`` writes, through Serve's
+declarative REST API on the Ray dashboard (``PUT``/``GET /api/serve/applications/``, the
+path of ``serve deploy`` and KubeRay; docs.ray.io, "Serve REST API"). Only that path keeps a
+deployment's code version when just its ``user_config`` changes (docs.ray.io, "Updating
+Applications In-Place"), so a reload reaches the running replicas' ``reconfigure`` instead
+of replacing them. Status and teardown use Serve's Python API (``serve.status``,
+``serve.delete``, ``serve.shutdown``).
+
+The dashboard is found at ``$RAY_DASHBOARD_ADDRESS`` (as for the ``serve`` CLI), else at the
+address oodlab pinned when it started Ray (``$RAY_API_SERVER_ADDRESS``), else on Ray's
+default port 8265 of the cluster's head.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oodlab.serve.build import app_config
+from oodlab.serve.build import app_config, serve_config
 from oodlab.serve.config import DEPLOYMENT_NAME, ModelConfig, ServeOptions, split_ref
 from oodlab.serve.registry import resolve
+
+SERVE_API = "/api/serve/applications/"
+DEFAULT_DASHBOARD_PORT = 8265
 
 
 class ServeError(RuntimeError):
@@ -48,7 +58,7 @@ def connect(address: str | None = None, existing: bool = False) -> bool:
     local Ray. Returns True if this call started Ray."""
     import ray
 
-    from oodlab.ray_local import init_ray
+    from oodlab.cluster.ray_local import init_ray
 
     if ray.is_initialized():
         return False
@@ -64,32 +74,69 @@ def connect(address: str | None = None, existing: bool = False) -> bool:
     return address is None
 
 
-def _client(start: bool = False, host: str = "127.0.0.1", port: int = 8000):
-    from ray.serve._private import api as serve_api
-    from ray.serve.context import _get_global_client
+def dashboard_url() -> str:
+    """The Ray dashboard that serves the Serve REST API of the connected cluster."""
+    url = os.environ.get("RAY_DASHBOARD_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS")
+    if not url:
+        import ray
 
-    if start:
-        return serve_api.serve_start(http_options={"host": host, "port": port})
-    return _get_global_client()
-
-
-def _serve_running() -> bool:
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client(raise_if_no_controller_running=False) is not None
+        host = ray.get_runtime_context().gcs_address.rpartition(":")[0]
+        url = f"http://{host}:{DEFAULT_DASHBOARD_PORT}"
+    return url.rstrip("/")
 
 
-def deployed_apps(client) -> dict[str, dict[str, Any]]:
+def _ray_auth() -> dict[str, str]:
+    """The ``Authorization`` header for a Ray cluster with token auth, from where Ray reads
+    its token: ``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``
+    (docs.ray.io, "Ray token authentication"). Without a token, none."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser()
+        token = path.read_text().strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def serve_api(method: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One call of the Serve REST API: ``GET`` the instance details, ``PUT`` a whole config
+    (validated against ``ServeDeploySchema`` first)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    url = dashboard_url() + SERVE_API
+    data = None
+    if config is not None:
+        ServeDeploySchema.model_validate(config)  # the field at fault, before any request
+        data = json.dumps(config).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **_ray_auth()})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as err:
+        raise ServeError(f"{method} {url}: HTTP {err.code}: "
+                         f"{err.read().decode(errors='replace').strip()[:800]}") from None
+    except OSError as err:
+        raise ServeError(f"cannot reach the Serve REST API at {url} ({err}); point "
+                         "RAY_DASHBOARD_ADDRESS at the cluster's dashboard") from None
+    return json.loads(body) if body.strip() else {}
+
+
+def deployed_apps(details: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The declaratively deployed applications' configs, by name."""
-    apps = client.get_serve_details().get("applications", {})
-    return {name: app["deployed_app_config"] for name, app in apps.items()
+    return {name: app["deployed_app_config"]
+            for name, app in (details.get("applications") or {}).items()
             if app.get("deployed_app_config")}
 
 
-def _apply(client, apps: dict[str, dict[str, Any]]) -> None:
-    from ray.serve.schema import ServeDeploySchema
-
-    client.deploy_apps(ServeDeploySchema.model_validate({"applications": list(apps.values())}))
+def _apply(details: dict[str, Any], apps: dict[str, dict[str, Any]],
+           cluster: dict[str, Any]) -> None:
+    """PUT ``apps`` (the whole declarative state) with the proxy options of ``cluster``; a
+    running Serve keeps its own, which cannot change while it runs."""
+    if details.get("controller_info"):
+        http = details.get("http_options") or {}
+        cluster = {"http_options": {k: http[k] for k in ("host", "port") if k in http}}
+        if details.get("proxy_location"):
+            cluster["proxy_location"] = details["proxy_location"]
+    serve_api("PUT", cluster | {"applications": list(apps.values())})
 
 
 def wait_running(app_name: str, timeout_s: float = 180.0) -> None:
@@ -113,9 +160,9 @@ def wait_running(app_name: str, timeout_s: float = 180.0) -> None:
                      f"(status {status})")
 
 
-def http_url(client, route_prefix: str = "/") -> str:
+def http_url(details: dict[str, Any], route_prefix: str = "/") -> str:
     """The loopback URL of the Serve proxy as it actually runs (not as requested)."""
-    http = client.get_serve_details().get("http_options") or {}
+    http = details.get("http_options") or {}
     host = http.get("host") or "127.0.0.1"
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{host}:{http.get('port', 8000)}{route_prefix.rstrip('/')}"
@@ -125,14 +172,14 @@ def deploy(opts: ServeOptions, address: str | None = None,
            timeout_s: float = 180.0) -> Deployment:
     """Deploy (or update) ``opts`` as one application; other applications stay as they are."""
     started_ray = connect(address)
-    started_serve = not _serve_running()
-    client = _client(start=True, host=opts.host, port=opts.port)
-    apps = deployed_apps(client)
+    details = serve_api("GET")
+    started_serve = not details.get("controller_info")
+    apps = deployed_apps(details)
     apps[opts.app_name] = app_config(opts)
-    _apply(client, apps)
+    _apply(details, apps, serve_config(opts, host=opts.host))
     wait_running(opts.app_name, timeout_s)
-    return Deployment(opts.app_name, http_url(client, opts.route_prefix), started_ray,
-                      started_serve)
+    return Deployment(opts.app_name, http_url(serve_api("GET"), opts.route_prefix),
+                      started_ray, started_serve)
 
 
 @dataclass
@@ -153,14 +200,11 @@ def reload(app_name: str = "oodlab", version: str | None = None, address: str | 
 
     Only the deployment's ``user_config.version`` changes, so the replicas load the new
     version in ``reconfigure`` while they keep answering with the old one."""
-    from ray.serve.exceptions import RayServeException
-
     connect(address, existing=True)
-    try:
-        client = _client()
-    except RayServeException as err:
-        raise ServeError(f"no Ray Serve instance on this cluster ({err})") from None
-    apps = deployed_apps(client)
+    details = serve_api("GET")
+    if not details.get("controller_info"):
+        raise ServeError("no Ray Serve instance on this cluster")
+    apps = deployed_apps(details)
     if app_name not in apps:
         raise ServeError(f"no application {app_name!r} deployed by oodlab serve here "
                          f"(found: {sorted(apps) or 'none'})")
@@ -175,19 +219,20 @@ def reload(app_name: str = "oodlab", version: str | None = None, address: str | 
         name, _, _ = split_ref(cfg.model)
         resolve(f"models:/{name}/{target}", cfg.tracking_uri)  # exists, before any replica
         deployment["user_config"] = cfg.model_copy(update={"version": target}).model_dump()
-        _apply(client, apps)
+        _apply(details, apps, {})
         wait_running(app_name, timeout_s)
     return result
 
 
 def remove(dep: Deployment) -> None:
-    """Undo what :func:`deploy` started: the app, and Serve/Ray if this process started them."""
+    """Undo what :func:`deploy` started. The application goes first: its route disappears
+    and its replicas finish the requests in flight (``graceful_shutdown_timeout_s``) before
+    they stop; then Serve and Ray, if this process started them."""
     import ray
     from ray import serve
 
+    serve.delete(dep.app_name)
     if dep.started_serve:
         serve.shutdown()
-    else:
-        serve.delete(dep.app_name)
     if dep.started_ray:
         ray.shutdown()

@@ -2,24 +2,39 @@
 
 Accepted bodies of ``POST /v1/score``:
 
-* ``application/json``: ``{"images": [...]}``, each entry a base64 PNG/JPEG string (a
-  ``data:image/...;base64,`` prefix is allowed) or a nested array shaped like the model input;
-* ``multipart/form-data``: one image file per part (``curl -F images=@a.png``);
+* ``application/json``: :class:`ScoreRequest`, ``{"images": [...]}``, each entry a base64
+  PNG/JPEG string (a ``data:image/...;base64,`` prefix is allowed) or a nested array shaped
+  like the model input;
+* ``multipart/form-data``: one image file per part (``curl -F images=@a.png``), split by
+  Starlette's form parser (python-multipart), the one behind FastAPI's ``File``/``UploadFile``;
 * ``image/png`` or ``image/jpeg``: the body is one image.
 
-Every rejection is an :class:`InputError` with the HTTP status and a message that names
-the field at fault.
+The body size limit is the route's ``max_body_size`` (FastAPI, "Request Body Limits").
+Every other rejection is an :class:`~oodlab.serve.images.InputError` with the HTTP status and
+a message that names the field at fault.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.message import Message
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
 
 from oodlab.serve.images import InputError
 
@@ -39,107 +54,115 @@ class RawImage:
     array: Any = None
 
 
-async def read_limited(stream: AsyncIterator[bytes], declared: str | None, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it is known to be larger than ``limit``."""
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise InputError(f"Content-Length {declared!r} is not a number", 400) from None
-        if size > limit:
-            raise InputError(f"request body of {size} bytes; the limit is {limit} bytes", 413)
-    chunks, total = [], 0
-    async for chunk in stream:
-        total += len(chunk)
-        if total > limit:
-            raise InputError(f"request body over the limit of {limit} bytes", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _base64(value: str) -> bytes:
+    """Strict RFC 4648 base64 (whitespace ignored), optionally as an RFC 2397 data URL."""
+    text = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise PydanticCustomError("base64", "not valid base64 ({error})",
+                                  {"error": str(err)}) from None
 
 
-def _header(value: str) -> Message:
-    msg = Message()
-    msg["content-type"] = value
-    return msg
+def _image_kind(value: Any) -> str | None:
+    return "base64" if isinstance(value, str) else "array" if isinstance(value, list) else None
 
 
-def parse(content_type: str | None, body: bytes, max_images: int) -> list[RawImage]:
-    """Split a body into raw images according to its content type."""
+Base64Image = Annotated[bytes, BeforeValidator(_base64), WithJsonSchema(
+    {"type": "string", "contentEncoding": "base64",
+     "description": "base64 PNG or JPEG (any size or colour mode)"})]
+ArrayImage = Annotated[list[Any], WithJsonSchema(
+    {"type": "array", "items": {},
+     "description": "[C][S][S] (or [S][S] for one channel) in [0, 1]"})]
+# A callable discriminator gives one error per bad entry (pydantic, "Discriminated Unions").
+ImageItem = Annotated[
+    Annotated[Base64Image, Tag("base64")] | Annotated[ArrayImage, Tag("array")],
+    Discriminator(_image_kind, custom_error_type="image_type",
+                  custom_error_message="expected a base64 PNG/JPEG string or a nested array")]
+
+
+class ScoreRequest(BaseModel):
+    """The JSON body of ``POST /v1/score``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[ImageItem] = Field(description="the images to score, in order")
+
+
+# pydantic, "Customize error messages": our wording for the errors of the body's shape.
+_MESSAGES = {
+    "json_invalid": "malformed JSON body: {msg}",
+    "model_type": 'the JSON body must be an object {{"images": [...]}}, got {got}',
+    "missing": 'field "{where}" is missing from the JSON body',
+    "extra_forbidden": 'unknown field "{where}" in the JSON body; expected only "images"',
+    "list_type": 'field "{where}" must be a list, got {got}',
+}
+
+
+def _message(error: ErrorDetails) -> str:
+    loc = error["loc"]
+    where = "".join([str(loc[0]) if loc else "body",
+                     *(f"[{p}]" for p in loc[1:] if isinstance(p, int))])
+    template = _MESSAGES.get(error["type"], "{where}: {msg}")
+    return template.format(where=where, msg=error["msg"], got=type(error["input"]).__name__)
+
+
+def from_json(body: bytes) -> list[RawImage]:
+    """Validate a JSON body against :class:`ScoreRequest` (400 if it is not JSON at all)."""
+    try:
+        request = ScoreRequest.model_validate_json(body)
+    except ValidationError as err:
+        errors = err.errors(include_url=False)
+        status = 400 if any(e["type"] == "json_invalid" for e in errors) else 422
+        raise InputError("; ".join(_message(e) for e in errors), status) from None
+    return [RawImage(f"images[{i}]", data=v) if isinstance(v, bytes)
+            else RawImage(f"images[{i}]", array=v) for i, v in enumerate(request.images)]
+
+
+async def from_multipart(request: Request, body: bytes, boundary: str | None
+                         ) -> list[RawImage]:
+    """RFC 7578 form data: every part is one image file (its file name labels it)."""
+    if not boundary:
+        raise InputError("multipart/form-data without a boundary parameter", 400)
+    # python-multipart drops an unterminated last part silently: refuse such a body instead
+    if not body.rstrip(b"\r\n").endswith(b"--" + boundary.encode("latin-1") + b"--"):
+        raise InputError("multipart body is not closed by its final boundary "
+                         f"'--{boundary}--' (truncated upload?)", 400)
+    form = await request.form()  # parses the cached body again
+    try:
+        images = []
+        for i, (name, value) in enumerate(form.multi_items()):
+            if not isinstance(value, UploadFile):
+                raise InputError(f"parts[{i}] (field {name!r}): a text field, not a file; send "
+                                 "each image as a file (curl -F images=@a.png)")
+            label = f"parts[{i}] (file {value.filename!r})"
+            images.append(RawImage(label, data=await value.read()))
+        return images
+    finally:
+        await form.close()
+
+
+async def read_images(request: Request, max_images: int) -> list[RawImage]:
+    """The raw images of a ``POST /v1/score`` request, by its content type."""
+    content_type = request.headers.get("content-type")
     if not content_type:
         raise InputError(f"no Content-Type header; send {ACCEPTED}", 415)
-    header = _header(content_type)
+    header = Message()
+    header["content-type"] = content_type
     mime = header.get_content_type()
+    if mime not in (JSON, MULTIPART, *IMAGE_TYPES):
+        raise InputError(f"content type {mime!r} is not supported; send {ACCEPTED}", 415)
+    body = await request.body()  # 413 past the route's max_body_size
     if mime == JSON:
         images = from_json(body)
     elif mime == MULTIPART:
-        images = from_multipart(body, header.get_param("boundary"))
-    elif mime in IMAGE_TYPES:
-        images = [RawImage(f"body ({mime})", data=body)]
+        boundary = header.get_param("boundary")
+        images = await from_multipart(request, body,
+                                      boundary if isinstance(boundary, str) else None)
     else:
-        raise InputError(f"content type {mime!r} is not supported; send {ACCEPTED}", 415)
+        images = [RawImage(f"body ({mime})", data=body)]
     if not images:
         raise InputError("no images in the request", 422)
     if len(images) > max_images:
         raise InputError(f"{len(images)} images in one request; at most {max_images}", 413)
-    return images
-
-
-def from_json(body: bytes) -> list[RawImage]:
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise InputError(f"malformed JSON body: {err}", 400) from None
-    if not isinstance(doc, dict):
-        raise InputError(f'the JSON body must be an object {{"images": [...]}}, got '
-                         f"{type(doc).__name__}")
-    unknown = sorted(set(doc) - {"images"})
-    if unknown:
-        raise InputError(f'unknown field(s) {unknown} in the JSON body; expected only "images"')
-    if "images" not in doc:
-        raise InputError('field "images" is missing from the JSON body')
-    items = doc["images"]
-    if not isinstance(items, list):
-        raise InputError(f'field "images" must be a list, got {type(items).__name__}')
-    return [_json_item(v, f"images[{i}]") for i, v in enumerate(items)]
-
-
-def _json_item(value: Any, label: str) -> RawImage:
-    if isinstance(value, list):
-        return RawImage(label, array=value)
-    if not isinstance(value, str):
-        raise InputError(f"{label}: expected a base64 PNG/JPEG string or a nested array, got "
-                         f"{type(value).__name__}")
-    text = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
-    try:
-        return RawImage(label, data=base64.b64decode("".join(text.split()), validate=True))
-    except (binascii.Error, ValueError) as err:
-        raise InputError(f"{label}: not valid base64 ({err})") from None
-
-
-def from_multipart(body: bytes, boundary: str | None) -> list[RawImage]:
-    """RFC 7578 form data: every part is one image (its field name and file name label it)."""
-    if not boundary:
-        raise InputError("multipart/form-data without a boundary parameter", 400)
-    parts = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))
-    images, closed = [], False
-    for i, part in enumerate(parts[1:]):
-        if part.startswith(b"--"):
-            closed = True
-            break
-        head, sep, content = part.partition(b"\r\n\r\n")
-        if not sep or not head.startswith(b"\r\n"):
-            raise InputError(f"multipart part {i}: no blank line after its headers", 400)
-        disposition = Message()
-        for line in head[2:].decode("latin-1").split("\r\n"):
-            key, _, val = line.partition(":")
-            if key.strip().lower() == "content-disposition":
-                disposition["content-disposition"] = val.strip()
-        name = disposition.get_param("name", header="content-disposition")
-        filename = disposition.get_param("filename", header="content-disposition")
-        label = f"parts[{i}]" + (f" (file {filename!r})" if filename
-                                 else f" (field {name!r})" if name else "")
-        images.append(RawImage(label, data=content))
-    if not closed:
-        raise InputError("multipart body is not closed by its final boundary "
-                         f"'--{boundary}--' (truncated upload?)", 400)
     return images

@@ -1,6 +1,6 @@
 """The MLflow registry side of serving: resolve an alias to a version, load that version.
 
-Loading itself goes through :func:`oodlab.tracking.load_detector` (``weights_only``); this
+Loading itself goes through :func:`oodlab.track.tracking.load_detector` (``weights_only``); this
 module only adds what serving needs on top: a pinned version number, the run's summary
 metrics, and the model's identity for every response.
 """
@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from oodlab.detector import Detector
+from oodlab.detect.detector import Detector
 from oodlab.serve.config import ModelConfig, split_ref
-from oodlab.tracking import ModelReferenceError, load_detector
+from oodlab.track.tracking import ModelReferenceError, load_detector
 
 
 @dataclass(frozen=True)

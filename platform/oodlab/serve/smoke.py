@@ -16,7 +16,7 @@ from typing import Any
 
 from oodlab.serve.auth import load_token
 from oodlab.serve.config import ModelConfig, ServeOptions
-from oodlab.serve.deploy import deploy, remove
+from oodlab.serve.deploy import Deployment, deploy, remove
 from oodlab.serve.registry import resolve
 
 
@@ -50,6 +50,7 @@ def post_json(url: str, body: dict[str, Any], token: bytes | None = None,
 class SmokeResult:
     url: str
     response: dict[str, Any]
+    deployment: Deployment
 
 
 def serve_and_score_once(ref: str, tracking_uri: str | None = None, keep: bool = False,
@@ -73,7 +74,7 @@ def serve_and_score_once(ref: str, tracking_uri: str | None = None, keep: bool =
         print(f"served {m['name']} version {m['version']} at {dep.url}: score "
               f"{r['score']:.4f}, threshold {answer['threshold']}, is_ood {r['is_ood']}")
         print(json.dumps(answer))
-        return SmokeResult(dep.url, answer)
+        return SmokeResult(dep.url, answer, dep)
     finally:
         if not keep:
             remove(dep)

@@ -1,0 +1,1 @@
+"""Detection: model outputs, post-hoc scores, metrics, the detector, evaluation."""

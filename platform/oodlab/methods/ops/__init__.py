@@ -1,0 +1,1 @@
+"""Building blocks one method uses: augmentations (CCL), pruning masks (UMAP)."""

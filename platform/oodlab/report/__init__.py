@@ -1,0 +1,1 @@
+"""Reports: multi-seed result tables and the cross-method report from MLflow."""

@@ -1,0 +1,174 @@
+"""``oodlab results``: run specs over several seeds and write a mean ± std table.
+
+Runs are tagged ``oodlab.results=<table name>`` in MLflow; the table is rebuilt from MLflow
+(never copied by hand), with the seed count, so it can be regenerated at any time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from oodlab.cluster.ray_local import hardware
+from oodlab.spec import ExperimentSpec, load_spec
+
+RESULTS_TAG = "oodlab.results"
+
+# column label -> metric key template ({score} = the served score)
+# headline means are over near- and far-OOD sets; sanity sets (noise) have their own column
+DEFAULT_COLUMNS = {
+    "AUROC ↑": "test/{score}/mean/auroc",
+    "FPR@95 ↓": "test/{score}/mean/fpr95",
+    "AUPR-in ↑": "test/{score}/mean/aupr_in",
+    "near AUROC ↑": "test/{score}/near/auroc",
+    "far AUROC ↑": "test/{score}/far/auroc",
+    "sanity AUROC ↑": "test/{score}/sanity/auroc",
+    "val AUROC ↑": "val_final/{score}/mean/auroc",
+    "val FPR@95 ↓": "val_final/{score}/mean/fpr95",
+}
+ID_COLUMNS = {"ID acc ↑": "test/id_acc", "ID mAP ↑": "test/id_map"}
+TAIL_COLUMNS = {
+    "tail-only AUROC ↑": "headtail/{score}/tail_only/mean/auroc",
+    "tail-only FPR@95 ↓": "headtail/{score}/tail_only/mean/fpr95",
+    "tail-only flagged OOD ↓": "headtail/{score}/tail_only/flagged_ood",
+    "head AUROC ↑": "headtail/{score}/head/mean/auroc",
+}
+
+
+def run_seeds(spec_paths: Sequence[str], seeds: Sequence[int], table: str,
+              overrides: Sequence[str] = ()) -> list[str]:
+    """Run every spec with every seed (one Ray session); returns the MLflow run ids."""
+    from oodlab.console import progress
+    from oodlab.train.pipeline import run_experiment
+
+    run_ids = []
+    for path in spec_paths:
+        for seed in seeds:
+            spec = load_spec(path, [*overrides, f"seed={seed}"])
+            progress(f"{spec.name} seed {seed}", source="results")
+            res = run_experiment(spec, spec_path=path, tags={RESULTS_TAG: table})
+            run_ids.append(res.run_id)
+    return run_ids
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` (sample std, ddof=1) with the seed count; '–' when missing."""
+    if not values:
+        return "–"
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.3f} ± {std:.3f} (n={len(values)})"
+
+
+def collect(spec: ExperimentSpec, table: str) -> dict[str, list[dict[str, float]]]:
+    """Finished runs of one results table, grouped by spec name, from MLflow."""
+    from oodlab.track import tracking
+
+    client = tracking.client_for(spec)
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    if exp is None:
+        return {}
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.`{RESULTS_TAG}` = '{table}' and "
+                                            "attributes.status = 'FINISHED'",
+                              max_results=5000)
+    grouped: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for r in runs:
+        grouped[r.data.tags.get("mlflow.runName", "?")].append(
+            dict(r.data.metrics) | {"_score": r.data.params.get("eval.scores", "")})
+    return grouped
+
+
+def markdown_table(specs: Sequence[ExperimentSpec], table: str,
+                   scores: Sequence[str] = ()) -> str:
+    """One row per spec and score (default: the served score); mean ± std over its seeds for
+    every column present in any run."""
+    rows, columns = [], dict(DEFAULT_COLUMNS)
+    grouped: dict[str, list[dict[str, float]]] = {}
+    for spec in specs:
+        grouped.update(collect(spec, table))
+    multilabel = any("test/id_map" in m for runs in grouped.values() for m in runs)
+    columns |= {k: v for k, v in ID_COLUMNS.items() if (v == "test/id_map") == multilabel}
+    if multilabel:
+        columns |= TAIL_COLUMNS
+    present = {k for runs in grouped.values() for m in runs for k in m}
+    columns = {label: key for label, key in columns.items()  # drop columns no run has
+               if any(key.format(score=s) in present
+                      for spec in specs for s in (scores or spec.eval.scores[:1]))}
+    header = "| spec | method | score | " + " | ".join(columns) + " |"
+    rows = [header, "|" + "---|" * (len(columns) + 3)]
+    for spec in specs:
+        runs = grouped.get(spec.name, [])
+        for score in scores or spec.eval.scores[:1]:
+            cells = []
+            for key in columns.values():
+                k = key.format(score=score)
+                cells.append(mean_std([m[k] for m in runs if k in m]))
+            rows.append(f"| {spec.name} | {spec.method.name} | {score} | "
+                        + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+NOTES_MARKER = "<!-- notes: kept when this file is regenerated -->"
+PER_SET_METRICS = {"auroc": "AUROC ↑", "fpr95": "FPR@95 ↓", "aupr_in": "AUPR-in ↑"}
+
+
+def per_set_table(specs: Sequence[ExperimentSpec], table: str, metric: str,
+                  scores: Sequence[str] = ()) -> str:
+    """One row per spec and score, one column per test OOD set of ``metric`` (``auroc``,
+    ``fpr95`` or ``aupr_in``), grouped: near sets then their mean, far sets then theirs, the
+    headline mean (near + far), then sanity sets and their mean; mean ± std over seeds."""
+    columns = per_set_columns(specs)
+    lines = ["| spec | score | " + " | ".join(label for label, _ in columns) + " |",
+             "|" + "---|" * (len(columns) + 2)]
+    for spec in specs:
+        runs = collect(spec, table).get(spec.name, [])
+        for score in scores or spec.eval.scores[:1]:
+            cells = [mean_std([m[k] for m in runs if (k := f"test/{score}/{key}/{metric}") in m])
+                     for _, key in columns]
+            lines.append(f"| {spec.name} | {score} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_set_columns(specs: Sequence[ExperimentSpec]) -> list[tuple[str, str]]:
+    """(label, metric-key part) of the per-set table: each group's sets then the group mean;
+    the headline mean leaves the sanity sets out."""
+    groups: dict[str, list[str]] = {}
+    for spec in specs:
+        for group, names in spec.data.test_sets().items():
+            groups.setdefault(group, [])
+            groups[group] += [n for n in names if n not in groups[group]]
+    columns: list[tuple[str, str]] = []
+    for group in ("near", "far", "ungrouped"):
+        columns += [(s, s) for s in groups.get(group, [])]
+        if group in ("near", "far") and group in groups:
+            columns.append((f"**{group} mean**", group))
+    columns.append(("**mean**", "mean"))
+    if "sanity" in groups:
+        columns += [(s, s) for s in groups["sanity"]] + [("sanity mean", "sanity")]
+    return columns
+
+
+def write_report(specs: Sequence[ExperimentSpec], table: str, out: str | Path,
+                 command: str, scores: Sequence[str] = (),
+                 per_set: Sequence[str] = ()) -> Path:
+    """Write the table (and one per-OOD-set table per metric in ``per_set``) with the command,
+    date and hardware it came from, atomically. Whatever an existing file holds from
+    :data:`NOTES_MARKER` on (the analysis written by hand) is kept."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = (f"# {table}\n\nGenerated by `{command}` on {time.strftime('%Y-%m-%d')}, "
+            f"{hardware()}. Mean ± sample std over seeds; n = seeds.\n\n"
+            + markdown_table(specs, table, scores) + "\n")
+    for metric in per_set:
+        body += (f"\n### {PER_SET_METRICS[metric]} per test OOD set\n\n"
+                 + per_set_table(specs, table, metric, scores) + "\n")
+    if out.is_file() and NOTES_MARKER in (old := out.read_text()):
+        body += "\n" + old[old.index(NOTES_MARKER):]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(body)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,1 @@
+"""Search: Ray Tune + Optuna over specs, and promotion of the best run to champion."""

@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs, metrics, figures, and detectors as pyfunc models."""

@@ -1,0 +1,145 @@
+"""Figures people would rather look at than read: ROC curves, score histograms, epoch curves."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from oodlab.detect.evaluate import ScoreResult  # noqa: E402
+
+
+def roc_figure(res: ScoreResult, title: str = ""):
+    """ROC of ID test (positive) vs each OOD set, with AUROC and FPR@95 in the legend."""
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    id_s = res.id_test.numpy()
+    for name, ood in res.ood.items():
+        y = np.r_[np.ones(len(id_s)), np.zeros(len(ood))]
+        fpr, tpr, _ = roc_curve(y, np.r_[id_s, ood.numpy()])
+        m = res.per_set[name]
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {m['auroc']:.3f}, FPR95 {m['fpr95']:.3f})")
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.axhline(0.95, ls="--", c="grey", lw=0.8)
+    ax.set(xlabel="false positive rate (OOD accepted)", ylabel="true positive rate (ID kept)",
+           title=title or f"ROC, score = {res.name}")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def histogram_figure(res: ScoreResult, title: str = ""):
+    """Score histograms: ID test vs each OOD set, with the served threshold."""
+    sets = {"ID test": res.id_test.numpy()} | {k: v.numpy() for k, v in res.ood.items()}
+    lo = min(float(np.quantile(v, 0.005)) for v in sets.values())
+    hi = max(float(np.quantile(v, 0.995)) for v in sets.values())
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 60)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in sets.items():
+        ax.hist(np.clip(values, lo, hi), bins=bins, histtype="step", density=True, label=name,
+                lw=2 if name == "ID test" else 1)
+    ax.axvline(res.threshold, c="k", ls="--", lw=1, label="threshold (95% ID TPR)")
+    ax.set(xlabel=f"{res.name} score (higher = more ID)", ylabel="density",
+           title=title or f"Score histograms, {res.name}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def headtail_figure(res: ScoreResult, groups: dict, title: str = ""):
+    """Score histograms of head ID, tail-only ID and OOD (all test OOD sets pooled)."""
+    import torch
+
+    sets = {"head ID": res.id_test[groups["head"]].numpy(),
+            "tail-only ID": res.id_test[groups["tail_only"]].numpy(),
+            "OOD (all sets)": torch.cat(list(res.ood.values())).numpy()}
+    sets = {k: v for k, v in sets.items() if len(v)}
+    values = np.concatenate(list(sets.values()))
+    bins = np.linspace(float(values.min()), float(values.max()) + 1e-6, 60)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, v in sets.items():
+        ax.hist(v, bins=bins, histtype="step", density=True, lw=1.5, label=f"{name} ({len(v)})")
+    ax.axvline(res.threshold, c="k", ls="--", lw=1, label="threshold (95% ID TPR)")
+    ax.set(xlabel=f"{res.name} score (higher = more ID)", ylabel="density",
+           title=title or f"Head vs tail-only ID vs OOD, {res.name}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def epoch_figure(history: dict[str, list[tuple[int, float]]], title: str = "Per-epoch view"):
+    """Validation-OOD AUROC and ID accuracy against epoch (the Unleashing-Mask observation)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for key, points in history.items():
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(np.array(steps) + 1, values, marker="o", label=key)
+    ax.set(xlabel="epoch", ylabel="value", title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def parallel_coordinates_figure(params: list[dict], values: list[float], metric: str):
+    """One line per trial across the searched parameters (each scaled to [0, 1]), coloured
+    by the objective; categorical values are placed at their rank."""
+    keys = sorted(params[0]) if params else []
+    fig, ax = plt.subplots(figsize=(1.6 * max(len(keys), 2) + 1.5, 4))
+    cols = []
+    for k in keys:
+        raw = [p[k] for p in params]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in raw):
+            col = np.asarray(raw, dtype=float)
+        else:
+            order = {v: i for i, v in enumerate(sorted({str(v) for v in raw}))}
+            col = np.asarray([order[str(v)] for v in raw], dtype=float)
+        span = col.max() - col.min()
+        cols.append((col - col.min()) / span if span > 0 else np.full_like(col, 0.5))
+    finite = [v for v in values if np.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    cmap = plt.get_cmap("viridis")
+    for i, v in enumerate(values):
+        colour = cmap((v - lo) / (hi - lo) if np.isfinite(v) and hi > lo else 0.0)
+        ax.plot(range(len(keys)), [c[i] for c in cols], color=colour, alpha=0.8, marker="o")
+    ax.set_xticks(range(len(keys)), keys, rotation=20, fontsize=8)
+    ax.set(ylabel="scaled value", title=f"trials coloured by {metric} ({lo:.3f} to {hi:.3f})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def comparison_figure(labels: list[str], panels: dict[str, tuple[list, list, str]],
+                      title: str):
+    """Side-by-side horizontal bars, one panel per metric: ``panels[name] = (means, stds,
+    better)`` with one entry per label (NaN = missing, drawn as no bar); the best bar of each
+    panel is dark, whiskers are the std over seeds."""
+    fig, axes = plt.subplots(1, len(panels), sharey=True,
+                             figsize=(3.2 * len(panels) + 3, 0.28 * len(labels) + 1.4))
+    axes = np.atleast_1d(axes)
+    y = np.arange(len(labels))
+    for ax, (name, (means, stds, better)) in zip(axes, panels.items(), strict=True):
+        m, sd = np.asarray(means, dtype=float), np.asarray(stds, dtype=float)
+        ok = np.isfinite(m)
+        best = (np.nanmax(m) if better == "max" else np.nanmin(m)) if ok.any() else np.nan
+        colours = ["#1b5e20" if ok[i] and np.isclose(m[i], best, atol=5e-4) else "#90a4ae"
+                   for i in range(len(m))]
+        ax.barh(y[ok], m[ok], xerr=np.nan_to_num(sd[ok]), color=[colours[i] for i in y[ok]],
+                error_kw={"lw": 0.8, "capsize": 2})
+        for i in y[ok]:
+            ax.text(0.01, i, f"{m[i]:.3f}", va="center", fontsize=6,
+                    bbox={"fc": "white", "alpha": 0.7, "lw": 0, "pad": 1})
+        ax.set(xlim=(0, 1), title=f"{name} ({'higher' if better == 'max' else 'lower'} "
+                                  "is better)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, labels, fontsize=7)
+    axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def close(fig) -> None:
+    plt.close(fig)

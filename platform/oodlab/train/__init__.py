@@ -1,0 +1,1 @@
+"""Training: the Ray Train loop and the one run path (train -> evaluate -> log)."""

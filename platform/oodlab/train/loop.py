@@ -1,0 +1,255 @@
+"""The one training loop, run by Ray Train's TorchTrainer on 1..N workers (CPU or GPU).
+
+Per worker::
+
+    restore the latest checkpoint (if Ray restarted us)
+    for epoch: for (batch, oe_batch): loss = method.training_step(...); step
+               method.on_epoch_end(...)
+               rank 0: validation metrics; everyone: ray.train.report(metrics, checkpoint)
+
+A checkpoint holds the model, optimizer, scheduler, epoch, method state and RNG states, so
+a worker killed mid-run resumes at the next epoch, not at 0 (FailureConfig.max_failures).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from oodlab.cluster.storage import checkpoint_uri, ray_storage
+from oodlab.console import progress
+from oodlab.data.bundle import load_bundle, set_epoch, train_loader
+from oodlab.detect.evaluate import validation_metrics
+from oodlab.methods import Loaders, Method, TrainState, build_method
+from oodlab.spec import ExperimentSpec, TrainSpec, validate_spec
+from oodlab.track import tracking
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def make_optimizer(cfg: TrainSpec, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
+                           and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainSpec, opt: torch.optim.Optimizer, total_steps: int
+                   ) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step schedule, stepped once per optimizer step: cosine annealing to 0 over the
+    whole run (Loshchilov & Hutter 2017, SGDR Eq. 5 without restarts: after k of T steps
+    lr = 0.5·lr_0·(1 + cos(πk/T))), or constant."""
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DDP wrapper (what gets checkpointed and evaluated)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def _cycle(loader: DataLoader, sampler, seed: int) -> Iterator:
+    """Endless OE stream: OE never truncates the ID epoch (unlike zip(ID, OE) in EDGE)."""
+    epoch = 0
+    while True:
+        set_epoch(sampler, seed + 1, epoch)
+        yield from loader
+        epoch += 1
+
+
+def save_checkpoint(path: Path, model: nn.Module, opt, sched, state: TrainState) -> None:
+    torch.save({
+        "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(), "epoch": state.epoch, "step": state.step,
+        "extra": state.extra, "torch_rng": torch.get_rng_state(),
+    }, path / CHECKPOINT_FILE)
+
+
+def load_checkpoint_payload(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point: ``config = {"spec": <ExperimentSpec as JSON dict>}``."""
+    spec = validate_spec(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(spec.seed)  # identical init on every rank (DDP also broadcasts)
+    device = ray.train.torch.get_device()
+
+    bundle = load_bundle(spec, include_test=False)
+    method = build_method(spec)
+    model = method.build(bundle.num_classes)
+    state = TrainState(num_classes=bundle.num_classes, rank=rank, world_size=world, device=device)
+    id_loader, id_sampler = train_loader(bundle.id_train, spec.data.batch_size, spec.seed,
+                                         rank, world)
+    steps_per_epoch = len(id_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"data.batch_size={spec.data.batch_size} x {world} workers exceeds the "
+                         f"{len(bundle.id_train)} ID training images; lower it or add data")
+    oe_loader, oe_sampler = None, None
+    if method.uses_oe:
+        if bundle.oe is None:
+            raise ValueError(f"method {spec.method.name!r} needs OE data: set data.oe")
+        oe_loader, oe_sampler = train_loader(bundle.oe, spec.data.oe_batch_size, spec.seed + 1,
+                                             rank, world)
+
+    checkpoint = ray.train.get_checkpoint()
+    payload = load_checkpoint_payload(checkpoint) if checkpoint is not None else None
+    if payload is None and config.get("init_state") is not None:
+        model.load_state_dict(config["init_state"])  # init_from, checked on the driver
+    if payload is not None:
+        state.extra, state.step = payload["extra"], payload["step"]
+    # method set-up on the plain backbone (e.g. UM's loss constraint), then the trained module
+    method.on_fit_start(model, Loaders(id_train=id_loader, oe=oe_loader), state)
+    model = method.wrap(model)
+    opt = make_optimizer(spec.train, [p for p in model.parameters() if p.requires_grad])
+    sched = make_scheduler(spec.train, opt, spec.train.epochs * steps_per_epoch)
+
+    start_epoch = 0
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+        opt.load_state_dict(payload["optimizer"])
+        sched.load_state_dict(payload["scheduler"])
+        torch.set_rng_state(payload["torch_rng"])
+        start_epoch = payload["epoch"] + 1
+        if rank == 0:
+            progress(f"resumed from checkpoint at epoch {payload['epoch']}")
+
+    model = ray.train.torch.prepare_model(model)
+    id_loader = ray.train.torch.prepare_data_loader(id_loader, add_dist_sampler=False)
+    oe_stream = None
+    if oe_loader is not None:
+        oe_loader = ray.train.torch.prepare_data_loader(oe_loader, add_dist_sampler=False)
+        oe_stream = _cycle(oe_loader, oe_sampler, spec.seed)
+    loaders = Loaders(id_train=id_loader, oe=oe_loader)
+
+    for epoch in range(start_epoch, spec.train.epochs):
+        state.epoch = epoch
+        set_epoch(id_sampler, spec.seed, epoch)
+        model.train()
+        t0, total, seen = time.perf_counter(), 0.0, 0
+        for batch in id_loader:
+            oe_batch = next(oe_stream) if oe_stream is not None else None
+            loss = method.training_step(model, batch, oe_batch, state)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} "
+                                         f"step {state.step}; lower train.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            state.step += 1
+            total += loss.item() * len(batch[0])
+            seen += len(batch[0])
+        elapsed = time.perf_counter() - t0
+        method.on_epoch_end(model, loaders, state)
+
+        metrics = {"epoch": epoch, "run/start_epoch": start_epoch,
+                   "train/loss": total / max(seen, 1),
+                   "train/lr": sched.get_last_lr()[0],
+                   "train/images_per_s": seen * world / max(elapsed, 1e-9)}
+        metrics |= method.epoch_metrics(model, state)
+        if rank == 0:
+            metrics |= validation_metrics(unwrap(model), bundle, spec, method, device)
+            _log_figures(spec, config.get("run_id"), method, unwrap(model), state)
+            id_key = "val/id_map" if "val/id_map" in metrics else "val/id_acc"
+            progress(f"epoch {epoch + 1}/{spec.train.epochs} loss {metrics['train/loss']:.4f} "
+                     f"{id_key} {metrics.get(id_key, float('nan')):.3f} "
+                     f"val/auroc {metrics.get('val/auroc', float('nan')):.3f} "
+                     f"({metrics['train/images_per_s']:.0f} img/s)")
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(Path(tmp), model, opt, sched, state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+
+def _log_figures(spec: ExperimentSpec, run_id: str | None, method: Method, model: nn.Module,
+                 state: TrainState) -> None:
+    """Log the method's figures of this epoch to the run (rank 0); a lost picture never
+    ends a training run."""
+    figures = method.epoch_figures(model, state)
+    if not figures or run_id is None:
+        return
+    for path, fig in figures.items():
+        try:
+            tracking.log_figure(spec, run_id, fig, path)
+        except Exception as err:  # noqa: BLE001  (tracking store unreachable, full disk...)
+            progress(f"could not log {path}: {err}")
+
+
+def model_from_checkpoint(spec: ExperimentSpec, checkpoint: ray.train.Checkpoint,
+                          num_classes: int) -> nn.Module:
+    """The servable (exported, eval-mode, CPU) model stored in a training checkpoint."""
+    method = build_method(spec)
+    model = method.wrap(method.build(num_classes))
+    model.load_state_dict(load_checkpoint_payload(checkpoint)["model"])
+    return method.export(model).eval()
+
+
+@dataclass
+class TrainOutcome:
+    """The trained (unwrapped, CPU) model of the selected epoch (``train.select_metric``,
+    else the last) and where that checkpoint lives."""
+
+    model: nn.Module
+    num_classes: int
+    checkpoint_path: str
+    metrics: dict[str, Any]
+
+
+def storage_path(spec: ExperimentSpec) -> str:
+    """Ray Train storage: ``spec.storage`` (local path or s3://...) or ``<workdir>/ray``."""
+    return spec.storage or str(spec.workdir_path / "ray")
+
+
+def fit(spec: ExperimentSpec, *, run_name: str, num_classes: int,
+        callbacks: list | None = None, init_state: dict | None = None,
+        run_id: str | None = None) -> TrainOutcome:
+    """Train with a TorchTrainer; ``run_name`` must be unique and stable (it is the resume
+    key). Workers log the method's figures to the MLflow run ``run_id`` when given."""
+    r = spec.resources
+    spec = spec.pinned()  # workers run in Ray's directories: same workdir, caches, store
+    select = spec.train.select_metric  # None: the last epoch is the one evaluated
+    trainer = ray.train.torch.TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "init_state": init_state,
+                           "run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.use_gpu,
+            resources_per_worker={"CPU": r.cpus_per_worker} | ({"GPU": 1} if r.use_gpu else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name, **ray_storage(storage_path(spec)),  # s3: pyarrow fs + endpoint
+            # Ray keeps the latest checkpoint (for restarts) and the best on the score
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=select,
+                checkpoint_score_order=spec.train.select_mode),
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            callbacks=callbacks or [],
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
+    chosen = result.checkpoint
+    if select is not None:
+        chosen = result.get_best_checkpoint(select, spec.train.select_mode) or chosen
+    model = model_from_checkpoint(spec, chosen, num_classes)
+    return TrainOutcome(model=model, num_classes=num_classes,
+                        checkpoint_path=checkpoint_uri(chosen),
+                        metrics=dict(result.metrics or {}))
+

@@ -1,0 +1,208 @@
+"""The one path of a run: spec -> Ray Train -> evaluate -> MLflow.
+
+:func:`run_experiment` is ``oodlab run``; a search trial (``oodlab tune``) trains with the
+same :func:`~oodlab.train.loop.fit` and ends in the same :func:`finish_run`, so every run,
+searched or not, is evaluated and logged the same way (metrics, plots, epoch summary,
+detector), and ``oodlab promote`` only registers what a run already logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from oodlab.cluster import ray_local
+from oodlab.data.bundle import DataBundle, load_bundle
+from oodlab.detect import oe_select
+from oodlab.detect.evaluate import EvalReport, evaluate
+from oodlab.errors import ModelReferenceError
+from oodlab.methods import build_method
+from oodlab.spec import ExperimentSpec, OESelectSpec
+from oodlab.track import plots, tracking
+from oodlab.train.loop import fit
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    metrics: dict[str, float]
+    report: EvalReport
+    model: dict[str, Any]
+    tracking_uri: str
+
+
+def init_ray() -> None:
+    """Connect to RAY_ADDRESS if set, else start (or reuse) a local Ray."""
+    ray_local.init_ray()
+
+
+def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
+                   tags: dict[str, str] | None = None, parent_run_id: str | None = None
+                   ) -> RunResult:
+    """Train, evaluate and track one experiment. The MLflow run is FAILED if anything raises."""
+    bundle = load_bundle(spec)  # build/cache data and fail on a bad root before Ray starts
+    init_ref = tracking.resolve_init_from(spec)
+    init_state = initial_weights(spec, bundle.num_classes, init_ref)  # a bad ref fails here
+    init_ray()
+    tags = (tags or {}) | {ray_local.HARDWARE_TAG: ray_local.hardware()}
+    if init_ref is not None:
+        tags |= {"oodlab.init_from": init_ref}
+    run_id = tracking.start_run(spec, spec_path, tags=tags, parent_run_id=parent_run_id)
+    ok = False
+    try:
+        if spec.data.oe_select is not None:
+            spec = apply_oe_selection(spec, bundle, run_id)
+        outcome = fit(spec, run_name=f"{spec.name}-{run_id}", num_classes=bundle.num_classes,
+                      callbacks=[tracking.epoch_callback(spec, run_id)], init_state=init_state,
+                      run_id=run_id)
+        result = finish_run(spec, run_id, outcome.model, bundle)
+        ok = True
+        return result
+    finally:
+        tracking.end_run(spec, run_id, ok)
+
+
+def finish_run(spec: ExperimentSpec, run_id: str, model: nn.Module,
+               bundle: DataBundle | None = None, *, register: bool = True) -> RunResult:
+    """Evaluate a trained model once on the test sets and log everything to ``run_id``:
+    metrics, plots, the epoch summary and the detector (registered when ``register`` and the
+    spec names a ``tracking.model_name``; search trials leave that to ``oodlab promote``)."""
+    bundle = bundle or load_bundle(spec)
+    supervised = build_method(spec).kind != "unsupervised"
+    report = evaluate(spec, model, bundle, supervised=supervised)
+    report.detector.meta.update({"run_id": run_id, "method": spec.method.name})
+    client = tracking.client_for(spec)
+    tracking.log_metrics(client, run_id, report.metrics, step=spec.train.epochs)
+    _log_plots(spec, run_id, report)
+    logged = spec if register else spec.model_copy(update={
+        "tracking": spec.tracking.model_copy(update={"model_name": None})})
+    model_info = tracking.log_detector(logged, run_id, report.detector)
+    client.set_tag(run_id, tracking.MODEL_URI_TAG, model_info["model_uri"])
+    return RunResult(run_id, report.metrics, report, model_info, tracking.tracking_uri(spec))
+
+
+def initial_weights(spec: ExperimentSpec, num_classes: int, ref: str | None = None
+                    ) -> dict | None:
+    """Weights of ``ref`` (default: ``spec.init_from`` resolved), loaded with weights_only and
+    checked to fit the spec's model.
+
+    A missing run/model or an architecture mismatch is an error before training starts,
+    never a silent random initialisation (a finetune from random weights would look like a
+    result of the finetuning method).
+    """
+    ref = ref or tracking.resolve_init_from(spec)
+    if ref is None:
+        return None
+    state = tracking.load_detector(ref, tracking.tracking_uri(spec)).model.state_dict()
+    model = build_method(spec).build(num_classes)
+    try:
+        model.load_state_dict(state)  # strict
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise ModelReferenceError(
+            f"init_from {ref!r} does not fit model {spec.model.arch!r} with "
+            f"{num_classes} classes: {first}") from None
+    return {k: v.cpu() for k, v in state.items()}
+
+
+def oe_select_backbone(spec: ExperimentSpec, num_classes: int) -> nn.Module:
+    """The feature extractor: a trained detector's model, or the spec's architecture
+    randomly initialised with the spec's seed (``backbone: random``)."""
+    ref = spec.data.oe_select.backbone if spec.data.oe_select else "random"
+    if ref == "random":
+        torch.manual_seed(spec.seed)
+        return build_method(spec).build(num_classes)
+    return tracking.load_detector(ref).model
+
+
+def select_oe(spec: ExperimentSpec, bundle=None) -> list[oe_select.Candidate]:
+    """Rank the spec's OE candidates with EDGE's measure (``oodlab oe-select``)."""
+    bundle = bundle or load_bundle(spec, include_test=False)
+    cfg = spec.data.oe_select or OESelectSpec()
+    model = oe_select_backbone(spec, bundle.num_classes)
+    return oe_select.select(spec, cfg, bundle.id_train, bundle.oe_sets, model)
+
+
+def log_oe_selection(spec: ExperimentSpec, run_id: str, rows: list[oe_select.Candidate]) -> None:
+    client = tracking.client_for(spec)
+    client.log_table(run_id, {k: [r[k] for r in oe_select.as_table(rows)]
+                              for k in ("name", "distance", "normalised", "selected")},
+                     "oe_selection.json")
+    chosen = [r.name for r in rows if r.selected]
+    client.log_param(run_id, "data.oe_selected", ",".join(chosen))
+
+
+def apply_oe_selection(spec: ExperimentSpec, bundle, run_id: str) -> ExperimentSpec:
+    """Select the OE sets, log the ranking, and return the spec that trains on the choice."""
+    rows = select_oe(spec, bundle)
+    log_oe_selection(spec, run_id, rows)
+    chosen = [r.name for r in rows if r.selected]
+    data = spec.data.model_copy(update={"oe": chosen, "oe_select": None})
+    return spec.model_copy(update={"data": data})
+
+
+def _log_plots(spec: ExperimentSpec, run_id: str, report: EvalReport) -> None:
+    for name, res in report.scores.items():
+        for kind, make in (("roc", plots.roc_figure), ("hist", plots.histogram_figure)):
+            fig = make(res)
+            tracking.log_figure(spec, run_id, fig, f"plots/{kind}_{name}.png")
+            plots.close(fig)
+    history = {key: tracking.metric_history(spec, run_id, key)
+               for key in ("val/auroc", "val/id_acc", "val/id_map")}
+    tracking.log_metrics(tracking.client_for(spec), run_id, epoch_summary(history["val/auroc"]))
+    fig = plots.epoch_figure(history, title=f"{spec.name}: validation per epoch")
+    tracking.log_figure(spec, run_id, fig, "plots/epochs.png")
+    plots.close(fig)
+    if report.id_groups:
+        res = report.scores[spec.eval.scores[0]]
+        fig = plots.headtail_figure(res, report.id_groups)
+        tracking.log_figure(spec, run_id, fig, f"plots/headtail_{res.name}.png")
+        plots.close(fig)
+
+
+def epoch_summary(auroc: list[tuple[int, float]]) -> dict[str, float]:
+    """The intermediate-epoch view (Unleashing Mask's observation) as numbers: the best
+    validation-OOD AUROC over epochs, its epoch (1-based), and how much the last epoch lost
+    against it."""
+    if not auroc:
+        return {}
+    best_epoch, best = max(auroc, key=lambda p: (p[1], -p[0]))
+    last = auroc[-1][1]
+    return {"val/best_auroc": best, "val/best_auroc_epoch": float(best_epoch + 1),
+            "val/last_auroc_drop": best - last}
+
+
+def results_table(metrics: dict[str, float], scores: list[str], sets: list[str]) -> str:
+    """A plain-text table: one row per (score, OOD set), columns AUROC / AUPR / FPR@95."""
+    header = f"{'score':<12}{'OOD set':<16}{'AUROC':>8}{'AUPR-in':>9}{'AUPR-out':>10}{'FPR@95':>8}"
+    lines = [header, "-" * len(header)]
+    groups = [g for g in ("near", "far", "sanity") if f"test/{scores[0]}/{g}/auroc" in metrics]
+    for s in scores:
+        for d in [*sets, *(f"{g} (mean)" for g in groups), "mean"]:
+            k = f"test/{s}/{d.removesuffix(' (mean)')}"
+            lines.append(f"{s:<12}{d:<16}{metrics[k + '/auroc']:>8.3f}"
+                         f"{metrics[k + '/aupr_in']:>9.3f}{metrics[k + '/aupr_out']:>10.3f}"
+                         f"{metrics[k + '/fpr95']:>8.3f}")
+    return "\n".join(lines)
+
+
+def headtail_table(metrics: dict[str, float], score: str) -> str:
+    """Mean AUROC / FPR@95 over OOD sets for all, head and tail-only ID test images."""
+    lines = [f"head/tail breakdown, score {score} "
+             f"({int(metrics['headtail/num_head_classes'])} head classes)",
+             f"{'ID group':<12}{'images':>8}{'AUROC':>8}{'FPR@95':>8}"]
+    for g in ("all", "head", "tail_only"):
+        k = f"headtail/{score}/{g}"
+        if f"{k}/mean/auroc" in metrics:
+            lines.append(f"{g:<12}{int(metrics[k + '/count']):>8}"
+                         f"{metrics[k + '/mean/auroc']:>8.3f}{metrics[k + '/mean/fpr95']:>8.3f}")
+        else:
+            lines.append(f"{g:<12}{int(metrics.get(k + '/count', 0)):>8}{'-':>8}{'-':>8}")
+    flagged = metrics.get(f"headtail/{score}/tail_only/flagged_ood")
+    if flagged is not None:
+        lines.append(f"tail-only ID images flagged OOD at the served threshold: {flagged:.3f}")
+    return "\n".join(lines)
