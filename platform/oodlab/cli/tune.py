@@ -19,10 +19,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "tune", help="Ray Tune + Optuna search over a spec, then promote the best trial",
         description="Search the fields named in a search space (search_spaces/*.yaml) with "
                     "Optuna (TPE or random) and ASHA (or FIFO); every trial is a Ray Train run "
-                    "logged as an MLflow child run. The best trial by the validation objective "
-                    "is evaluated once on the test sets, registered under the spec's "
-                    "tracking.model_name, and becomes @champion only if it beats the current "
-                    "one. A killed search continues with --resume.")
+                    "logged as an MLflow child run; a trial that runs all its epochs is "
+                    "evaluated once on the test sets like any run. The best trial by the "
+                    "validation objective, among those that keep the space's constraints, is "
+                    "registered under the spec's tracking.model_name and becomes @champion only "
+                    "if it beats the current one (exit 1 when no trial is feasible). The "
+                    "Spearman correlation of validation and test metrics over the trials is "
+                    "printed. A killed search continues with --resume.")
     tun.add_argument("spec", help="experiment spec (YAML)")
     tun.add_argument("--space", required=True, help="search space (YAML), search_spaces/*.yaml")
     tun.add_argument("--name", help="search name (default <spec name>-search); also the "
@@ -39,8 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     pro = sub.add_parser(
         "promote", help="register a run's detector; make it @champion if it is better",
-        description="Register the detector of an MLflow run (a search trial is first evaluated "
-                    "once on the test sets) and move the alias to it only if its validation "
+        description="Register the detector an MLflow run logged (a trial stopped early has "
+                    "none) and move the alias to it only if its validation "
                     "metric beats the current holder's. Test metrics are shown, never compared.")
     pro.add_argument("run_id")
     pro.add_argument("--metric", default="val/auroc", help="validation metric (default val/auroc)")

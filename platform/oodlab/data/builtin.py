@@ -23,7 +23,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from oodlab.data.types import DataError, DatasetEntry, ImageDataset, LoadRequest, transform
+from oodlab.data.types import (
+    DataError,
+    DatasetEntry,
+    ImageDataset,
+    LoadRequest,
+    keep_and_relabel,
+    kept_classes,
+    transform,
+)
 
 VERSION = "v1"  # bump when a builder changes: old cache files are then ignored
 SIZE = 28
@@ -446,24 +454,15 @@ def mnist_arrays(req: LoadRequest) -> tuple[np.ndarray, np.ndarray, dict[str, np
 
 
 def _kept_classes(holdout: Sequence[int]) -> list[int]:
-    bad = [c for c in holdout if not 0 <= c < MNIST_CLASSES]
-    if bad:
-        raise DataError(f"holdout_classes: {bad} out of range; mnist classes are 0..9")
-    keep = [c for c in range(MNIST_CLASSES) if c not in holdout]
-    if len(keep) < 2:
-        raise DataError(f"holdout_classes: {list(holdout)} leaves fewer than 2 mnist classes")
-    return keep
+    return kept_classes(holdout, MNIST_CLASSES, "mnist")
 
 
 def load_mnist(req: LoadRequest) -> ImageDataset:
     """An ID split; held-out digits removed and the rest relabelled 0..K-1 in sorted order."""
     keep = _kept_classes(req.holdout_classes)
     images, labels, splits = mnist_arrays(req)
-    idx = splits[req.split]
-    idx = idx[np.isin(labels[idx], keep)]
-    remap = np.full(MNIST_CLASSES, -1, dtype=np.int64)
-    remap[keep] = np.arange(len(keep))
-    return _make(req, images[idx], remap[labels[idx]], [str(c) for c in keep])
+    idx, relabelled = keep_and_relabel(labels, splits[req.split], keep, MNIST_CLASSES)
+    return _make(req, images[idx], relabelled, [str(c) for c in keep])
 
 
 def load_mnist_holdout(req: LoadRequest) -> ImageDataset:

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from oodlab.data import types
 from oodlab.data.builtin import dataset_rng
 from oodlab.data.types import (
     DataError,
@@ -175,25 +176,15 @@ def _finish(req: LoadRequest, images: np.ndarray, labels: np.ndarray,
 
 
 def kept_classes(holdout: Sequence[int]) -> list[int]:
-    bad = [c for c in holdout if not 0 <= c < len(CLASSES)]
-    if bad:
-        raise DataError(f"holdout_classes: {bad} out of range; fashion_mnist classes are 0..9")
-    keep = [c for c in range(len(CLASSES)) if c not in holdout]
-    if len(keep) < 2:
-        raise DataError(f"holdout_classes: {list(holdout)} leaves fewer than 2 fashion_mnist "
-                        "classes")
-    return keep
+    return types.kept_classes(holdout, len(CLASSES), "fashion_mnist")
 
 
 def load_fashion(req: LoadRequest) -> ImageDataset:
     """An ID split; held-out classes removed and the rest relabelled 0..K-1 in order."""
     keep = kept_classes(req.holdout_classes)
     images, labels, splits = fashion_pool(req)
-    idx = splits[req.split]
-    idx = idx[np.isin(labels[idx], keep)]
-    remap = np.full(len(CLASSES), -1, dtype=np.int64)
-    remap[keep] = np.arange(len(keep))
-    return _finish(req, images[idx], remap[labels[idx]], [CLASSES[c] for c in keep])
+    idx, relabelled = types.keep_and_relabel(labels, splits[req.split], keep, len(CLASSES))
+    return _finish(req, images[idx], relabelled, [CLASSES[c] for c in keep])
 
 
 def load_fashion_holdout(req: LoadRequest) -> ImageDataset:

@@ -150,3 +150,29 @@ class ImageDataset(Dataset):
         n, s, _, c = self.images.shape
         k = len(self.classes)
         return f"ImageDataset({self.name!r}, n={n}, size={s}, channels={c}, classes={k})"
+
+
+# ------------------------------------------------------------------- held-out classes (ID sets)
+
+
+def kept_classes(holdout: Sequence[int], num_classes: int, dataset: str) -> list[int]:
+    """The classes an ID set keeps when ``holdout_classes`` are held out (at least two)."""
+    bad = [c for c in holdout if not 0 <= c < num_classes]
+    if bad:
+        raise DataError(f"holdout_classes: {bad} out of range; {dataset} classes are "
+                        f"0..{num_classes - 1}")
+    keep = [c for c in range(num_classes) if c not in holdout]
+    if len(keep) < 2:
+        raise DataError(f"holdout_classes: {list(holdout)} leaves fewer than 2 {dataset} "
+                        "classes")
+    return keep
+
+
+def keep_and_relabel(labels: np.ndarray, idx: np.ndarray, keep: Sequence[int],
+                     num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of ``idx`` whose class is kept, and their labels renumbered 0..K-1 in
+    the order of ``keep``."""
+    idx = idx[np.isin(labels[idx], keep)]
+    remap = np.full(num_classes, -1, dtype=np.int64)
+    remap[list(keep)] = np.arange(len(keep))
+    return idx, remap[labels[idx]]
