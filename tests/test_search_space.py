@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,22 @@ def test_selection_rejects_a_trial_that_breaks_a_constraint():
     unconstrained = space.model_copy(update={"constraints": []})
     assert select_best([TrialRecord("t0", "r0", {}, [0.999], 4, "done")],
                        unconstrained)[1].trial_id == "t0"
+
+
+def test_rank_correlation_of_validation_and_test_over_finished_trials():
+    """Spearman over trials with a test metric; a stopped trial (no test/*) is left out."""
+    from oodlab.search.tune import TrialRecord, rank_correlation
+    from oodlab.spec.search_space import SearchSpace
+
+    space = SearchSpace.model_validate({
+        "method": "energy_oe", "objectives": [{"metric": "val/auroc"}],
+        "params": {"method.weight": {"type": "uniform", "low": 0.05, "high": 0.5}}})
+    trials = [TrialRecord(f"t{i}", f"r{i}", {}, [v], 4, "done")
+              for i, v in enumerate([0.9, 0.8, 0.7, 0.6])]
+    metrics = {"r0": {"test/auroc": 0.95}, "r1": {"test/auroc": 0.9},
+               "r2": {"test/auroc": 0.8}, "r3": {}}
+    assert rank_correlation(trials, space, metrics) == {"val/auroc": 1.0}
+    metrics["r2"]["test/auroc"] = 0.99  # validation ranks r2 last of three, test ranks it first
+    assert rank_correlation(trials, space, metrics)["val/auroc"] == pytest.approx(-0.5)
+    metrics["r2"] = {}  # two points: no correlation is reported
+    assert math.isnan(rank_correlation(trials, space, metrics)["val/auroc"])

@@ -309,16 +309,17 @@ def _collect(spec: ExperimentSpec, space: SearchSpace, name: str, parent: str, g
              url: str, exp_path: str) -> SearchOutcome:
     client = tracking.client_for(spec)
     exp_id = client.get_run(parent).info.experiment_id
-    runs = {r.data.tags.get(TRIAL_TAG): r.info.run_id for r in client.search_runs(
+    runs = {r.data.tags.get(TRIAL_TAG): r for r in client.search_runs(
         [exp_id], filter_string=f"tags.`{SEARCH_TAG}` = '{name}' and tags.`{ROLE_TAG}` = "
                                 "'trial'", max_results=5000)}
+    metrics = {r.info.run_id: r.data.metrics for r in runs.values()}  # latest values
     trials = []
     for result in grid:
         m = result.metrics or {}
         trial_id = m.get("trial_id") or Path(result.path).name
-        run_id = runs.get(trial_id)
+        run_id = runs[trial_id].info.run_id if trial_id in runs else None
         # a finished trial serves its selected epoch: judge it by that model's values
-        logged = client.get_run(run_id).data.metrics if run_id else {}
+        logged = metrics.get(run_id, {})
 
         def value(metric: str, m=m, logged=logged) -> float | None:
             return served_value(logged, metric) if logged else m.get(metric)
@@ -335,7 +336,7 @@ def _collect(spec: ExperimentSpec, space: SearchSpace, name: str, parent: str, g
         raise RuntimeError(f"search {name!r}: no trial reported {space.objectives[0].metric}")
     pareto, best = select_best(trials, space)
     return SearchOutcome(name, parent, trials, pareto, best, url, exp_path,
-                         rank_correlation(client, trials, space))
+                         rank_correlation(trials, space, metrics))
 
 
 def select_best(trials: list[TrialRecord], space: SearchSpace
@@ -351,16 +352,17 @@ def select_best(trials: list[TrialRecord], space: SearchSpace
     return pareto, best
 
 
-def rank_correlation(client, trials: list[TrialRecord], space: SearchSpace
-                     ) -> dict[str, float]:
+def rank_correlation(trials: list[TrialRecord], space: SearchSpace,
+                     metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     """Spearman's rank correlation, over the trials that finished (each evaluated once on the
     test sets by the one run path), between each ``val/<m>`` objective and its ``test/<m>``:
     does the validation metric that picks the champion rank the trials as the test sets do?
-    NaN with fewer than three finished trials or a constant column."""
+    ``metrics``: each trial run's logged metrics. NaN with fewer than three finished trials
+    or a constant column."""
     from scipy.stats import spearmanr
 
     out: dict[str, float] = {}
-    runs = {t.run_id: client.get_run(t.run_id).data.metrics for t in trials if t.run_id}
+    runs = {t.run_id: metrics.get(t.run_id, {}) for t in trials if t.run_id}
     for i, obj in enumerate(space.objectives):
         if not obj.metric.startswith("val/"):
             continue
