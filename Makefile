@@ -104,9 +104,9 @@ FMNIST_SEEDS := --seeds 0 1 2 3 4
 FMNIST_SET ?=
 results-fmnist: $(STAMP) quickstart-packages
 	$(RESULTS) jobs/fmnist_supervised.yaml jobs/fmnist_oe.yaml jobs/fmnist_energy_oe.yaml \
-	    --name fmnist-baselines $(FMNIST_SET) \
+	    jobs/fmnist_resnet18.yaml --name fmnist-baselines $(FMNIST_SET) \
 	    --scores msp max_logit energy odin knn mahalanobis --per-set auroc fpr95 \
-	    --out docs/results/fmnist_baselines.md $(FMNIST_SEEDS)
+	    --baseline fmnist_supervised --out docs/results/fmnist_baselines.md $(FMNIST_SEEDS)
 
 results: $(STAMP) results-fmnist
 	$(RESULTS) jobs/edge_bce.yaml jobs/edge_bce_oe.yaml jobs/edge_energy_oe_ml.yaml jobs/edge.yaml \

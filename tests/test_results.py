@@ -67,3 +67,83 @@ def test_per_set_table_groups_near_far_and_keeps_sanity_out_of_the_mean(tmp_path
                       "**mean**", "gaussian", "sanity mean"]
     # the headline mean column comes before every sanity column
     assert labels.index("**mean**") < labels.index("gaussian")
+
+
+def test_paired_difference_by_hand():
+    from oodlab.report.results import paired_difference
+
+    # diffs 0.02, 0.03, 0.04: mean 0.03, std 0.01, t(0.975, 2) = 4.303 -> half-width 0.0248
+    assert paired_difference([0.02, 0.03, 0.04], higher_is_better=True) == \
+        "+0.030 ± 0.010 (3/3 better, shown)"
+    # the same diffs on a lower-is-better metric: all three seeds got worse
+    assert paired_difference([0.02, 0.03, 0.04], higher_is_better=False) == \
+        "+0.030 ± 0.010 (0/3 better, shown)"
+    # mean 0.01, std 0.0265: the interval holds 0, so the difference is inside seed noise
+    assert paired_difference([0.04, -0.01, 0.0], higher_is_better=True) == \
+        "+0.010 ± 0.026 (1/3 better, not shown)"
+    assert paired_difference([], higher_is_better=True) == "–"
+
+
+def _log_seed_run(client, exp, name, seed, metrics, table="t"):
+    from oodlab.report.results import RESULTS_TAG
+
+    run = client.create_run(exp, tags={RESULTS_TAG: table, "mlflow.runName": name,
+                                       "oodlab.seed": str(seed)})
+    for k, v in metrics.items():
+        client.log_metric(run.info.run_id, k, v)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def test_paired_table_pairs_by_seed_not_by_order(tmp_path):
+    """Seeds are matched by tag: logging the runs in a different order changes nothing, and a
+    seed the baseline lacks is left out of the pair."""
+    from oodlab.report.results import paired_table
+    from oodlab.spec import validate_spec
+    from oodlab.track import tracking
+
+    base = validate_spec(tiny_spec(tmp_path, name="base"))
+    other = validate_spec(tiny_spec(tmp_path, name="other"))
+    client = tracking.client_for(base)
+    exp = tracking.ensure_experiment(client, base)
+    key = "test/energy/mean/auroc"
+    for seed, auroc in ((0, 0.70), (1, 0.80), (2, 0.90)):
+        _log_seed_run(client, exp, "base", seed, {key: auroc})
+    # other = base + 0.05 on seeds 0 and 1, logged in reverse order; seed 7 has no pair
+    for seed, auroc in ((7, 0.10), (1, 0.85), (0, 0.75)):
+        _log_seed_run(client, exp, "other", seed, {key: auroc})
+    table = paired_table([base, other], "t", "base")
+    assert "| spec − base | score | Δ AUROC |" in table
+    assert "| other | energy | +0.050 ± 0.000 (2/2 better, shown) |" in table
+
+
+def test_resume_skips_finished_seeds(tmp_path, monkeypatch):
+    """--resume reruns only the seeds without a finished run in the table."""
+    import yaml
+
+    from oodlab.report import results
+    from oodlab.spec import validate_spec
+    from oodlab.track import tracking
+
+    spec_dict = tiny_spec(tmp_path)
+    spec = validate_spec(spec_dict)
+    client = tracking.client_for(spec)
+    exp = tracking.ensure_experiment(client, spec)
+    done = _log_seed_run(client, exp, spec.name, 0, {"test/energy/mean/auroc": 0.5})
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_dict))
+    ran = []
+
+    class Result:
+        run_id = "new"
+
+    def fake_run(s, spec_path, tags):
+        ran.append(s.seed)
+        return Result()
+
+    monkeypatch.setattr("oodlab.train.pipeline.run_experiment", fake_run)
+    ids = results.run_seeds([str(path)], [0, 1], "t", resume=True)
+    assert ran == [1] and ids == [done, "new"]
+    ran.clear()
+    results.run_seeds([str(path)], [0, 1], "t", resume=False)
+    assert ran == [0, 1]

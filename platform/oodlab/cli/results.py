@@ -28,9 +28,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     res.add_argument("--per-set", nargs="+", default=[], metavar="METRIC",
                      choices=["auroc", "fpr95", "aupr_in"],
                      help="also write a table per metric with a column per test OOD set")
+    res.add_argument("--baseline", metavar="SPEC_NAME",
+                     help="also write per-seed paired differences of every other spec against "
+                          "this one (its spec name), with a shown / not shown verdict")
     add_set(res)
     res.add_argument("--table-only", action="store_true",
                      help="do not run anything; rebuild the table from MLflow")
+    res.add_argument("--resume", action="store_true",
+                     help="skip a spec and seed that already has a finished run in this table "
+                          "(continue an interrupted table; the table name must stand for one "
+                          "setup, overrides are not compared)")
     res.set_defaults(func=_cmd_results)
 
 
@@ -43,13 +50,18 @@ def _cmd_results(args: argparse.Namespace) -> int:
         if missing:
             raise SpecError(f"--scores {missing}: not in eval.scores of spec {spec.name!r} "
                             f"({spec.eval.scores})")
+    if args.baseline and args.baseline not in {s.name for s in specs}:
+        raise SpecError(f"--baseline {args.baseline!r}: not the name of one of the specs "
+                        f"({', '.join(s.name for s in specs)})")
     from oodlab.report.results import run_seeds, write_report
 
     if not args.table_only:
-        run_seeds(args.specs, args.seeds, args.name, args.set)
-    # Echo the command that regenerates the runs too (without --table-only).
-    command = "oodlab " + " ".join(a for a in args.argv_echo if a != "--table-only")
-    out = write_report(specs, args.name, args.out, command, args.scores, args.per_set)
+        run_seeds(args.specs, args.seeds, args.name, args.set, resume=args.resume)
+    # Echo the command that regenerates the runs too (without --table-only / --resume).
+    command = "oodlab " + " ".join(a for a in args.argv_echo
+                                   if a not in ("--table-only", "--resume"))
+    out = write_report(specs, args.name, args.out, command, args.scores, args.per_set,
+                       baseline=args.baseline)
     print(out.read_text())
     print(f"written to {out}")
     return 0

@@ -40,8 +40,13 @@ TAIL_COLUMNS = {
 
 
 def run_seeds(spec_paths: Sequence[str], seeds: Sequence[int], table: str,
-              overrides: Sequence[str] = ()) -> list[str]:
-    """Run every spec with every seed (one Ray session); returns the MLflow run ids."""
+              overrides: Sequence[str] = (), resume: bool = False) -> list[str]:
+    """Run every spec with every seed (one Ray session); returns the MLflow run ids.
+
+    ``resume``: skip a (spec, seed) that already has a finished run in this table, so an
+    interrupted table continues where it stopped (the table name must then stand for one
+    setup: runs are matched by table, spec name and seed, not by overrides).
+    """
     from oodlab.console import progress
     from oodlab.train.pipeline import run_experiment
 
@@ -49,6 +54,10 @@ def run_seeds(spec_paths: Sequence[str], seeds: Sequence[int], table: str,
     for path in spec_paths:
         for seed in seeds:
             spec = load_spec(path, [*overrides, f"seed={seed}"])
+            if resume and (done := finished_seeds(spec, table).get(seed)):
+                progress(f"{spec.name} seed {seed}: finished run {done} kept", source="results")
+                run_ids.append(done)
+                continue
             progress(f"{spec.name} seed {seed}", source="results")
             res = run_experiment(spec, spec_path=path, tags={RESULTS_TAG: table})
             run_ids.append(res.run_id)
@@ -78,8 +87,17 @@ def collect(spec: ExperimentSpec, table: str) -> dict[str, list[dict[str, float]
     grouped: dict[str, list[dict[str, float]]] = defaultdict(list)
     for r in runs:
         grouped[r.data.tags.get("mlflow.runName", "?")].append(
-            dict(r.data.metrics) | {"_score": r.data.params.get("eval.scores", "")})
+            dict(r.data.metrics) | {"_score": r.data.params.get("eval.scores", ""),
+                                    "_seed": r.data.tags.get("oodlab.seed", "?"),
+                                    "_run_id": r.info.run_id,
+                                    "_start": r.info.start_time or 0})
     return grouped
+
+
+def finished_seeds(spec: ExperimentSpec, table: str) -> dict[int, str]:
+    """seed -> run id of the newest finished run of ``spec`` in ``table``."""
+    runs = sorted(collect(spec, table).get(spec.name, []), key=lambda m: m["_start"])
+    return {int(m["_seed"]): m["_run_id"] for m in runs if str(m["_seed"]).isdigit()}
 
 
 def markdown_table(specs: Sequence[ExperimentSpec], table: str,
@@ -152,17 +170,94 @@ def per_set_columns(specs: Sequence[ExperimentSpec]) -> list[tuple[str, str]]:
     return columns
 
 
+# metric (key template) of the paired table -> (column label, True when higher is better)
+PAIRED_COLUMNS = {
+    "test/{score}/mean/auroc": ("Δ AUROC", True),
+    "test/{score}/mean/fpr95": ("Δ FPR@95", False),
+    "test/{score}/near/auroc": ("Δ near AUROC", True),
+    "test/{score}/far/auroc": ("Δ far AUROC", True),
+    "test/id_acc": ("Δ ID acc", True),
+    "test/id_map": ("Δ ID mAP", True),
+}
+
+
+def paired_difference(diffs: Sequence[float], higher_is_better: bool) -> str:
+    """Mean ± sample std of per-seed differences, the seeds whose difference goes the good
+    way, and the verdict: "shown" when the two-sided 95 % t-interval of the mean difference
+    excludes 0, otherwise "not shown" (the difference is inside seed noise)."""
+    from scipy import stats
+
+    n = len(diffs)
+    if n == 0:
+        return "–"
+    mean = float(np.mean(diffs))
+    good = sum(1 for d in diffs if (d > 0) == higher_is_better and d != 0)
+    if n < 2:
+        return f"{mean:+.3f} ({good}/1 better; n=1, not shown)"
+    std = float(np.std(diffs, ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * std / np.sqrt(n)
+    verdict = "shown" if abs(mean) > half else "not shown"
+    return f"{mean:+.3f} ± {std:.3f} ({good}/{n} better, {verdict})"
+
+
+def paired_table(specs: Sequence[ExperimentSpec], table: str, baseline: str,
+                 scores: Sequence[str] = ()) -> str:
+    """Per-seed paired differences (spec − baseline) for every non-baseline spec and score,
+    seeds matched by the ``oodlab.seed`` tag (the newest finished run of each seed). The
+    baseline is scored with the same score when it has it, else with its served score."""
+    by_name = {s.name: s for s in specs}
+    if baseline not in by_name:
+        raise ValueError(f"baseline {baseline!r} is not one of the specs {sorted(by_name)}")
+    grouped: dict[str, list[dict[str, float]]] = {}
+    for spec in specs:
+        grouped.update(collect(spec, table))
+
+    def per_seed(name: str) -> dict[str, dict[str, float]]:
+        runs = sorted(grouped.get(name, []), key=lambda m: m["_start"])
+        return {str(m["_seed"]): m for m in runs}  # newest run of a seed wins
+
+    base_runs, base_spec = per_seed(baseline), by_name[baseline]
+    present = {k for runs in grouped.values() for m in runs for k in m}
+    columns = {key: col for key, col in PAIRED_COLUMNS.items()
+               if any(key.format(score=s) in present for spec in specs
+                      for s in (scores or spec.eval.scores[:1]))}
+    lines = [f"| spec − {baseline} | score | " + " | ".join(c[0] for c in columns.values())
+             + " |", "|" + "---|" * (len(columns) + 2)]
+    for spec in specs:
+        if spec.name == baseline:
+            continue
+        runs = per_seed(spec.name)
+        for score in scores or spec.eval.scores[:1]:
+            base_score = score if score in base_spec.eval.scores else base_spec.eval.scores[0]
+            cells = []
+            for key, (_, higher) in columns.items():
+                k, kb = key.format(score=score), key.format(score=base_score)
+                diffs = [runs[s][k] - base_runs[s][kb] for s in sorted(runs)
+                         if s in base_runs and k in runs[s] and kb in base_runs[s]]
+                cells.append(paired_difference(diffs, higher))
+            label = score if base_score == score else f"{score} vs {base_score}"
+            lines.append(f"| {spec.name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(specs: Sequence[ExperimentSpec], table: str, out: str | Path,
                  command: str, scores: Sequence[str] = (),
-                 per_set: Sequence[str] = ()) -> Path:
-    """Write the table (and one per-OOD-set table per metric in ``per_set``) with the command,
-    date and hardware it came from, atomically. Whatever an existing file holds from
-    :data:`NOTES_MARKER` on (the analysis written by hand) is kept."""
+                 per_set: Sequence[str] = (), baseline: str | None = None) -> Path:
+    """Write the table (one per-OOD-set table per metric in ``per_set``, and with ``baseline``
+    the per-seed paired differences against that spec) with the command, date and hardware it
+    came from, atomically. Whatever an existing file holds from :data:`NOTES_MARKER` on (the
+    analysis written by hand) is kept."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     body = (f"# {table}\n\nGenerated by `{command}` on {time.strftime('%Y-%m-%d')}, "
             f"{hardware()}. Mean ± sample std over seeds; n = seeds.\n\n"
             + markdown_table(specs, table, scores) + "\n")
+    if baseline:
+        body += (f"\n### Paired differences against {baseline} (same seed)\n\n"
+                 "Mean ± sample std of the per-seed difference; \"shown\" when the 95 % "
+                 "t-interval of the mean difference excludes 0, \"not shown\" when the "
+                 "difference is inside seed noise.\n\n"
+                 + paired_table(specs, table, baseline, scores) + "\n")
     for metric in per_set:
         body += (f"\n### {PER_SET_METRICS[metric]} per test OOD set\n\n"
                  + per_set_table(specs, table, metric, scores) + "\n")
