@@ -27,7 +27,7 @@ help:
 #   dataset-fashion-mnist  Fashion-MNIST idx files in /usr/share/datasets/fashion-mnist/
 #   postgresql             a PostgreSQL server (pg_ctl), for PostgreSQL-backed stores
 SYSTEM_PACKAGES := chromium dataset-fashion-mnist postgresql
-TEST_PACKAGES := chromium dataset-fashion-mnist
+TEST_PACKAGES := chromium dataset-fashion-mnist postgresql
 QUICKSTART_PACKAGES := dataset-fashion-mnist
 CHECK.chromium := command -v chromium || command -v chromium-browser
 CHECK.dataset-fashion-mnist := test -d /usr/share/datasets/fashion-mnist
