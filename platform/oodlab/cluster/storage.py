@@ -7,14 +7,22 @@ staging, pyarrow for Ray Train):
 - endpoint: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (MinIO, moto; unset = AWS). pyarrow
   ignores the ``_S3`` variant (apache/arrow#49643), so Ray gets the endpoint explicitly here.
 - credentials: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (+ ``AWS_SESSION_TOKEN``), or a
-  profile (``AWS_PROFILE``), or anything else boto3's default chain finds.
+  profile (``AWS_PROFILE``), or anything else boto3's default chain finds. They are never
+  frozen: every process asks its own boto3 session, whose refreshable providers (assume-role,
+  web identity / IRSA, container and instance metadata, ``credential_process``) renew
+  temporary credentials before they expire; Ray Train's pyarrow filesystem
+  (:mod:`oodlab.cluster.s3_filesystem`) rebuilds its S3 client whenever that session hands
+  out new keys, and pickles no secret.
 - region: ``AWS_REGION``/``AWS_DEFAULT_REGION`` or the profile's (default us-east-1).
 
 :func:`preflight` checks bucket, credentials and access once, before training starts, and
 turns S3's error codes into one sentence naming the bucket and what to fix.
 :func:`stage` copies a dataset prefix into a local cache: a file counts as cached only when
 its size and ETag match what S3 lists, and a download lands under a temporary name and is
-renamed into place, so an interrupted copy never counts.
+renamed into place, so an interrupted copy never counts. One process per node stages a
+prefix at a time (a file lock beside the copy): the eight Train workers of one node wait
+for the first, then find every file cached, so a node makes one copy and the manifest has
+one writer.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,13 +95,40 @@ def _describe_endpoint() -> str:
     return f"endpoint {ep}" if ep else "AWS S3 (no AWS_ENDPOINT_URL set)"
 
 
-def client():
-    """A boto3 S3 client from the standard AWS environment/profile and endpoint."""
+_SESSIONS: dict[tuple, Any] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+_SESSION_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_ROLE_ARN",
+                "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_EC2_METADATA_DISABLED")
+
+
+def session(profile: str | None = None):
+    """This process's boto3 session for ``profile`` and the current AWS variables: it
+    resolves credentials through botocore's provider chain and refreshes temporary ones
+    itself (``RefreshableCredentials`` renew within 15 minutes of expiry), so clients built
+    from it never hold expired keys. Kept while those settings stay the same (a provider that
+    talks to STS or instance metadata is not asked again per call); new settings, new
+    session."""
     import boto3
 
-    session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint_url(),
-                          region_name=session.region_name or "us-east-1")
+    profile = profile or os.environ.get("AWS_PROFILE") or None
+    key = (profile, hash(tuple(os.environ.get(v) for v in _SESSION_ENV)))
+    with _SESSIONS_LOCK:
+        if key not in _SESSIONS:
+            _SESSIONS[key] = boto3.session.Session(profile_name=profile)
+        return _SESSIONS[key]
+
+
+def region() -> str:
+    return session().region_name or "us-east-1"
+
+
+def client():
+    """A boto3 S3 client from the standard AWS environment/profile and endpoint."""
+    return session().client("s3", endpoint_url=endpoint_url(), region_name=region())
 
 
 def explain(err: Exception, url: S3Url | str, action: str) -> StorageError:
@@ -160,40 +196,33 @@ def preflight(url: str | None) -> None:
         _checked(str(url), endpoint_url())
 
 
-def _credentials() -> dict[str, Any]:
-    import boto3
+def s3_filesystem():
+    """A pyarrow filesystem on S3 at this environment's endpoint, with refreshing credentials
+    (:class:`~oodlab.cluster.s3_filesystem.RefreshingS3`)."""
+    import pyarrow.fs
 
-    session = boto3.session.Session()
-    creds = session.get_credentials()
-    out: dict[str, Any] = {"region": session.region_name or "us-east-1"}
-    if creds is not None:
-        frozen = creds.get_frozen_credentials()
-        out |= {"access_key": frozen.access_key, "secret_key": frozen.secret_key}
-        if frozen.token:
-            out["session_token"] = frozen.token
-    return out
+    from oodlab.cluster.s3_filesystem import RefreshingS3
+
+    profile = os.environ.get("AWS_PROFILE") or None
+    return pyarrow.fs.PyFileSystem(RefreshingS3(endpoint_url(), region(), profile))
 
 
 def ray_storage(path: str) -> dict[str, Any]:
     """``RunConfig`` storage arguments for ``path``: a local path as is; for s3:// a pyarrow
-    S3FileSystem with the endpoint and credentials resolved here, on the driver, so that
-    workers on any node (or a Ray started before the AWS variables were set) use the same
-    ones (Ray Train's ``storage_filesystem`` form, since pyarrow ignores
-    ``AWS_ENDPOINT_URL_S3``: apache/arrow#49643)."""
+    filesystem with the endpoint resolved here, on the driver, so that workers on any node
+    use the same one (Ray Train's ``storage_filesystem`` form, since pyarrow ignores
+    ``AWS_ENDPOINT_URL_S3``: apache/arrow#49643), and credentials resolved by each process's
+    own refreshing boto3 session (:class:`~oodlab.cluster.s3_filesystem.RefreshingS3`)."""
     if not is_s3(path):
         return {"storage_path": path}
-    import pyarrow.fs
-
-    loc = parse_s3_url(path)
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint_url(), **_credentials())
-    return {"storage_path": loc.path, "storage_filesystem": fs}
+    return {"storage_path": parse_s3_url(path).path, "storage_filesystem": s3_filesystem()}
 
 
 def checkpoint_uri(checkpoint) -> str:
     """Where a Ray checkpoint lives, as a URI another process can open: ``s3://bucket/...``
     for checkpoints on S3 (their ``path`` has no scheme), the path itself otherwise."""
     fs = getattr(checkpoint, "filesystem", None)
-    if fs is not None and fs.type_name == "s3" and "://" not in checkpoint.path:
+    if fs is not None and fs.type_name in ("s3", "py::s3") and "://" not in checkpoint.path:
         return f"s3://{checkpoint.path}"
     return checkpoint.path
 
@@ -226,12 +255,21 @@ def stage(url: str, cache_dir: str | Path) -> StageResult:
     A local file is reused when the manifest records the same size and ETag that S3 lists
     now and the file on disk has that size; otherwise it is downloaded to a temporary name
     and renamed into place, and only then recorded, so a partial download never counts.
+    Concurrent calls for one prefix on one machine run one after the other (a file lock),
+    so only the first downloads.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
+    from filelock import FileLock
 
     loc = parse_s3_url(url, field="data.root")
     root = Path(cache_dir).expanduser() / loc.bucket / loc.prefix
     root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.parent / f".{root.name}.oodlab-stage.lock")):  # one stager per node
+        return _stage_locked(url, loc, root)
+
+
+def _stage_locked(url: str, loc: S3Url, root: Path) -> StageResult:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     s3 = client()
     manifest = _read_manifest(root)
     result = StageResult(root=root, downloaded=[], cached=[])

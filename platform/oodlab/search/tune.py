@@ -220,7 +220,7 @@ def run_search(spec: ExperimentSpec, space: SearchSpace, space_path: str | Path,
     # save the search state after every trial event, so a killed driver loses no finished
     # trial (Tune's default saves it periodically)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    init_ray()
+    init_ray(spec)  # a multi-node search with node-local storage or tracking stops here
     parent = _parent_run(spec, name, space_path, resume)
     url = study_url(spec, storage_url)
     trainable = tune.with_resources(

@@ -23,6 +23,7 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -73,7 +74,26 @@ def save_checkpoint(path: Path, model: nn.Module, opt, sched, state: TrainState)
         "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(), "epoch": state.epoch, "step": state.step,
         "extra": state.extra, "torch_rng": torch.get_rng_state(),
+        "num_classes": state.num_classes,  # so no driver loads data to rebuild the model
     }, path / CHECKPOINT_FILE)
+
+
+def epoch_stats(loss_sum: float, seen: int, elapsed: float, device: torch.device | str = "cpu"
+                ) -> tuple[float, float]:
+    """(mean training loss, images/s) of one epoch over every rank.
+
+    Loss sums and image counts are all-reduced with SUM, so the loss is the mean over all
+    images the ranks saw (not rank 0's shard); the epoch takes as long as its slowest rank
+    (elapsed all-reduced with MAX), so throughput = all images / slowest rank's time, never
+    rank 0's count times the world size. Without a process group these are the local values.
+    """
+    sums = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=device)
+    slowest = torch.tensor([elapsed], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    total_loss, images = sums.tolist()
+    return total_loss / max(images, 1.0), images / max(slowest.item(), 1e-9)
 
 
 def load_checkpoint_payload(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
@@ -155,12 +175,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             total += loss.item() * len(batch[0])
             seen += len(batch[0])
         elapsed = time.perf_counter() - t0
+        mean_loss, images_per_s = epoch_stats(total, seen, elapsed, device)
         method.on_epoch_end(model, loaders, state)
 
         metrics = {"epoch": epoch, "run/start_epoch": start_epoch,
-                   "train/loss": total / max(seen, 1),
-                   "train/lr": sched.get_last_lr()[0],
-                   "train/images_per_s": seen * world / max(elapsed, 1e-9)}
+                   "train/loss": mean_loss, "train/lr": sched.get_last_lr()[0],
+                   "train/images_per_s": images_per_s}
         metrics |= method.epoch_metrics(model, state)
         if rank == 0:
             metrics |= validation_metrics(unwrap(model), bundle, spec, method, device)
@@ -192,12 +212,19 @@ def _log_figures(spec: ExperimentSpec, run_id: str | None, method: Method, model
 
 
 def model_from_checkpoint(spec: ExperimentSpec, checkpoint: ray.train.Checkpoint,
-                          num_classes: int) -> nn.Module:
-    """The servable (exported, eval-mode, CPU) model stored in a training checkpoint."""
+                          num_classes: int | None = None) -> nn.Module:
+    """The servable (exported, eval-mode, CPU) model stored in a training checkpoint
+    (``num_classes``: default the one the checkpoint records, so the caller loads no data)."""
+    return _restore(spec, load_checkpoint_payload(checkpoint), num_classes)[0]
+
+
+def _restore(spec: ExperimentSpec, payload: dict[str, Any], num_classes: int | None
+             ) -> tuple[nn.Module, int]:
+    num_classes = num_classes if num_classes is not None else int(payload["num_classes"])
     method = build_method(spec)
     model = method.wrap(method.build(num_classes))
-    model.load_state_dict(load_checkpoint_payload(checkpoint)["model"])
-    return method.export(model).eval()
+    model.load_state_dict(payload["model"])
+    return method.export(model).eval(), num_classes
 
 
 @dataclass
@@ -216,7 +243,7 @@ def storage_path(spec: ExperimentSpec) -> str:
     return spec.storage or str(spec.workdir_path / "ray")
 
 
-def fit(spec: ExperimentSpec, *, run_name: str, num_classes: int,
+def fit(spec: ExperimentSpec, *, run_name: str, num_classes: int | None = None,
         callbacks: list | None = None, init_state: dict | None = None,
         run_id: str | None = None) -> TrainOutcome:
     """Train with a TorchTrainer; ``run_name`` must be unique and stable (it is the resume
@@ -248,7 +275,7 @@ def fit(spec: ExperimentSpec, *, run_name: str, num_classes: int,
     chosen = result.checkpoint
     if select is not None:
         chosen = result.get_best_checkpoint(select, spec.train.select_mode) or chosen
-    model = model_from_checkpoint(spec, chosen, num_classes)
+    model, num_classes = _restore(spec, load_checkpoint_payload(chosen), num_classes)
     return TrainOutcome(model=model, num_classes=num_classes,
                         checkpoint_path=checkpoint_uri(chosen),
                         metrics=dict(result.metrics or {}))

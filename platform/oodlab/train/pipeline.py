@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from oodlab.cluster import ray_local
+from oodlab.cluster import preflight, ray_local, storage
 from oodlab.data.bundle import DataBundle, load_bundle
 from oodlab.detect import oe_select
 from oodlab.detect.evaluate import EvalReport, evaluate
@@ -23,7 +23,7 @@ from oodlab.errors import ModelReferenceError
 from oodlab.methods import build_method
 from oodlab.spec import ExperimentSpec, OESelectSpec
 from oodlab.track import plots, tracking
-from oodlab.train.loop import fit
+from oodlab.train.loop import fit, storage_path
 
 
 @dataclass
@@ -35,9 +35,18 @@ class RunResult:
     tracking_uri: str
 
 
-def init_ray() -> None:
-    """Connect to RAY_ADDRESS if set, else start (or reuse) a local Ray."""
+def init_ray(spec: ExperimentSpec | None = None) -> None:
+    """Connect to RAY_ADDRESS if set, else start (or reuse) a local Ray; with ``spec``, refuse
+    a run that spans Ray nodes while its storage or MLflow store is on one node's disk
+    (:mod:`oodlab.cluster.preflight`), before any MLflow run or training starts."""
+    if spec is not None:
+        storage.preflight(spec.storage)  # S3: bucket, credentials, access; before Ray starts
     ray_local.init_ray()
+    if spec is not None:
+        r = spec.resources
+        preflight.check(storage_path(spec), tracking.tracking_uri(spec),
+                        num_workers=r.num_workers, cpus_per_worker=r.cpus_per_worker,
+                        use_gpu=r.use_gpu)
 
 
 def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
@@ -47,7 +56,7 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
     bundle = load_bundle(spec)  # build/cache data and fail on a bad root before Ray starts
     init_ref = tracking.resolve_init_from(spec)
     init_state = initial_weights(spec, bundle.num_classes, init_ref)  # a bad ref fails here
-    init_ray()
+    init_ray(spec)
     tags = (tags or {}) | {ray_local.HARDWARE_TAG: ray_local.hardware()}
     if init_ref is not None:
         tags |= {"oodlab.init_from": init_ref}
