@@ -14,11 +14,23 @@ from oodlab.detect.scores import PostHocScore, build_score
 
 @dataclass
 class Outputs:
-    """Model outputs over a whole loader, on the CPU."""
+    """Model outputs over a whole loader, on the CPU, and the model's last linear layer
+    ``(weight, bias)`` when it has one (``logits = W f + b``; ReAct, ASH and ViM re-apply it)."""
 
     logits: Tensor
     features: Tensor
     labels: Tensor
+    head: tuple[Tensor, Tensor] | None = None
+
+
+def linear_head(model: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """(weight, bias) of the classifier's last layer ``model.fc`` (every oodlab classifier
+    maps features to logits with it), copied to the CPU; None when there is none."""
+    fc = getattr(model, "fc", None)
+    if not isinstance(fc, nn.Linear):
+        return None
+    bias = fc.bias if fc.bias is not None else torch.zeros(fc.out_features)
+    return fc.weight.detach().float().cpu().clone(), bias.detach().float().cpu().clone()
 
 
 @torch.no_grad()
@@ -36,7 +48,7 @@ def collect_outputs(model: nn.Module, loader: DataLoader, device: torch.device |
     model.train(was_training)
     if not logits:
         raise ValueError("cannot collect outputs from an empty loader")
-    return Outputs(torch.cat(logits), torch.cat(feats), torch.cat(labels))
+    return Outputs(torch.cat(logits), torch.cat(feats), torch.cat(labels), linear_head(model))
 
 
 def fit_score(name: str, params: dict[str, Any], train: Outputs | None, *,
@@ -56,8 +68,19 @@ def fit_score(name: str, params: dict[str, Any], train: Outputs | None, *,
         labels = None
         if supervised and train.labels.ndim == 1 and (train.labels >= 0).all():
             labels = train.labels
+        set_head(score, train.head)
         score.fit(train.features, train.logits, labels)
     return score
+
+
+def set_head(score: PostHocScore, head: tuple[Tensor, Tensor] | None) -> None:
+    """Hand the model's last linear layer to a score that re-applies it (ReAct, ASH, ViM)."""
+    if not score.needs_head:
+        return
+    if head is None:
+        raise ValueError(f"score {score.name!r} needs the model's last linear layer "
+                         "(model.fc: logits = W f + b); this model has none")
+    score.set_head(*head)  # type: ignore[attr-defined]
 
 
 def score_loader(model: nn.Module, score: PostHocScore, loader: DataLoader, outputs: Outputs | None,

@@ -19,12 +19,15 @@ Thresholds (and served scores) are on the log-odds scale; p = sigmoid(score) rec
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from oodlab.detect.stats import Chunk, Moments, Reservoir, chunks_of, reiterable
 from oodlab.registry import SCORES
 
 
@@ -74,9 +77,19 @@ class PostHocScore:
     needs_model: ClassVar[bool] = False
     # fitted with ID class labels: only for models trained with labels (not "unsupervised")
     needs_labels: ClassVar[bool] = False
+    # re-applies the model's last linear layer (logits = W f + b) to modified features
+    needs_head: ClassVar[bool] = False
 
     def fit(self, features: Tensor, logits: Tensor, labels: Tensor | None) -> None:
         """Fit state on ID training outputs (no-op for unfitted scores)."""
+
+    def fit_chunks(self, chunks: Iterable[Chunk]) -> None:
+        """Fit on ID-train outputs given as re-iterable ``(features, logits, labels)`` chunks
+        (cache shards). Scores with bounded-memory statistics override this; the default
+        concatenates the chunks and calls :meth:`fit`."""
+        parts = list(reiterable(chunks))
+        labels = None if parts[0][2] is None else torch.cat([c[2] for c in parts])
+        self.fit(torch.cat([c[0] for c in parts]), torch.cat([c[1] for c in parts]), labels)
 
     def score(self, logits: Tensor, features: Tensor) -> Tensor:
         raise NotImplementedError
@@ -188,17 +201,30 @@ class ODIN(PostHocScore):
 @SCORES.register
 class KNN(PostHocScore):
     """Deep nearest neighbours, Sun et al. 2022: -(distance to the k-th nearest normalised
-    ID-train feature). A query that is itself in the bank is not excluded."""
+    ID-train feature). A query that is itself in the bank is not excluded.
+
+    The bank holds at most ``bank_size`` ID-train features, a seeded uniform sample
+    (:class:`oodlab.detect.stats.Reservoir`; the paper samples 1 % of ImageNet the same way),
+    so fitting and the saved detector stay bounded; ``bank_size=None`` keeps every row."""
 
     name = "knn"
     needs_fit = True
 
-    def __init__(self, k: int = 50, chunk: int = 1024) -> None:
+    def __init__(self, k: int = 50, chunk: int = 1024, bank_size: int | None = 100_000,
+                 seed: int = 0) -> None:
         self.k, self.chunk = int(k), int(chunk)
+        self.bank_size = None if bank_size is None else int(bank_size)
+        self.seed = int(seed)
         self.bank = torch.empty(0)
 
     def fit(self, features: Tensor, logits: Tensor, labels: Tensor | None) -> None:
-        self.bank = F.normalize(features.float(), dim=1)
+        self.fit_chunks(chunks_of(features, logits, labels, 8192))
+
+    def fit_chunks(self, chunks: Iterable[Chunk]) -> None:
+        bank = Reservoir(self.bank_size, self.seed)
+        for features, _, _ in reiterable(chunks):
+            bank.update(F.normalize(features.float(), dim=1))
+        self.bank = bank.rows
 
     def score(self, logits: Tensor, features: Tensor) -> Tensor:
         if self.bank.numel() == 0:
@@ -217,7 +243,7 @@ class KNN(PostHocScore):
         self.bank = state["bank"]
 
     def config(self) -> dict[str, Any]:
-        return {"k": self.k}
+        return {"k": self.k, "bank_size": self.bank_size, "seed": self.seed}
 
 
 @SCORES.register
@@ -234,15 +260,19 @@ class Mahalanobis(PostHocScore):
         self.precision = torch.empty(0)
 
     def fit(self, features: Tensor, logits: Tensor, labels: Tensor | None) -> None:
-        if labels is None:
-            raise ValueError("mahalanobis needs class labels of the ID training set")
-        f = features.double()
-        classes = labels.unique(sorted=True)
-        means = torch.stack([f[labels == c].mean(0) for c in classes])
-        centred = f - means[torch.searchsorted(classes, labels)]
-        cov = centred.T @ centred / len(f)
+        self.fit_chunks(chunks_of(features, logits, labels, 8192))
+
+    def fit_chunks(self, chunks: Iterable[Chunk]) -> None:
+        """One pass of running class sums and outer products (:class:`Moments`): memory
+        O(D^2 + C*D) whatever the number of rows."""
+        moments = Moments()
+        for features, _, labels in reiterable(chunks):
+            if labels is None:
+                raise ValueError("mahalanobis needs class labels of the ID training set")
+            moments.update(features, labels)
+        _, means = moments.class_means()
         self.means = means.float()
-        self.precision = torch.linalg.pinv(cov, hermitian=True).float()
+        self.precision = torch.linalg.pinv(moments.tied_covariance(), hermitian=True).float()
 
     def score(self, logits: Tensor, features: Tensor) -> Tensor:
         if self.means.numel() == 0:
@@ -362,6 +392,218 @@ class ClusterMahalanobis(_ClusterScore):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.mean, self.std = state["mean"], state["std"]
         self.means, self.precisions = state["means"], state["precisions"]
+
+
+class _HeadScore(PostHocScore):
+    """Base of the scores that modify the penultimate features and re-apply the model's last
+    linear layer, ``logits = W f + b``. The layer is copied into the score
+    (:meth:`set_head`, from :class:`oodlab.detect.outputs.Outputs` or a feature cache), so
+    cached features suffice and the fitted score is saved with the detector."""
+
+    needs_fit = True
+    needs_head = True
+
+    def __init__(self) -> None:
+        self.weight = self.bias = torch.empty(0)
+
+    def set_head(self, weight: Tensor, bias: Tensor) -> None:
+        self.weight, self.bias = weight.detach().float().cpu(), bias.detach().float().cpu()
+
+    def head(self, features: Tensor) -> Tensor:
+        if self.weight.numel() == 0:
+            raise RuntimeError(f"{self.name} score used before set_head()/fit()")
+        return F.linear(features.float(), self.weight.to(features.device),
+                        self.bias.to(features.device))
+
+    def check_head(self, features: Tensor, logits: Tensor) -> None:
+        """The stored layer must reproduce the model's logits from its features."""
+        err = (self.head(features) - logits.float()).abs().max().item()
+        if err > 1e-3 * (1.0 + logits.abs().max().item()):
+            raise ValueError(f"score {self.name!r} needs logits = W f + b of the model's last "
+                             f"linear layer; the stored layer is off by {err:.3g}")
+
+    def fit(self, features: Tensor, logits: Tensor, labels: Tensor | None) -> None:
+        self.fit_chunks(chunks_of(features, logits, labels, 8192))
+
+    def fit_chunks(self, chunks: Iterable[Chunk]) -> None:
+        for features, logits, _ in reiterable(chunks):
+            self.check_head(features, logits)
+            break
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"weight": self.weight, "bias": self.bias}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.weight, self.bias = state["weight"], state["bias"]
+
+
+@SCORES.register
+class ReAct(_HeadScore):
+    """ReAct, Sun et al. 2021 (Eq. 1-2): clip the penultimate activations at c, the
+    ``percentile``-th percentile of ID-train activations (all units pooled; the paper's 90),
+    re-apply the last layer and take the energy logsumexp(W min(f, c) + b). The percentile is
+    taken over a seeded sample of at most ``sample`` ID-train rows (all of them when fewer)."""
+
+    name = "react"
+
+    def __init__(self, percentile: float = 90.0, sample: int = 100_000, seed: int = 0) -> None:
+        super().__init__()
+        if not 0 < percentile <= 100:
+            raise ValueError(f"react.percentile must be in (0, 100], got {percentile}")
+        self.percentile, self.sample, self.seed = float(percentile), int(sample), int(seed)
+        self.clip = torch.empty(0)
+
+    def fit_chunks(self, chunks: Iterable[Chunk]) -> None:
+        super().fit_chunks(chunks)
+        rows = Reservoir(self.sample, self.seed)
+        for features, _, _ in reiterable(chunks):
+            rows.update(features.float())
+        values = rows.rows.flatten().double().numpy()
+        self.clip = torch.tensor(float(np.percentile(values, self.percentile)))
+
+    def score(self, logits: Tensor, features: Tensor) -> Tensor:
+        if self.clip.numel() == 0:
+            raise RuntimeError("react score used before fit()")
+        clipped = features.float().clamp(max=float(self.clip))
+        return torch.logsumexp(self.head(clipped), 1)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return super().state_dict() | {"clip": self.clip}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        super().load_state_dict(state)
+        self.clip = state["clip"]
+
+    def config(self) -> dict[str, Any]:
+        return {"percentile": self.percentile, "sample": self.sample, "seed": self.seed}
+
+
+def ash(features: Tensor, percentile: float, variant: str = "s") -> Tensor:
+    """Activation shaping, Djurisic et al. 2023 (Alg. 1), on [N, D] penultimate features
+    (after pooling, as OpenOOD applies it): keep each row's top k = D - round(D * p / 100)
+    activations and zero the rest; ``p`` (ASH-P) stops there, ``b`` sets the kept ones to
+    s1 / k, ``s`` scales the pruned row by exp(s1 / s2); s1, s2: row sums before/after."""
+    f = features.float()
+    d = f.shape[1]
+    k = max(1, d - int(round(d * percentile / 100.0)))
+    top = f.topk(k, dim=1)
+    s1 = f.sum(1, keepdim=True)
+    if variant == "b":
+        return torch.zeros_like(f).scatter(1, top.indices, (s1 / k).expand(-1, k))
+    pruned = torch.zeros_like(f).scatter(1, top.indices, top.values)
+    if variant == "p":
+        return pruned
+    s2 = pruned.sum(1, keepdim=True).clamp(min=1e-12)
+    return pruned * torch.exp(s1 / s2)
+
+
+@SCORES.register
+class ASH(_HeadScore):
+    """ASH (Djurisic et al. 2023): :func:`ash` on the penultimate features, then the energy
+    logsumexp of the re-applied last layer. Defaults: ASH-S at the 90th percentile."""
+
+    name = "ash"
+
+    def __init__(self, percentile: float = 90.0, variant: str = "s") -> None:
+        super().__init__()
+        if not 0 <= percentile < 100:
+            raise ValueError(f"ash.percentile must be in [0, 100), got {percentile}")
+        if variant not in ("s", "p", "b"):
+            raise ValueError(f"ash.variant must be 's', 'p' or 'b', got {variant!r}")
+        self.percentile, self.variant = float(percentile), variant
+
+    def score(self, logits: Tensor, features: Tensor) -> Tensor:
+        return torch.logsumexp(self.head(ash(features, self.percentile, self.variant)), 1)
+
+    def config(self) -> dict[str, Any]:
+        return {"percentile": self.percentile, "variant": self.variant}
+
+
+@SCORES.register
+class ViM(_HeadScore):
+    """ViM, Wang et al. 2022 (Eq. 5-9, the authors' reference code): origin
+    u = -W^+ b; the principal space is spanned by the top ``dim`` eigenvectors of the
+    second moment of (f - u) over ID train, R its orthogonal complement; virtual logit
+    alpha * ||R^T (f - u)|| with alpha = mean max-logit / mean ||R^T (f - u)|| on ID train;
+    score = logsumexp(logits) - alpha * ||R^T (f - u)||. ``dim=None``: half the feature
+    dimension (OpenOOD's 256 of 512 for ResNet-18). Two passes of running moments."""
+
+    name = "vim"
+
+    def __init__(self, dim: int | None = None) -> None:
+        super().__init__()
+        if dim is not None and int(dim) < 1:
+            raise ValueError(f"vim.dim must be >= 1, got {dim}")
+        self.dim = None if dim is None else int(dim)
+        self.origin = self.residual = self.alpha = torch.empty(0)
+
+    def fit_chunks(self, chunks: Iterable[Chunk]) -> None:
+        super().fit_chunks(chunks)
+        self.origin = -(torch.linalg.pinv(self.weight.double()) @ self.bias.double())
+        moments = Moments()
+        for features, _, _ in reiterable(chunks):
+            moments.update(features)
+        d = len(self.origin)
+        dim = d // 2 if self.dim is None else self.dim
+        if dim >= d:
+            raise ValueError(f"vim.dim must be below the feature dimension {d}, got {dim}")
+        _, vecs = torch.linalg.eigh(moments.second_moment(about=self.origin))  # ascending
+        self.residual = vecs[:, : d - dim].float()
+        vnorm, maxlogit = 0.0, 0.0
+        for features, logits, _ in reiterable(chunks):
+            vnorm += self._residual_norm(features).sum().item()
+            maxlogit += logits.float().max(1).values.sum().item()
+        self.alpha = torch.tensor(maxlogit / max(vnorm, 1e-12))
+
+    def _residual_norm(self, features: Tensor) -> Tensor:
+        f = features.float() - self.origin.float().to(features.device)
+        return (f @ self.residual.to(features.device)).norm(dim=1)
+
+    def score(self, logits: Tensor, features: Tensor) -> Tensor:
+        if self.residual.numel() == 0:
+            raise RuntimeError("vim score used before fit()")
+        virtual = self.alpha.to(features.device) * self._residual_norm(features)
+        return torch.logsumexp(self.head(features), 1) - virtual
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return super().state_dict() | {"origin": self.origin, "residual": self.residual,
+                                       "alpha": self.alpha}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        super().load_state_dict(state)
+        self.origin, self.residual, self.alpha = state["origin"], state["residual"], state["alpha"]
+
+    def config(self) -> dict[str, Any]:
+        return {"dim": self.dim}
+
+
+def generalized_entropy(logits: Tensor, gamma: float = 0.1, top: int = 100) -> Tensor:
+    """GEN, Liu et al. 2023 (Eq. 5): -sum over the ``top`` largest softmax probabilities of
+    p^gamma (1 - p)^gamma, in float64."""
+    p = logits.double().softmax(1)
+    p = p.topk(min(int(top), p.shape[1]), dim=1).values
+    return -(p.pow(gamma) * (1 - p).pow(gamma)).sum(1)
+
+
+@SCORES.register
+class GEN(PostHocScore):
+    """GEN, Liu et al. 2023: :func:`generalized_entropy` with the paper's gamma = 0.1 and
+    M = 100 (all classes when fewer)."""
+
+    name = "gen"
+
+    def __init__(self, gamma: float = 0.1, top: int = 100) -> None:
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gen.gamma must be in (0, 1], got {gamma}")
+        if int(top) < 1:
+            raise ValueError(f"gen.top must be >= 1, got {top}")
+        self.gamma, self.top = float(gamma), int(top)
+
+    def score(self, logits: Tensor, features: Tensor) -> Tensor:
+        return generalized_entropy(logits, self.gamma, self.top)
+
+    def config(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "top": self.top}
 
 
 def build_score(name: str, **params: Any) -> PostHocScore:
