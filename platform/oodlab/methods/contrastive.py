@@ -11,6 +11,15 @@ Khosla et al., NeurIPS 2020, as in inspire-group/SSD ``losses.SupConLoss``) and 
 
 * Views: two augmentations of each image, made on the training device
   (``oodlab.methods.ops.augment``), seeded by (seed, rank, step).
+* One global batch: on W workers every worker embeds its own ``data.batch_size`` images, the
+  projections (and, for ``ccl``, the cluster ids) are all-gathered, and every worker computes
+  the loss over the whole batch (SimCLR's cross-replica negatives; alinlab/CSI gathers the
+  same way). The effective batch is B = ``data.batch_size`` x W, with 2B-1 candidates per
+  anchor, so the loss does not depend on how the batch is split. The gather keeps the
+  gradient of the local rows; each worker's backward sums the W identical copies of the loss
+  (W x the gradient of its rows) and DDP averages over workers, which gives exactly the
+  gradient of the one global loss. BatchNorm statistics stay per worker (SimCLR's global BN
+  needs ``SyncBatchNorm``, which PyTorch runs on GPUs only).
 * Model: the backbone of ``spec.model`` (its classifier removed) + an MLP projection head.
   ``forward`` returns ``(projection, backbone features)``: the projection takes the place of
   the logits, so the platform's evaluation and the served
@@ -25,20 +34,25 @@ Khosla et al., NeurIPS 2020, as in inspire-group/SSD ``losses.SupConLoss``) and 
   P(i) = {i⁺} ∪ {j ≠ i : y_j = y_i} ∪ {c_{y_i}}, A(i) = the 2B-1 other views ∪ {c_1..c_K}.
   y and c come from spherical k-means (as in PCL) of the ID training set's embeddings,
   run on rank 0 after ``warmup_epochs`` and then every ``recluster_every`` epochs, and
-  broadcast to every worker; centres are detached (no gradient into k-means). Before the
-  first clustering the loss is NT-Xent only (PCL's warm-up).
+  broadcast to every worker; centres are detached (no gradient into k-means), and a cluster
+  k-means left empty is dropped (K can shrink; no zero centre enters the denominator). A
+  sample's cluster is looked up by its dataset index, which the method reads from the
+  training loader's sampler. Before the first clustering the loss is NT-Xent only (PCL's
+  warm-up).
 """
 
 from __future__ import annotations
 
-import hashlib
-from typing import TYPE_CHECKING, Literal
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from oodlab.detect.clustering import broadcast_from_rank0, kmeans
 from oodlab.methods.base import Loaders, Method, MethodParams, TrainState
@@ -49,6 +63,46 @@ if TYPE_CHECKING:
     from oodlab.spec import ExperimentSpec
 
 CENTRES, ASSIGN, CLUSTERED_AT, PURITY = "ccl/centres", "ccl/assignments", "ccl/epoch", "ccl/purity"
+
+
+# ---------------------------------------------------------------------------- the global batch
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each worker the summed gradient of its own rows (the
+    ``GatherLayer`` of SimCLR/CSI ports; torch.distributed.nn.functional.all_gather does the
+    same and is deprecated)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = len(x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # SUM: every worker's loss touched these rows
+        start = dist.get_rank() * ctx.rows
+        return grad[start: start + ctx.rows]
+
+
+def gather_batch(x: Tensor) -> Tensor:
+    """Concatenate ``x`` [B, ...] over all workers in rank order -> [W·B, ...]; floating
+    tensors keep the gradient of the local rows. Identity on one process. Every worker must
+    pass the same B (the training loader drops the last partial batch)."""
+    if _world() == 1:
+        return x
+    if x.is_floating_point() and x.requires_grad:
+        return _GatherWithGrad.apply(x)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 # ---------------------------------------------------------------------------- losses
@@ -178,10 +232,50 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def image_key(x: Tensor) -> bytes:
-    """A content key of one image (identical pixels give identical keys)."""
-    return hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(),
-                           digest_size=16).digest()
+class IndexTap:
+    """Wraps a training loader's sampler and remembers the dataset indices it yields, in
+    order, so a training step can take the indices of its batch (the loader itself yields
+    only ``(image, label)``). Each new epoch (a new pass over the sampler) starts afresh, so
+    the tail that ``drop_last`` discards is forgotten."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+        self.queue: deque[int] = deque()
+
+    def __iter__(self) -> Iterator[int]:
+        self.queue.clear()
+        for i in self.sampler:
+            self.queue.append(int(i))
+            yield i
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def take(self, n: int) -> Tensor:
+        if len(self.queue) < n:
+            raise RuntimeError(f"ccl: the batch has {n} images but the sampler yielded only "
+                               f"{len(self.queue)} indices not yet used (the batch does not "
+                               "come from the training loader given to on_fit_start)")
+        return torch.tensor([self.queue.popleft() for _ in range(n)], dtype=torch.long)
+
+    @classmethod
+    def install(cls, loader: DataLoader) -> IndexTap:
+        """Tap ``loader``'s sampler (once; a second call returns the same tap)."""
+        batches = loader.batch_sampler
+        if batches is None or not hasattr(batches, "sampler"):
+            raise ValueError("ccl needs a training loader with a batch sampler (batch_size set)")
+        if not isinstance(batches.sampler, cls):
+            batches.sampler = cls(batches.sampler)
+        return batches.sampler
+
+
+def dataset_labels(dataset: Dataset) -> Tensor:
+    """The hidden labels of every item (``.labels`` when the dataset has them); used only to
+    check that a batch is the one the tapped indices name, and for cluster purity."""
+    labels = getattr(dataset, "labels", None)
+    if labels is not None and len(labels) == len(dataset):
+        return torch.as_tensor(labels, dtype=torch.long)
+    return torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))]).long()
 
 
 @METHODS.register
@@ -212,8 +306,9 @@ class SimCLR(Method):
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
                       oe_batch: tuple[Tensor, Tensor] | None, state: TrainState) -> Tensor:
+        """NT-Xent over the global batch (the views of every worker; see the module doc)."""
         z1, z2 = self.embed_views(model, batch[0], state)
-        return nt_xent(z1, z2, self.params.temperature)
+        return nt_xent(gather_batch(z1), gather_batch(z2), self.params.temperature)
 
 
 @METHODS.register
@@ -230,14 +325,16 @@ class CCL(SimCLR):
             raise ValueError(f"method.warmup_epochs ({p.warmup_epochs}) must be below "
                              f"train.epochs ({spec.train.epochs}), or the cluster term never "
                              "runs")
-        self._index: dict[bytes, int] = {}
+        self._tap: IndexTap | None = None
+        self._labels = torch.empty(0, dtype=torch.long)
         self._steps = self._cluster_steps = 0
 
     def on_fit_start(self, model: nn.Module, loaders: Loaders, state: TrainState) -> None:
-        """Index the training images by content (to look up each sample's cluster); cluster
-        at once when there is no warm-up. A restart keeps the stored clusters."""
+        """Tap the training loader's sampler (each batch's dataset indices give its clusters);
+        cluster at once when there is no warm-up. A restart keeps the stored clusters."""
         dataset = loaders.id_train.dataset
-        self._index = {image_key(dataset[i][0]): i for i in range(len(dataset))}
+        self._tap = IndexTap.install(loaders.id_train)
+        self._labels = dataset_labels(dataset)
         if self.params.warmup_epochs == 0 and CENTRES not in state.extra:
             self.recluster(model, dataset, state)
 
@@ -264,7 +361,7 @@ class CCL(SimCLR):
         net = _unwrap(model)
         centres = torch.zeros(p.clusters, net.proj_dim)
         assign = torch.zeros(n, dtype=torch.long)
-        purity = torch.zeros(1)
+        meta = torch.zeros(2)  # purity, clusters kept
         if state.rank == 0:
             out = collect_outputs(net, eval_loader(dataset, self.spec.data.eval_batch_size),
                                   state.device)
@@ -272,32 +369,37 @@ class CCL(SimCLR):
             space = z if p.cluster_features == "projection" else out.features
             res = kmeans(space, p.clusters, seed=self.spec.seed * 1_000 + state.epoch,
                          iters=p.kmeans_iters, restarts=p.kmeans_restarts)
-            assign = res.assignments
-            centres = F.normalize(torch.zeros_like(centres).index_add_(0, assign, z), dim=1)
-            purity[0] = cluster_purity(assign, out.labels)
-        centres, assign, purity = broadcast_from_rank0([centres, assign, purity], state.device)
-        state.extra.update({CENTRES: centres, ASSIGN: assign, CLUSTERED_AT: state.epoch,
-                            PURITY: float(purity[0])})
+            assign, kept = res.assignments, len(res.centres)  # empty clusters are dropped
+            centres[:kept] = F.normalize(torch.zeros(kept, z.shape[1]).index_add_(0, assign, z),
+                                         dim=1)
+            meta[0], meta[1] = cluster_purity(assign, out.labels), kept
+        centres, assign, meta = broadcast_from_rank0([centres, assign, meta], state.device)
+        state.extra.update({CENTRES: centres[: int(meta[1])], ASSIGN: assign,
+                            CLUSTERED_AT: state.epoch, PURITY: float(meta[0])})
 
-    def batch_clusters(self, x: Tensor, state: TrainState) -> Tensor:
-        """The stored cluster of every image of the batch (looked up by content)."""
-        try:
-            idx = [self._index[image_key(img)] for img in x]
-        except KeyError:
-            raise RuntimeError("ccl: a training image is not in the indexed ID training set "
-                               "(the data loader must yield the dataset's images unchanged)"
-                               ) from None
-        return state.extra[ASSIGN][idx].to(x.device)
+    def batch_indices(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """The dataset indices of this batch's images, from the tapped sampler; the batch's
+        labels must match theirs (a cheap check that loader and tap are in step)."""
+        if self._tap is None:
+            raise RuntimeError("ccl: training_step before on_fit_start")
+        idx = self._tap.take(len(batch[0]))
+        if not torch.equal(self._labels[idx], batch[1].detach().cpu().long()):
+            raise RuntimeError("ccl: the batch is not the one the training sampler yielded "
+                               "(the loader must yield its dataset's items in sampler order)")
+        return idx
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
                       oe_batch: tuple[Tensor, Tensor] | None, state: TrainState) -> Tensor:
+        """NT-Xent + λ · cluster term, both over the global batch (see the module doc)."""
         p, x = self.params, batch[0]
+        idx = self.batch_indices(batch)
         z1, z2 = self.embed_views(model, x, state)
+        z1, z2 = gather_batch(z1), gather_batch(z2)
         loss = nt_xent(z1, z2, p.temperature)
         self._steps += 1
         if CENTRES in state.extra and p.cluster_weight > 0:
             self._cluster_steps += 1
-            y = self.batch_clusters(x, state)
+            y = gather_batch(state.extra[ASSIGN][idx].to(x.device))
             loss = loss + p.cluster_weight * cluster_loss(
                 z1, z2, y, state.extra[CENTRES].detach(), p.temperature,
                 sample_positives=p.sample_positives, centre_positive=p.centre_positive)

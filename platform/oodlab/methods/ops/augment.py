@@ -7,6 +7,10 @@ SimCLR (Chen et al., ICML 2020) and SSD (Sehwag et al., ICLR 2021; inspire-group
 (brightness, contrast and, for RGB, saturation; applied with probability ``jitter_p``) and,
 for RGB, random grayscale. Hue jitter is not implemented and the jitter order is fixed
 (brightness, contrast, saturation); torchvision randomises the order.
+
+On one-channel images saturation, hue and grayscale are no-ops, so SSD's recipe reduces to:
+crop area 0.2-1 (the default here; CSI uses 0.08-1), horizontal flip p 0.5 (``hflip_p``; off
+by default, as digits are not mirror-symmetric) and brightness/contrast jitter 0.4 with p 0.8.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ _LUMA = (0.299, 0.587, 0.114)
 
 
 class AugmentParams(StrictModel):
-    """The two-view augmentation of a contrastive method (defaults suit 28 px digits)."""
+    """The two-view augmentation of a contrastive method (SSD's CIFAR recipe, flip off)."""
 
-    crop_min_scale: float = Field(0.3, gt=0, le=1, description="smallest crop area as a "
-                                  "fraction of the image (SSD/SimCLR on CIFAR: 0.2)")
+    crop_min_scale: float = Field(0.2, gt=0, le=1, description="smallest crop area as a "
+                                  "fraction of the image (SSD: 0.2, CSI: 0.08)")
     crop_max_scale: float = Field(1.0, gt=0, le=1, description="largest crop area fraction")
     crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="range of crop "
                                             "aspect ratios (w/h)")
