@@ -14,6 +14,7 @@ from oodlab.methods.multilabel import (
     Edge,
     confidence_loss,
     gap_loss,
+    gap_margin,
     joint_energy_margin_loss,
     tail_scores,
 )
@@ -79,7 +80,7 @@ def _edge(**params) -> Edge:
 
 
 def test_edge_total_and_gap_start_epoch():
-    method = _edge(alpha=1.0, beta=0.1, k=2, margin=0.5, gap_start_epoch=3)
+    method = _edge(alpha=1.0, beta=0.1, k=2, margin=0.5, margin_rel=0.0, gap_start_epoch=3)
     x, y = col(3.0, 1.0, 2.0), torch.ones(3, 1)
     oe = (col(2.0, 0.5), -torch.ones(2))
     bce = torch.nn.functional.binary_cross_entropy_with_logits(x, y).item()
@@ -97,3 +98,36 @@ def test_bce_rejects_single_labels():
     with pytest.raises(ValueError, match="multi-hot labels"):
         method.training_step(_Identity(), (torch.zeros(2, 3), torch.tensor([0, 1])), None,
                              TrainState())
+
+
+def cols(*rows: tuple[float, ...]) -> torch.Tensor:
+    """Multi-class logits whose per-class softplus are the given values."""
+    return torch.tensor([[logit_for(v) for v in row] for row in rows])
+
+
+def test_gap_loss_sums_over_classes():
+    # three classes: S = sum of softplus -> ID S = 3.0, 1.5; OE S = 2.0 (k = 1: tail S = 1.5)
+    # sum: relu(2.0 - 1.5 + 0) = 0.5; a mean over classes (S/3) would give relu(.667-.5) = .167
+    lid = cols((1.0, 1.0, 1.0), (0.5, 0.5, 0.5))
+    loe = cols((1.0, 0.5, 0.5))
+    assert gap_loss(lid, loe, k=1, margin=0.0).item() == pytest.approx(0.5, abs=1e-5)
+    assert confidence_loss(loe).item() == pytest.approx(2.0 / 3, abs=1e-5)  # mean over classes
+
+
+def test_gap_margin_in_units_of_an_undecided_image():
+    assert gap_margin(10, 0.0, 0.5) == pytest.approx(5 * math.log(2))
+    assert gap_margin(8, 1.0, 0.0) == 1.0
+
+
+def test_edge_records_the_gap_per_epoch():
+    method = _edge(alpha=1.0, beta=1.0, k=1, margin=0.0, margin_rel=0.0)
+    x, y = cols((1.0, 1.0, 1.0), (0.5, 0.5, 0.5)), torch.ones(2, 3)
+    oe = (cols((1.0, 0.5, 0.5)), -torch.ones(1))
+    state = TrainState(epoch=0)
+    method.training_step(_Identity(), (x, y), oe, state)
+    m = method.epoch_metrics(_Identity(), state)
+    assert m["train/s_tail"] == pytest.approx(1.5, abs=1e-5)
+    assert m["train/s_oe"] == pytest.approx(2.0, abs=1e-5)
+    assert m["train/gap_active"] == 1.0 and m["train/l_gap"] == pytest.approx(0.5, abs=1e-5)
+    assert "plots/energy_gap.png" in method.epoch_figures(_Identity(), state)
+    assert method.epoch_metrics(_Identity(), state) == {}  # reset after each epoch

@@ -235,3 +235,16 @@ def test_missing_roots_name_the_path(tmp_path):
         get_dataset("coco", split="train", root=tmp_path)
     with pytest.raises(DatasetNotFoundError, match="data.root is not set"):
         get_dataset("coco")
+
+
+def test_fashion_mosaic_lt_trains_long_tailed_and_tests_balanced(fashion_root):
+    test = get_dataset("fashion_mosaic_lt", split="test", root=fashion_root, image_size=28)
+    balanced = get_dataset("fashion_mosaic_balanced", split="test", root=fashion_root,
+                           image_size=28)
+    assert np.array_equal(test.labels, balanced.labels)
+    assert np.array_equal(test.images, balanced.images)
+    train = get_dataset("fashion_mosaic_lt", split="train", root=fashion_root, image_size=28,
+                        limit=500)
+    lt = get_dataset("fashion_mosaic", split="train", root=fashion_root, image_size=28,
+                     limit=500)
+    assert np.array_equal(train.labels, lt.labels)

@@ -16,6 +16,10 @@ split of the source set, so train mosaics never reuse a test image.
   different classes (200 per class), so every class appears in exactly 300 of the 2,000
   mosaics. The per-class rate of ID mosaics flagged OOD can then be read against the class's
   frequency in the long-tailed training set (:func:`oodlab.detect.metrics.flagged_per_class`).
+* ``fashion_mosaic_lt``: trains on the long-tailed ``fashion_mosaic`` train/val splits (ρ) and
+  tests on the ``fashion_mosaic_balanced`` test split, so one run measures the tail effect:
+  the test set holds every class equally often and one or two objects per mosaic, and the
+  head/tail breakdown is no longer confounded by the number of objects.
 
 OOD and OE mosaics use the same layout with tiles from a non-ID set (or the held-out digits 8
 and 9), so they contain no ID class of either benchmark. Mosaics are assembled on load from
@@ -30,7 +34,7 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +189,15 @@ def balanced_mosaics(req: LoadRequest, source: MosaicSource = FASHION_MOSAIC
     rng = dataset_rng(f"{req.name}-{req.split}", req.seed)
     plan = balanced_plan(rng, len(source.classes), BALANCED_SINGLE_ROUNDS, BALANCED_PAIR_ROUNDS)
     return _mosaics(req, source, plan, rng)
+
+
+def long_tail_then_balanced(req: LoadRequest, source: MosaicSource = FASHION_MOSAIC
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Long-tailed train/val (:func:`id_mosaics`), class-balanced test
+    (:func:`balanced_mosaics`, the very mosaics of ``fashion_mosaic_balanced``)."""
+    if req.split == "test":
+        return balanced_mosaics(replace(req, name="fashion_mosaic_balanced"), source)
+    return id_mosaics(replace(req, name=source.name), source)
 
 
 def _id_mosaic_loader(source: MosaicSource, build: Callable = id_mosaics
@@ -378,6 +391,11 @@ DATASETS: list[tuple[DatasetEntry, Callable]] = [
             "class-balanced fashion mosaics for evaluation: 1 or 2 garments each, every class "
             "in 300 of 2000 mosaics per split, tiles from the matching fashion_mnist split"),
      _id_mosaic_loader(FASHION_MOSAIC, balanced_mosaics)),
+    (_entry("fashion_mosaic_lt", "id", FASHION_SIZES["train"] + FASHION_SIZES["val"]
+            + BALANCED_COUNT // 2,
+            "fashion_mosaic train/val (long-tailed, imbalance_ratio, default 50) with the "
+            "class-balanced fashion_mosaic_balanced test split (2000 mosaics, 1-2 garments)"),
+     _id_mosaic_loader(FASHION_MOSAIC, long_tail_then_balanced)),
     *((_entry(n, role, count, desc + " (tile blank p=0.25; no ID class)"),
        _ood_mosaic(src, count)) for n, role, count, src, desc in _OOD_MOSAICS),
     (_entry("voc", "id", None, "PASCAL VOC 2012 multi-label from <root>/VOCdevkit/VOC2012",
@@ -388,4 +406,4 @@ DATASETS: list[tuple[DatasetEntry, Callable]] = [
 
 __all__ = ["DATASETS", "FASHION_MOSAIC", "MNIST_MOSAIC", "MosaicSource", "MultiLabelDataset",
            "balanced_mosaics", "balanced_plan", "class_counts", "class_probs", "id_mosaics",
-           "tile_plan"]
+           "long_tail_then_balanced", "tile_plan"]
