@@ -114,14 +114,22 @@ results: $(STAMP) results-fmnist
 	for d in smallest largest; do $(RESULTS) jobs/edge_oe_select.yaml \
 	    --name edge-oe-direction-$$d --set data.oe_select.direction=$$d \
 	    --set data.oe_select.threshold=0.0 --out docs/results/edge_oe_direction_$$d.md $(SEEDS); done
+	for r in 50 100; do $(RESULTS) jobs/edge_fmnist_bce.yaml jobs/edge_fmnist_bce_oe.yaml \
+	    jobs/edge_fmnist_energy_oe_ml.yaml jobs/edge_fmnist.yaml --name edge-fmnist-rho$$r \
+	    --set data.imbalance_ratio=$$r --baseline edge_fmnist_bce_oe \
+	    --out docs/results/edge_fmnist_rho$$r.md $(FMNIST_SEEDS); \
+	    $(RESULTS) jobs/edge_fmnist_bce.yaml jobs/edge_fmnist_bce_oe.yaml \
+	    jobs/edge_fmnist_energy_oe_ml.yaml jobs/edge_fmnist.yaml --name edge-fmnist-rho$$r \
+	    --set data.imbalance_ratio=$$r --baseline edge_fmnist_bce --table-only \
+	    --out docs/results/edge_fmnist_rho$${r}_vs_bce.md $(FMNIST_SEEDS); done
 	$(RESULTS) jobs/um_pretrain.yaml jobs/um.yaml jobs/umap.yaml jobs/um_oe_baseline.yaml \
 	    jobs/um_oe.yaml --name unleashing-mask --scores msp energy odin \
 	    --out docs/results/unleashing_mask.md $(SEEDS)
 	$(RESULTS) jobs/lmd.yaml --name lmd --scores lmd diffusion_recon --per-set auroc \
 	    --out docs/results/lmd.md $(SEEDS)
-	$(RESULTS) jobs/simclr.yaml jobs/ccl.yaml --name ccl \
+	$(RESULTS) jobs/fmnist_simclr.yaml jobs/fmnist_ccl.yaml --name ccl $(FMNIST_SET) \
 	    --scores knn cluster_cosine cluster_mahalanobis --per-set auroc fpr95 \
-	    --out docs/results/ccl.md $(SEEDS)
+	    --baseline fmnist_simclr --out docs/results/ccl.md $(FMNIST_SEEDS)
 	$(BIN)/oodlab report --out docs/results/report
 
 clean-work:

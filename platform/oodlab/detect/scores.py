@@ -290,8 +290,9 @@ class Mahalanobis(PostHocScore):
 
 
 class _ClusterScore(PostHocScore):
-    """Base of the k-means scores of CCL (Chen et al. 2023): seeded spherical k-means
-    (``oodlab.detect.clustering``) on ID-train features; ``space`` picks the backbone ``features``
+    """Base of the k-means scores of CCL (Chen et al. 2023): seeded k-means
+    (``oodlab.detect.clustering``; spherical for the centre cosine, Euclidean for SSD) on
+    ID-train features; ``space`` picks the backbone ``features``
     or the model's first output (``projection`` for contrastive models)."""
 
     needs_fit = True
@@ -347,8 +348,9 @@ class ClusterCosine(_ClusterScore):
 @SCORES.register
 class ClusterMahalanobis(_ClusterScore):
     """SSD (Sehwag et al. 2021): L2-normalise, standardise with the train
-    mean/std, k-means, then per cluster its mean and biased covariance (pseudo-inverse);
-    score = -min_k (f - mu_k)^T Sigma_k^+ (f - mu_k). ``clusters=1`` is SSD's default."""
+    mean/std, Euclidean k-means (SSD's faiss default), then per cluster its mean and biased
+    covariance (pseudo-inverse); score = -min_k (f - mu_k)^T Sigma_k^+ (f - mu_k).
+    ``clusters=1`` is SSD's default."""
 
     name = "cluster_mahalanobis"
 
@@ -367,7 +369,7 @@ class ClusterMahalanobis(_ClusterScore):
         self.mean, self.std = f.mean(0), f.std(0, unbiased=False).clamp(min=1e-8)
         f = (f - self.mean) / self.std
         assign = kmeans(f, self.clusters, seed=self.seed, iters=self.iters,
-                        restarts=self.restarts).assignments
+                        restarts=self.restarts, metric="euclidean").assignments
         means, precs = [], []
         for k in assign.unique().tolist():
             members = f[assign == k]
