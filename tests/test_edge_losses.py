@@ -131,3 +131,50 @@ def test_edge_records_the_gap_per_epoch():
     assert m["train/gap_active"] == 1.0 and m["train/l_gap"] == pytest.approx(0.5, abs=1e-5)
     assert "plots/energy_gap.png" in method.epoch_figures(_Identity(), state)
     assert method.epoch_metrics(_Identity(), state) == {}  # reset after each epoch
+
+
+class _Pair(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, 2))
+
+    def forward(self, x):
+        out = self.net(x)
+        return out, out
+
+
+def _toy_tail_vs_oe(method) -> tuple[float, float, float]:
+    """Two classes in 2-D: 200 head points, 10 tail points, 200 OE points near the tail.
+    Returns (P[S(tail) > S(OE)], mean S(tail), mean S(OE)) after 300 full-batch SGD steps."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.randn(200, 2, generator=g) * 0.3 + torch.tensor([2.0, 0.0])
+    tail = torch.randn(10, 2, generator=g) * 0.3 + torch.tensor([0.0, 1.0])
+    oe = torch.randn(200, 2, generator=g) * 0.3 + torch.tensor([0.0, 0.3])
+    x, y = torch.cat([head, tail]), torch.zeros(210, 2)
+    y[:200, 0], y[200:, 1] = 1, 1
+    torch.manual_seed(0)
+    model = _Pair()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(300):
+        loss = method.training_step(model, (x, y), (oe, -torch.ones(200)), TrainState())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        st, so = joint_energy(model(tail)[0]), joint_energy(model(oe)[0])
+    return float((st[:, None] > so[None]).float().mean()), float(st.mean()), float(so.mean())
+
+
+def test_gap_lifts_tail_above_oe_where_bce_oe_leaves_them_overlapping():
+    from oodlab.methods.multilabel import BCEOE
+    from oodlab.spec import validate_spec
+    from tests.helpers import tiny_spec
+
+    bce_oe = BCEOE(validate_spec(tiny_spec("/tmp/oodlab-unused",
+                                           method={"name": "bce_oe", "alpha": 1.0})))
+    order, _, _ = _toy_tail_vs_oe(bce_oe)
+    assert order < 0.7  # tail and OE scores overlap (measured 0.55)
+    edge = _edge(alpha=1.0, beta=1.0, k=10, margin=0.0, margin_rel=0.5)
+    order, s_tail, s_oe = _toy_tail_vs_oe(edge)
+    assert order > 0.85 and s_tail > s_oe + 0.5  # measured 0.91, 0.93 vs 0.19
