@@ -35,6 +35,7 @@ def add_set(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # imported here, not at the top: each of these modules imports add_set from this one
     from oodlab.cli import data, jobs, report, results, run, tune
+    from oodlab.cli.posthoc import add_parser as add_posthoc_parser
     from oodlab.cli.serve import add_parser as add_serve_parser
 
     parser = argparse.ArgumentParser(
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)      # serve [build]
     report.add_parser(sub)     # report
     jobs.add_parser(sub)       # submit, jobs list|status|logs|stop
+    add_posthoc_parser(sub)    # tune-posthoc
     return parser
 
 
