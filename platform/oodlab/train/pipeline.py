@@ -19,6 +19,7 @@ from oodlab.cluster import preflight, ray_local, storage
 from oodlab.data.bundle import DataBundle, load_bundle
 from oodlab.detect import oe_select
 from oodlab.detect.evaluate import EvalReport, evaluate
+from oodlab.detect.provenance import spec_tags
 from oodlab.errors import ModelReferenceError
 from oodlab.methods import build_method
 from oodlab.spec import ExperimentSpec, OESelectSpec
@@ -58,6 +59,7 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
     init_state = initial_weights(spec, bundle.num_classes, init_ref)  # a bad ref fails here
     init_ray(spec)
     tags = (tags or {}) | {ray_local.HARDWARE_TAG: ray_local.hardware()}
+    tags |= spec_tags(spec.model_dump(mode="json"))  # provenance: spec, data, code
     if init_ref is not None:
         tags |= {"oodlab.init_from": init_ref}
     run_id = tracking.start_run(spec, spec_path, tags=tags, parent_run_id=parent_run_id)
