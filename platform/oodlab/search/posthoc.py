@@ -17,9 +17,7 @@ features, with Optuna over Ray tasks, on validation OOD only.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from oodlab.detect.detector import Detector
 from oodlab.detect.evaluate import group_means
 from oodlab.detect.metrics import ood_metrics, threshold_at_tpr
 from oodlab.detect.outputs import Outputs, collect_outputs, set_head
+from oodlab.detect.provenance import code_version, digest
 from oodlab.detect.scores import PostHocScore, build_score
 from oodlab.detect.stats import chunks_of
 from oodlab.errors import SpecError
@@ -273,19 +272,8 @@ def test_metrics(score: PostHocScore, outputs: dict[str, Outputs], groups: dict[
     return flat
 
 
-def code_version() -> str:
-    """``git describe --always --dirty`` of the source tree, or "unknown"."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=10,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def spec_hash(spec: ExperimentSpec) -> str:
-    blob = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest(spec.model_dump(mode="json"))
 
 
 def tune_posthoc(ref: str, *, overrides: list[str] | None = None, scores: list[str] | None = None,
