@@ -108,6 +108,14 @@ results-fmnist: $(STAMP) quickstart-packages
 	    --scores msp max_logit energy odin knn mahalanobis --per-set auroc fpr95 \
 	    --baseline fmnist_supervised --out docs/results/fmnist_baselines.md $(FMNIST_SEEDS)
 
+# post-hoc search (docs/posthoc.md) on each trained checkpoint, 50 TPE trials per score:
+#   make posthoc POSTHOC_RUNS="runs:/<seed-0 run id> ... runs:/<seed-4 run id>"
+POSTHOC_RUNS ?=
+POSTHOC_WORKDIR ?= .oodlab
+posthoc: $(STAMP)
+	for ref in $(POSTHOC_RUNS); do .venv/bin/oodlab tune-posthoc $$ref --trials 50 \
+	    --set workdir=$(POSTHOC_WORKDIR) || exit 1; done
+
 results: $(STAMP) results-fmnist
 	$(RESULTS) jobs/edge_bce.yaml jobs/edge_bce_oe.yaml jobs/edge_energy_oe_ml.yaml jobs/edge.yaml \
 	    --name edge-mosaic --out docs/results/edge_mosaic.md $(SEEDS)
