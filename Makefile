@@ -130,9 +130,10 @@ results: $(STAMP) results-fmnist
 	    jobs/edge_fmnist_energy_oe_ml.yaml jobs/edge_fmnist.yaml --name edge-fmnist-rho$$r \
 	    --set data.imbalance_ratio=$$r --baseline edge_fmnist_bce --table-only \
 	    --out docs/results/edge_fmnist_rho$${r}_vs_bce.md $(FMNIST_SEEDS); done
-	$(RESULTS) jobs/um_pretrain.yaml jobs/um.yaml jobs/umap.yaml jobs/um_oe_baseline.yaml \
-	    jobs/um_oe.yaml --name unleashing-mask --scores msp energy odin \
-	    --out docs/results/unleashing_mask.md $(SEEDS)
+	$(RESULTS) jobs/um_fmnist_pretrain.yaml jobs/um_fmnist_pretrain_best.yaml jobs/um_fmnist_ce.yaml \
+	    jobs/um_fmnist.yaml jobs/umap_fmnist.yaml jobs/um_fmnist_short.yaml jobs/um_fmnist_oe_baseline.yaml \
+	    jobs/um_fmnist_oe.yaml --name unleashing-mask-fmnist --scores energy msp odin \
+	    --per-set auroc fpr95 --baseline um_fmnist_ce --out docs/results/unleashing_mask.md $(FMNIST_SEEDS)
 	$(RESULTS) jobs/lmd.yaml --name lmd --scores lmd diffusion_recon --per-set auroc \
 	    --out docs/results/lmd.md $(SEEDS)
 	$(RESULTS) jobs/fmnist_simclr.yaml jobs/fmnist_ccl.yaml --name ccl $(FMNIST_SET) \
