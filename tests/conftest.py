@@ -11,6 +11,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
+# Fake AWS keys (moto's convention) before the session's Ray starts: Ray workers inherit this
+# environment and resolve S3 credentials themselves, and no test may reach a real account.
+os.environ.pop("AWS_PROFILE", None)
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ.pop("AWS_SESSION_TOKEN", None)
 
 @pytest.fixture(scope="session")
 def ray_session():

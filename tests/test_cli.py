@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # every command line that has its own --help (a group's actions included)
 COMMANDS = [["run"], ["oe-select"], ["results"], ["tune"], ["promote"], ["data"],
             ["data", "list"], ["serve"], ["report"], ["submit"], ["jobs"], ["jobs", "list"],
-            ["jobs", "status"], ["jobs", "logs"], ["jobs", "stop"]]
+            ["jobs", "status"], ["jobs", "logs"], ["jobs", "stop"], ["tune-posthoc"]]
 TOP_LEVEL = sorted({c[0] for c in COMMANDS})
 
 
