@@ -10,7 +10,7 @@ import torch
 from skimage.metrics import structural_similarity
 from torch import Tensor, nn
 
-from oodlab.detect.diffusion.distances import median, mse, ssim
+from oodlab.detect.diffusion.distances import median, mse, similarity, ssim
 from oodlab.detect.diffusion.masks import alternating_masks, checkerboard
 from oodlab.detect.diffusion.sampler import inpaint, network_calls, timesteps
 from oodlab.detect.diffusion.schedule import alphas_cumprod, betas, q_sample
@@ -244,3 +244,32 @@ def test_ddpm_spec_errors_name_the_field(tmp_path):
     with pytest.raises(SpecError, match="beta_end"):
         validate_spec(tiny_spec(tmp_path, method={"name": "ddpm", "beta_end": 1e-5},
                                 eval={"scores": ["lmd"]}))
+
+
+def test_a_block_covering_the_whole_image_is_a_spec_error(tmp_path):
+    for block in (28, 40):
+        with pytest.raises(SpecError, match=r"eval.score_params.lmd.block_size"):
+            validate_spec(ddpm_spec(tmp_path, eval={"scores": ["lmd"], "score_params": {
+                "lmd": {"block_size": block}}}))
+    validate_spec(ddpm_spec(tmp_path, eval={"scores": ["lmd"], "score_params": {
+        "lmd": {"block_size": 14}}}))  # 2 x 2 blocks: half the image is lifted
+    # the baseline has no mask: its block_size is unused and not checked
+    validate_spec(ddpm_spec(tmp_path, eval={"scores": ["diffusion_recon"], "score_params": {
+        "diffusion_recon": {"block_size": 28}}}))
+    with pytest.raises(ValueError, match="block_size"):  # outside a spec: at scoring time
+        LMD(steps=2, attempts=2, block_size=8).score_batch(
+            ConstantEps(alphas_cumprod("linear", 10).tolist()), torch.rand(2, 1, 8, 8))
+
+
+def test_similarity_signs_identical_is_most_id_corrupted_is_more_ood():
+    """similarity() is 'higher = more ID' for every distance: the identical image scores
+    highest (SSIM 1, -MSE 0); a corrupted reconstruction scores lower, more so when worse."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 16, 16, generator=g)
+    noise = torch.rand(3, 1, 16, 16, generator=g) - 0.5
+    slight, heavy = (x + 0.1 * noise).clamp(0, 1), (x + 0.8 * noise).clamp(0, 1)
+    for distance in ("ssim", "mse"):
+        same = similarity(distance, x, x)
+        a, b = similarity(distance, x, slight), similarity(distance, x, heavy)
+        assert same.tolist() == pytest.approx([1.0 if distance == "ssim" else 0.0] * 3)
+        assert (same > a).all() and (a > b).all(), distance

@@ -211,9 +211,15 @@ class DDPM(Method):
         if bad:
             raise ValueError(f"eval.scores: {bad} need logits/features; method 'ddpm' "
                              f"supports {list(DIFFUSION_SCORES)}")
+        size = spec.data.image_size
         for s in spec.eval.scores:  # a score object holds settings only: cheap to build
-            SCORES.get(s)(**spec.eval.score_params.get(s, {}))
-        check_depth(spec.data.image_size, spec.method.channel_mult)
+            score = SCORES.get(s)(**spec.eval.score_params.get(s, {}))
+            if getattr(score, "masked", False) and score.block_size >= size:
+                raise ValueError(
+                    f"eval.score_params.{s}.block_size: {score.block_size} px >= "
+                    f"data.image_size {size} px makes one checkerboard block cover the whole "
+                    f"image, so the mask lifts nothing (needs block_size < image_size)")
+        check_depth(size, spec.method.channel_mult)
 
     @classmethod
     def reported_metrics(cls, spec: ExperimentSpec) -> set[str]:

@@ -36,6 +36,9 @@ def reconstruct(model: nn.Module, x: Tensor, *, masked: bool, steps: int, attemp
     b = len(x)
     x0 = (x * 2 - 1).repeat(attempts, 1, 1, 1)  # attempt-major: [R·B, C, H, W]
     if masked:
+        if block_size >= x.shape[-1]:
+            raise ValueError(f"block_size {block_size} px >= image size {x.shape[-1]} px: "
+                             "the checkerboard has one block, the mask lifts nothing")
         known = alternating_masks(x.shape[-1], block_size, attempts).to(x.device)
         known = known.repeat_interleave(b, 0)
         t_start = n_t - 1
