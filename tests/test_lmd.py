@@ -273,3 +273,41 @@ def test_similarity_signs_identical_is_most_id_corrupted_is_more_ood():
         a, b = similarity(distance, x, slight), similarity(distance, x, heavy)
         assert same.tolist() == pytest.approx([1.0 if distance == "ssim" else 0.0] * 3)
         assert (same > a).all() and (a > b).all(), distance
+
+
+class RecordingEps(nn.Module):
+    """ε_θ ≡ 0 that records the (x_t, t) it is called with."""
+
+    def __init__(self, abar: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("alphas_cumprod", abar.float())
+        self.weight = nn.Parameter(torch.zeros(()))
+        self.seen: list[tuple[Tensor, Tensor]] = []
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        self.seen.append((x.clone(), t.clone()))
+        return torch.zeros_like(x) + 0 * self.weight
+
+
+def test_ddp_ranks_draw_their_own_timesteps_and_noise(tmp_path):
+    """Every rank of one step draws different t and ε (the loop seeds the global RNG the same
+    on all ranks); the same (rank, step) draws the same, whatever the global RNG state."""
+    from oodlab.methods.base import TrainState
+    from oodlab.registry import METHODS
+
+    method = METHODS.get("ddpm")(validate_spec(ddpm_spec(tmp_path)))
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def draw(rank: int, step: int) -> tuple[Tensor, Tensor]:
+        torch.manual_seed(123)  # what train_fn_per_worker does on every rank
+        net = RecordingEps(alphas_cumprod("linear", 1000))
+        method.training_step(EMAModel(net, 0.9), (x, torch.zeros(16)), None,
+                             TrainState(rank=rank, world_size=2, step=step))
+        return net.seen[0]
+
+    (x0, t0), (x1, t1) = draw(0, 5), draw(1, 5)
+    assert not torch.equal(t0, t1) and not torch.allclose(x0, x1)
+    again_x, again_t = draw(1, 5)
+    assert torch.equal(again_t, t1) and torch.equal(again_x, x1)
+    later_x, later_t = draw(1, 6)
+    assert not torch.equal(later_t, t1)  # a fresh draw every optimizer step

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
@@ -157,6 +158,20 @@ def denoising_loss(model: nn.Module, x01: Tensor, generator: torch.Generator | N
     return F.mse_loss(model(q_sample(x0, t, noise, abar), t), noise)
 
 
+def noise_generator(seed: int, rank: int, step: int,
+                    device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of t and ε for one optimizer step of one DDP rank.
+
+    Seeded from (seed, rank, step) through NumPy's ``SeedSequence`` hash, so every rank
+    draws its own timesteps and noise (the training loop seeds the global RNG identically
+    on all ranks, which would make the ranks' draws, and so their gradient noise, equal),
+    the same rank and step always draw the same, and a run resumed at step n continues the
+    stream it would have drawn."""
+    words = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(
+        (int(words[0]) << 31) ^ int(words[1]))
+
+
 @torch.no_grad()
 def sample(model: DiffusionModel, n: int, shape: tuple[int, int, int], steps: int,
            seed: int = 0) -> Tensor:
@@ -243,7 +258,8 @@ class DDPM(Method):
                       oe_batch: tuple[Tensor, Tensor] | None, state: TrainState) -> Tensor:
         _ema_module(model).update(state.step)  # fold in the previous optimizer step
         x = batch[0].to(state.device)
-        return denoising_loss(model, x)
+        gen = noise_generator(self.spec.seed, state.rank, state.step, x.device)
+        return denoising_loss(model, x, gen)
 
     def on_epoch_end(self, model: nn.Module, loaders: Loaders, state: TrainState) -> None:
         ema = _ema_module(model)
