@@ -13,6 +13,7 @@ import sys
 
 from oodlab.cli.main import add_set
 from oodlab.cluster import jobs
+from oodlab.console import stderr
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -73,10 +74,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     job_id = jobs.submit(sub, args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     print(job_id)
     if not args.follow:
-        print(f"follow with: oodlab jobs logs {job_id} --follow", file=sys.stderr)
+        print(f"follow with: oodlab jobs logs {job_id} --follow", file=stderr())
         return 0
     final = jobs.follow(job_id, args.address)
-    print(f"\njob {job_id}: {final}", file=sys.stderr)
+    print(f"\njob {job_id}: {final}", file=stderr())
     return 0 if final == "SUCCEEDED" else 1
 
 
@@ -94,7 +95,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     if action == "logs":
         if args.follow:
             final = jobs.follow(args.job_id, args.address)
-            print(f"\njob {args.job_id}: {final}", file=sys.stderr)
+            print(f"\njob {args.job_id}: {final}", file=stderr())
             return 0 if final == "SUCCEEDED" else 1
         sys.stdout.write(jobs.logs(args.job_id, args.address))
         return 0

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from oodlab.cli.main import EXIT_BAD_INPUT
+from oodlab.console import stderr
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +43,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         md, page = write_report(uri, args.out, args.experiment or None, args.table,
                                 args.mlflow_url, "oodlab " + " ".join(args.argv_echo))
     except ValueError as err:
-        print(f"oodlab: error: {err}", file=sys.stderr)
+        print(f"oodlab: error: {err}", file=stderr())
         return EXIT_BAD_INPUT
     print(f"written {md} and {page}")
     return 0

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from oodlab.console import stderr
 from oodlab.serve.config import DEFAULT_ALIAS, TOKEN_ENV, ServeOptions
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except ServeError as err:
-        print(f"oodlab: serve failed: {err}", file=sys.stderr)
+        print(f"oodlab: serve failed: {err}", file=stderr())
         return 1
 
 
