@@ -63,6 +63,32 @@ def test_pretrain_then_um_and_umap(ray_session, tmp_path):
     assert "umap/mask_changed_fraction" in metrics
 
 
+def test_flood_at_the_training_loss_both_ascends_and_descends(ray_session, tmp_path):
+    """ℓ̂ set to the starting model's own training CE: batch means fall on both sides of it,
+    so a flood that acts takes ascent and descent steps (a fraction of exactly 0 or 1 means
+    the flood never engaged or never released)."""
+    pre = run_experiment(validate_spec(tiny_spec(
+        tmp_path, name="pre", method={"name": "supervised"}, eval={"scores": ["msp"]},
+        train={"epochs": 2})))
+    spec = validate_spec(tiny_spec(tmp_path, name="um", method={"name": "um"},
+                                   init_from="spec:pre", eval={"scores": ["msp"]},
+                                   train={"epochs": 3, "lr": 0.05}))
+    model = build_method(spec).build(10)
+    model.load_state_dict(pre.report.detector.model.state_dict())
+    ell = estimate_loss_constraint(model, load_bundle(spec).id_train, keep=1.0, seed=0)
+    spec = validate_spec(tiny_spec(tmp_path, name="um", init_from="spec:pre",
+                                   method={"name": "um", "loss_constraint": ell},
+                                   eval={"scores": ["msp"]}, train={"epochs": 3, "lr": 0.05}))
+    um = run_experiment(spec)
+    client = MlflowClient(um.tracking_uri)
+    history = [m.value for m in client.get_metric_history(um.run_id, "um/ascent_fraction")]
+    assert len(history) == 3
+    overall = sum(history) / len(history)  # epochs have equal step counts
+    assert 0.0 < overall < 1.0, history
+    assert history[-1] < 1.0, history  # plain CE (flood: false) stays below ℓ̂: 1.0 every epoch
+    assert client.get_run(um.run_id).data.metrics["um/loss_constraint"] == pytest.approx(ell)
+
+
 def test_spec_reference_without_a_matching_run_is_an_error(ray_session, tmp_path):
     spec = validate_spec(tiny_spec(tmp_path, seed=5, method={"name": "um"},
                                    init_from="spec:never_ran"))
