@@ -154,7 +154,7 @@ def write_markdown(path: Path, args: argparse.Namespace, command: str, rows: lis
         "",
         "Images per set: " + ", ".join(f"{k} {v}" for k, v in n_sets.items()) + ".",
         "Means: " + "; ".join(f"{g} = {', '.join(v)}" for g, v in groups.items() if v)
-        + " (sanity = noise, never in a headline); near+far = the headline mean.",
+        + " (sanity: noise, never in a headline); near+far = the headline mean.",
         "",
     ]
     for row in rows:

@@ -112,3 +112,37 @@ def test_a_mask_that_lifts_nothing_cannot_detect(sets, monkeypatch):
 def test_valid_block_sizes_mask_some_but_not_all_pixels(size, block):
     for m in alternating_masks(size, block, 2):
         assert 0 < m.mean() < 1
+
+
+# --- the ceiling benchmark ---------------------------------------------------------------
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "lmd_ceiling.py"
+    spec = importlib.util.spec_from_file_location("lmd_ceiling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mean_fill_control_by_hand():
+    x = torch.zeros(1, 1, 8, 8)
+    x[..., :4, :] = 1.0  # top half white: attempt 0 keeps 2 of 4 white and 2 of 4 black blocks
+    s = _bench().mean_fill_scores(x, attempts=2, block=2)
+    # both attempts: the holes (half the image) get the kept mean 0.5, each off by 0.5
+    assert s["mse"].item() == pytest.approx(-0.5 * 0.25)  # similarity = -MSE
+    flat = torch.full((1, 1, 8, 8), 0.3)
+    assert _bench().mean_fill_scores(flat, attempts=2, block=2)["mse"].item() == 0.0
+
+
+def test_ceiling_bench_writes_its_tables(tmp_path):
+    out = tmp_path / "ceiling.md"
+    _bench().main(["--id", "mnist", "--train-n", "60", "--n", "12", "--near", "letters",
+                   "--far", "blobs", "--sanity", "--settings", "2x2", "--batch", "8",
+                   "--cache-dir", str(DATA_CACHE), "--out", str(out), "--figure", ""])
+    text = out.read_text()
+    for row in ("| exact, mse |", "| exact, ssim |", "| mean-fill, mse |", "| mean-fill, ssim |"):
+        assert row in text
+    assert "2 steps × 2 attempts (4 denoiser calls per image" in text
