@@ -220,6 +220,9 @@ def run_search(spec: ExperimentSpec, space: SearchSpace, space_path: str | Path,
     # save the search state after every trial event, so a killed driver loses no finished
     # trial (Tune's default saves it periodically)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # verbose=0 (the RunConfig below) is silent only in Tune's legacy output engine: the new
+    # one prints its experiment box and paths whatever the verbosity; _Progress reports
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     init_ray(spec)  # a multi-node search with node-local storage or tracking stops here
     parent = _parent_run(spec, name, space_path, resume)
     url = study_url(spec, storage_url)
