@@ -466,19 +466,24 @@ def _wait_for(lines: queue.Queue, seen: list[str], text: str, timeout_s: float) 
             raise AssertionError(f"no {text!r} after {timeout_s:.0f}s:\n{''.join(seen)}") from None
 
 
+def _serve_process(served: Served, port: int, app: str, *extra: str) -> subprocess.Popen:
+    """`oodlab serve` of version 1 in its own process (and its own Ray), stdout + stderr."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "oodlab", "serve", f"models:/{MODEL}/1", "--tracking-uri",
+         served.tracking_uri, "--name", app, "--port", str(port), "--device", "cpu",
+         "--num-cpus", "0.5", *extra],
+        env=env | {"OODLAB_SERVE_TOKEN": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+
+
 def test_sigterm_answers_the_request_in_flight_and_exits_0(served):
     """`oodlab serve` in its own process (and its own Ray): a SIGTERM that arrives while a
     request waits in its batch lets that request be answered, then the process stops Serve,
     prints one line and exits 0; nothing answers on the port afterwards."""
     port, app = _free_port(), "oodlab-sigterm"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "oodlab", "serve", f"models:/{MODEL}/1", "--tracking-uri",
-         served.tracking_uri, "--name", app, "--port", str(port), "--device", "cpu",
-         "--num-cpus", "0.5", "--max-batch-size", "64", "--batch-wait-ms", "5000"],
-        env=env | {"OODLAB_SERVE_TOKEN": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+    proc = _serve_process(served, port, app, "--max-batch-size", "64", "--batch-wait-ms", "5000")
     lines: queue.Queue = queue.Queue()
     seen: list[str] = []
     threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
@@ -499,6 +504,31 @@ def test_sigterm_answers_the_request_in_flight_and_exits_0(served):
         _wait_for(lines, seen, f"SIGTERM: stopped '{app}'", 10)
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/healthz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_while_deploying_stops_gracefully_without_a_native_stack_dump(served):
+    """A SIGTERM once Ray is up but before the application runs (Kubernetes stopping a pod
+    that is still starting): the deployment is removed, one line, exit 0, and no stack dump
+    from Ray's core worker."""
+    port, app = _free_port(), "oodlab-sigterm-early"
+    proc = _serve_process(served, port, app)
+    lines: queue.Queue = queue.Queue()
+    seen: list[str] = []
+    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        _wait_for(lines, seen, f"[oodlab] deploying models:/{MODEL}/1", 300)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) == 0, "".join(seen)
+        _wait_for(lines, seen, f"SIGTERM: stopped '{app}'", 10)
+        text = "".join(seen)
+        assert "SIGTERM received" not in text and "PC: @" not in text, text
+        assert "Ctrl-C or SIGTERM stops the server" not in text
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
     finally:
         if proc.poll() is None:
             proc.kill()

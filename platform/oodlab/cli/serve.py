@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -210,48 +212,70 @@ def _run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, opts: ServeOptions) -> int:
     import ray
 
-    from oodlab.serve.deploy import dashboard_url, deploy, token_auth_hint
+    from oodlab.console import progress
+    from oodlab.serve.deploy import connect, dashboard_url, deploy, token_auth_hint
     from oodlab.serve.registry import resolve
 
     pinned = resolve(opts.model.load_ref, opts.model.tracking_uri)
     opts.model.version = pinned.version
-    dep = deploy(opts, args.address)
-    print(f"serving {opts.model.model} (version {pinned.version}) at {dep.url}/v1/score; "
-          f"docs {dep.url}/docs")
-    address = ray.get_runtime_context().gcs_address
-    print(f"after moving the alias: {token_auth_hint()}RAY_DASHBOARD_ADDRESS={dashboard_url()} "
-          f"oodlab serve --reload --name {opts.app_name} --address {address}", flush=True)
+    started_ray = connect(args.address)
+    stop = None if args.detach else _stop_on_signals()  # Ray is up: from here on, gracefully
+    progress(f"deploying {opts.model.model} (version {pinned.version}) as {opts.app_name!r}")
+    dep = deploy(opts, args.address, stop=stop)
+    dep.started_ray = started_ray
+    if stop is None or not stop.is_set():
+        print(f"serving {opts.model.model} (version {pinned.version}) at {dep.url}/v1/score; "
+              f"docs {dep.url}/docs")
+        address = ray.get_runtime_context().gcs_address
+        print(f"after moving the alias: {token_auth_hint()}RAY_DASHBOARD_ADDRESS="
+              f"{dashboard_url()} oodlab serve --reload --name {opts.app_name} "
+              f"--address {address}", flush=True)
     if args.detach:
         return 0
-    return _block(dep)
+    return _block(dep, stop)
 
 
-def _block(dep: Deployment) -> int:
-    """Serve until SIGINT (Ctrl-C) or SIGTERM, then stop gracefully: the application's route
-    goes first (no new requests), its replicas answer the requests in flight, then Serve and
-    Ray stop if this process started them. A second signal aborts the wait."""
-    import signal
-    import threading
+class _Stop(threading.Event):
+    """Set by the first SIGINT or SIGTERM; ``signame`` is its name."""
 
-    from oodlab.serve.deploy import remove
+    signame: str = ""
 
-    stop = threading.Event()
-    caught: list[str] = []
+
+def _stop_on_signals() -> _Stop:
+    """From now on SIGINT (Ctrl-C) and SIGTERM set the returned event. Installed once Ray is
+    up: Ray's driver replaces both handlers while it starts, and its core worker answers
+    SIGTERM with a native stack dump and an abort."""
+    stop = _Stop()
 
     def on_signal(signum: int, _frame: object) -> None:
-        caught.append(signal.Signals(signum).name)
+        stop.signame = stop.signame or signal.Signals(signum).name
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    print("Ctrl-C or SIGTERM stops the server", flush=True)
+    return stop
+
+
+def _block(dep: Deployment, stop: _Stop | None = None) -> int:
+    """Serve until SIGINT (Ctrl-C) or SIGTERM, then stop gracefully: the application's route
+    goes first (no new requests), its replicas answer the requests in flight, then Serve and
+    Ray stop if this process started them. A second signal aborts the wait. A signal that
+    came while the application deployed stops it the same way."""
+    from oodlab.serve.deploy import remove
+
+    stop = stop or _stop_on_signals()
+    deployed = not stop.is_set()
+    if deployed:
+        print("Ctrl-C or SIGTERM stops the server", flush=True)
     while not stop.wait(1.0):
         pass
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     remove(dep)
-    print(f"oodlab serve: {caught[0]}: stopped {dep.app_name!r} at {dep.url} after answering "
-          "the requests in flight", flush=True)
+    done = ("after answering the requests in flight" if deployed
+            else "before it served (the signal came while it deployed)")
+    print(f"oodlab serve: {stop.signame}: stopped {dep.app_name!r} at {dep.url} {done}",
+          flush=True)
     return 0
 
 

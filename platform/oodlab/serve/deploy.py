@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -139,13 +140,16 @@ def _apply(details: dict[str, Any], apps: dict[str, dict[str, Any]],
     serve_api("PUT", cluster | {"applications": list(apps.values())})
 
 
-def wait_running(app_name: str, timeout_s: float = 180.0) -> None:
-    """Block until the application is RUNNING; raise ServeError with Serve's message if its
-    deployment fails (e.g. the model cannot be loaded) or it takes longer than ``timeout_s``."""
+def wait_running(app_name: str, timeout_s: float = 180.0,
+                 stop: threading.Event | None = None) -> None:
+    """Block until the application is RUNNING (or ``stop`` is set); raise ServeError with
+    Serve's message if its deployment fails (e.g. the model cannot be loaded) or it takes
+    longer than ``timeout_s``."""
     from ray import serve
 
+    stop = stop or threading.Event()
     deadline, status = time.monotonic() + timeout_s, None
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop.is_set():
         app = serve.status().applications.get(app_name)
         status = app.status if app else None
         if status == "RUNNING":
@@ -155,7 +159,9 @@ def wait_running(app_name: str, timeout_s: float = 180.0) -> None:
                                     if d.message]
             raise ServeError(f"application {app_name!r} {status}: " + "\n".join(m for m in msgs
                                                                                  if m))
-        time.sleep(0.25)
+        stop.wait(0.25)
+    if stop.is_set():
+        return
     raise ServeError(f"application {app_name!r} not running after {timeout_s:.0f}s "
                      f"(status {status})")
 
@@ -168,16 +174,17 @@ def http_url(details: dict[str, Any], route_prefix: str = "/") -> str:
     return f"http://{host}:{http.get('port', 8000)}{route_prefix.rstrip('/')}"
 
 
-def deploy(opts: ServeOptions, address: str | None = None,
-           timeout_s: float = 180.0) -> Deployment:
-    """Deploy (or update) ``opts`` as one application; other applications stay as they are."""
+def deploy(opts: ServeOptions, address: str | None = None, timeout_s: float = 180.0,
+           stop: threading.Event | None = None) -> Deployment:
+    """Deploy (or update) ``opts`` as one application; other applications stay as they are.
+    A set ``stop`` ends the wait for it to run (the caller then removes it)."""
     started_ray = connect(address)
     details = serve_api("GET")
     started_serve = not details.get("controller_info")
     apps = deployed_apps(details)
     apps[opts.app_name] = app_config(opts)
     _apply(details, apps, serve_config(opts, host=opts.host))
-    wait_running(opts.app_name, timeout_s)
+    wait_running(opts.app_name, timeout_s, stop)
     return Deployment(opts.app_name, http_url(serve_api("GET"), opts.route_prefix),
                       started_ray, started_serve)
 
