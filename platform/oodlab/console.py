@@ -27,11 +27,13 @@ from typing import TextIO
 _terminal_err: TextIO | None = None  # the terminal's stderr while library logs go to a file
 
 
-def progress(message: str, *, source: str | None = None) -> None:
-    """Write ``[oodlab] message`` (or ``[oodlab <source>] message``) to stdout and flush."""
+def progress(message: str, *, source: str | None = None, file: TextIO | None = None) -> None:
+    """Write ``[oodlab] message`` (or ``[oodlab <source>] message``) to ``file`` (default
+    stdout) and flush."""
     prefix = f"[oodlab {source}]" if source else "[oodlab]"
-    sys.stdout.write(f"{prefix} {message}\n")
-    sys.stdout.flush()
+    file = file or sys.stdout
+    file.write(f"{prefix} {message}\n")
+    file.flush()
 
 
 def stderr() -> TextIO:
@@ -40,8 +42,9 @@ def stderr() -> TextIO:
 
 
 class _LogFile(io.TextIOBase):
-    """A text stream that creates ``path`` at its first write and names it once on stdout
-    (a command that logs nothing leaves no file); an unwritable path falls back to
+    """A text stream that creates ``path`` at its first write and names it once on
+    ``fallback``, the terminal's stderr, so stdout stays what the command prints (a job id,
+    a table); a command that logs nothing leaves no file, an unwritable path falls back to
     ``fallback``."""
 
     def __init__(self, path: Path, fallback: TextIO) -> None:
@@ -63,7 +66,8 @@ class _LogFile(io.TextIOBase):
                 except OSError:
                     self._file = self._fallback
                 else:
-                    progress(f"Ray and MLflow logs: {self.path} (oodlab -v shows them here)")
+                    progress(f"Ray and MLflow logs: {self.path} (oodlab -v shows them here)",
+                             file=self._fallback)
             return self._file
 
     def write(self, text: str) -> int:
@@ -86,10 +90,10 @@ class _LogFile(io.TextIOBase):
 @contextmanager
 def library_logs(log_dir: Path, *, verbose: bool = False) -> Iterator[Path | None]:
     """Inside: what is written to ``sys.stderr`` (Ray's and MLflow's logs, the workers'
-    stderr) goes to ``<log_dir>/oodlab-<time>.log``, named on stdout at its first line; the
-    terminal's stderr stays at :func:`stderr`. MLflow draws no download progress bars and
-    Ray's worker prefixes have no colour codes.
-    ``verbose``: nothing changes. Yields the log file's path (None when verbose)."""
+    stderr) goes to ``<log_dir>/oodlab-<time>.log``, named on the terminal's stderr at its
+    first line; the terminal's stderr stays at :func:`stderr`. MLflow draws no download
+    progress bars and Ray's worker prefixes have no colour codes. ``verbose``: nothing
+    changes. Yields the log file's path (None when verbose)."""
     global _terminal_err
     if verbose or _terminal_err is not None:
         yield None
