@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform as stdlib_platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.near or args.far):
         ap.error("give at least one --near or --far set")
     torch.set_num_threads(args.threads)
-    command = " ".join(["python bench/lmd_ceiling.py", *(sys.argv[1:] if argv is None
-                                                          else argv)])
+    command = shlex.join(["python", "bench/lmd_ceiling.py",
+                          *(sys.argv[1:] if argv is None else argv)])
     settings = [parse_setting(s) for s in args.settings]
     groups = groups_of(args)
 
