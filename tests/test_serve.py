@@ -345,6 +345,7 @@ def test_concurrent_requests_are_batched_and_correct(served):
     assert after["images"] - before["images"] == images
     assert after["batches"] - before["batches"] < images  # some batches held several images
     assert after["largest_batch"] > 1
+    assert after["images_in_flight"] == 0  # every image counted in was counted out
 
 
 def test_build_writes_a_serve_config_for_rayservice(tmp_path):

@@ -64,8 +64,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bat.add_argument("--replicas", type=int, default=1, help="fixed replica count")
     bat.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX "
                                                             "replicas instead")
-    bat.add_argument("--target-ongoing", type=float, default=8.0,
-                     help="autoscaling target of ongoing requests per replica")
+    bat.add_argument("--target-images", type=int, default=32,
+                     help="autoscaling target: images in flight per replica (default 32)")
     bat.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     bat.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
     bat.add_argument("--max-ongoing", type=int, default=64,
@@ -140,7 +140,7 @@ def options(args: argparse.Namespace, ref: str, tracking_uri: str | None, build:
         if not (sep and lo.isdigit() and hi.isdigit()):
             raise SpecError(f"--autoscale {args.autoscale!r}: expected MIN:MAX, e.g. 1:4")
         autoscaling = {"min_replicas": int(lo), "max_replicas": int(hi),
-                       "target_ongoing_requests": args.target_ongoing}
+                       "target_images": args.target_images}
     token_file = args.token_file
     if token_file and not build:
         token_file = str(Path(token_file).expanduser().resolve())

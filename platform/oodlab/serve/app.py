@@ -7,7 +7,10 @@ constructor (Serve's late-bound ingress, ``__serve_build_asgi_app__``, see
 token one router-level security dependency, the body limit the route's ``max_body_size``.
 
 Images of all concurrent requests are scored in dynamic batches (``@serve.batch``, one batch
-element per image). The model lives in the deployment's ``user_config``
+element per image); decoding and the forward pass run in threads, off the replica's event
+loop, and torch uses as many threads as the replica has CPUs. Each replica reports its images
+in flight to Serve's autoscaler (``record_autoscaling_stats``, see
+:mod:`oodlab.serve.autoscale`). The model lives in the deployment's ``user_config``
 (:class:`~oodlab.serve.config.ModelConfig`): ``reconfigure`` loads the new version off the
 event loop and swaps it in whole, so requests keep being served by the old version until the
 new one is ready, and a request is always scored by the model it was decoded for.
@@ -33,6 +36,7 @@ from ray.serve import Application
 from oodlab import __version__
 from oodlab.serve import registry
 from oodlab.serve.auth import BearerToken, load_token
+from oodlab.serve.autoscale import METRIC
 from oodlab.serve.config import DEPLOYMENT_NAME, AppArgs, ModelConfig
 from oodlab.serve.images import InputError, Preprocessing, array_image, decode_image
 from oodlab.serve.payload import RawImage, ScoreRequest, read_images
@@ -114,6 +118,7 @@ class Scorer:
         self.config: ModelConfig | None = None
         self.current: LoadedModel | None = None
         self.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0}
+        self.images_in_flight = 0  # decoding, queued for a batch or in a forward pass
         self._reload_lock = asyncio.Lock()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -135,6 +140,10 @@ class Scorer:
                 # load off the event loop: requests keep flowing to the current model
                 self.current = await asyncio.to_thread(registry.load, cfg, self.device)
             self.config = cfg
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom-metrics hook, read by :class:`oodlab.serve.autoscale.ImagesInFlight`."""
+        return {METRIC: float(self.images_in_flight)}
 
     def check_health(self) -> None:
         if self.current is None:
@@ -159,11 +168,17 @@ class Scorer:
         loaded = self.loaded()
         try:
             raws = await read_images(request, self.args.max_images)
-            prep = Preprocessing(**loaded.detector.preprocessing)
-            xs = await asyncio.to_thread(to_tensors, raws, prep, self.args.max_pixels)
         except InputError as err:
             raise HTTPException(err.status, str(err)) from None
-        outs = await asyncio.gather(*(self._score_batch((loaded, x)) for x in xs))
+        self.images_in_flight += len(raws)
+        try:
+            prep = Preprocessing(**loaded.detector.preprocessing)
+            xs = await asyncio.to_thread(to_tensors, raws, prep, self.args.max_pixels)
+            outs = await asyncio.gather(*(self._score_batch((loaded, x)) for x in xs))
+        except InputError as err:
+            raise HTTPException(err.status, str(err)) from None
+        finally:
+            self.images_in_flight -= len(raws)
         self.stats["requests"] += 1
         self.stats["images"] += len(xs)
         ref = loaded.ref
@@ -186,7 +201,7 @@ class Scorer:
             "auth": self.token is not None,
             "replica": serve.get_replica_context().replica_tag,
             "torch_threads": torch.get_num_threads(),
-            "stats": dict(self.stats),
+            "stats": dict(self.stats) | {"images_in_flight": self.images_in_flight},
         }
 
 

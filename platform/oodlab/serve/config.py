@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from oodlab.serve.autoscale import POLICY_PATH
 from oodlab.spec.base import StrictModel
 
 DEPLOYMENT_NAME = "OODScorer"
@@ -87,11 +88,16 @@ class AppArgs(StrictModel):
 
 
 class Autoscaling(StrictModel):
-    """Serve's autoscaling_config (the subset we expose)."""
+    """Serve's autoscaling_config with oodlab's images-in-flight policy
+    (:mod:`oodlab.serve.autoscale`): the load of a replica is its images, not its requests."""
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(8.0, gt=0)
+    target_images: int = Field(
+        32, ge=1, description="images in flight per replica to aim for (default: one full "
+                              "batch of the default max_batch_size)")
+    downscale_delay_s: float = Field(
+        30.0, ge=0, description="how long a lower replica count must hold before scaling down")
 
     @model_validator(mode="after")
     def _order(self) -> Autoscaling:
@@ -99,6 +105,13 @@ class Autoscaling(StrictModel):
             raise ValueError(f"autoscaling: max_replicas {self.max_replicas} < min_replicas "
                              f"{self.min_replicas}")
         return self
+
+    def serve_config(self) -> dict[str, Any]:
+        """Serve's ``autoscaling_config``, the policy named by import path."""
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "policy": {"policy_function": POLICY_PATH,
+                           "policy_kwargs": {"target_images": self.target_images,
+                                             "downscale_delay_s": self.downscale_delay_s}}}
 
 
 class DeploymentOptions(StrictModel):
@@ -118,7 +131,7 @@ class DeploymentOptions(StrictModel):
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
         }
         if self.autoscaling is not None:
-            out["autoscaling_config"] = self.autoscaling.model_dump()
+            out["autoscaling_config"] = self.autoscaling.serve_config()
         else:
             out["num_replicas"] = self.num_replicas
         return out

@@ -1,0 +1,125 @@
+"""Autoscaling on images in flight: the policy's arithmetic and the replica's count."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from fastapi import HTTPException
+
+from oodlab.serve import app as serve_app
+from oodlab.serve.autoscale import METRIC, ImagesInFlight, decide
+from oodlab.serve.build import serve_config, validate
+from oodlab.serve.config import Autoscaling, DeploymentOptions, ModelConfig, ServeOptions
+from oodlab.serve.payload import RawImage
+
+
+def test_replicas_follow_images_not_requests():
+    # 2 requests of 32 images and 64 requests of 1 image are the same load
+    assert decide(64, 32, 1, {}, now=0.0, downscale_delay_s=30)[0] == 2
+    assert decide(65, 32, 1, {}, now=0.0, downscale_delay_s=30)[0] == 3
+    assert decide(32, 32, 4, {}, now=0.0, downscale_delay_s=0)[0] == 1
+    assert decide(0, 32, 1, {}, now=0.0, downscale_delay_s=0)[0] == 0  # Serve clamps to min
+
+
+def test_scale_down_waits_for_the_delay_scale_up_does_not():
+    n, state = decide(10, 32, 3, {}, now=100.0, downscale_delay_s=30)
+    assert (n, state) == (3, {"below_since": 100.0})
+    n, state = decide(10, 32, 3, state, now=120.0, downscale_delay_s=30)
+    assert (n, state) == (3, {"below_since": 100.0})
+    n, state = decide(10, 32, 3, state, now=131.0, downscale_delay_s=30)
+    assert (n, state) == (1, {})
+    # load coming back resets the clock
+    _, state = decide(10, 32, 3, {}, now=0.0, downscale_delay_s=30)
+    assert decide(200, 32, 3, state, now=1.0, downscale_delay_s=30) == (7, {})
+
+
+def _ctx(metrics, target=2, state=None, now=0.0):
+    return SimpleNamespace(target_num_replicas=target, aggregated_metrics=metrics,
+                           policy_state=state or {}, current_time=now)
+
+
+def test_policy_sums_the_replicas_reports():
+    policy = ImagesInFlight(target_images=8, downscale_delay_s=0)
+    assert policy(_ctx({METRIC: {"r1": 20.0, "r2": 12.0}}))[0] == 4
+    assert policy(_ctx({METRIC: {"r1": 3.0}}))[0] == 1
+    # nothing reported yet (replicas starting): keep the current target
+    assert policy(_ctx({}, target=3))[0] == 3
+    assert policy(_ctx(None, target=3))[0] == 3
+
+
+def test_serve_config_names_the_policy_and_serve_accepts_it():
+    opts = ServeOptions(model=ModelConfig(model="m"), deployment=DeploymentOptions(
+        autoscaling=Autoscaling(min_replicas=1, max_replicas=3, target_images=16)))
+    config = serve_config(opts)
+    validate(config)  # Ray Serve's own schema; imports the policy by path
+    auto = config["applications"][0]["deployments"][0]["autoscaling_config"]
+    assert auto["policy"]["policy_function"] == "oodlab.serve.autoscale:ImagesInFlight"
+    assert auto["policy"]["policy_kwargs"]["target_images"] == 16
+    from ray.serve.config import AutoscalingConfig
+
+    # what Serve's controller runs: the class Serve unpickles, built with the kwargs
+    policy = AutoscalingConfig(**auto).policy.get_policy()(**auto["policy"]["policy_kwargs"])
+    assert policy(_ctx({METRIC: {"r1": 40.0}}, target=1))[0] == 3
+
+
+class _Detector:
+    preprocessing = {"channels": 1, "image_size": 2}
+    threshold = 0.0
+
+
+def _scorer(monkeypatch, seen: list[int], fail: bool = False) -> serve_app.Scorer:
+    """A Scorer without Ray: the request reader and the batcher replaced by fakes."""
+    scorer = serve_app.Scorer.__new__(serve_app.Scorer)
+    scorer.args = SimpleNamespace(max_images=8, max_pixels=64)
+    scorer.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0}
+    scorer.images_in_flight = 0
+    scorer.current = SimpleNamespace(detector=_Detector(), ref=SimpleNamespace(
+        name="m", version="1", alias=None))
+    raws = [RawImage(label=f"images[{i}]", array=[[0.0, 1.0], [0.5, 0.5]]) for i in range(3)]
+
+    async def read_images(request, max_images):
+        return raws
+
+    async def score_batch(item):
+        seen.append(scorer.images_in_flight)
+        if fail:
+            raise RuntimeError("forward failed")
+        return 0.5, False
+
+    monkeypatch.setattr(serve_app, "read_images", read_images)
+    scorer._score_batch = score_batch
+    return scorer
+
+
+def test_replica_counts_a_requests_images_in_and_out(monkeypatch):
+    seen: list[int] = []
+    scorer = _scorer(monkeypatch, seen)
+    out = asyncio.run(scorer.score(None))
+    assert [r.score for r in out.results] == [0.5] * 3
+    assert seen == [3, 3, 3]  # all three images in flight while they are scored
+    assert scorer.images_in_flight == 0
+    assert asyncio.run(scorer.record_autoscaling_stats()) == {METRIC: 0.0}
+
+
+def test_a_failed_request_still_counts_its_images_out(monkeypatch):
+    seen: list[int] = []
+    scorer = _scorer(monkeypatch, seen, fail=True)
+    with pytest.raises(RuntimeError):
+        asyncio.run(scorer.score(None))
+    assert scorer.images_in_flight == 0
+
+
+def test_an_undecodable_image_is_a_4xx_and_counted_out(monkeypatch):
+    scorer = _scorer(monkeypatch, [])
+    bad = [RawImage(label="images[0]", array=[[2.0, 0.0], [0.0, 0.0]])]
+
+    async def read_images(request, max_images):
+        return bad
+
+    monkeypatch.setattr(serve_app, "read_images", read_images)
+    with pytest.raises(HTTPException) as err:
+        asyncio.run(scorer.score(None))
+    assert err.value.status_code == 422 and "images[0]" in err.value.detail
+    assert scorer.images_in_flight == 0
