@@ -1,20 +1,25 @@
-"""Serving under a bounded load on loopback: batched vs unbatched service vs raw forward.
+"""Serving under a bounded load on loopback: the service against its HTTP floor and its model.
 
 Run:  .venv/bin/python bench/serve_load.py [--requests 400] [--concurrency 32]
       [--images-per-request 1 8 32] [--out bench/results/serve_load.json]
 
-One Ray Serve application (``oodlab serve``'s own deploy path, 1 replica with
-``--replica-cpus`` CPUs) serves a registered detector. For each request shape (images per
-request), the same fixed number of requests is sent by ``--concurrency`` concurrent HTTP
-clients (aiohttp, JSON with base64 PNGs), first to the batched service (``max_batch_size`` =
-``--max-batch-size``), then to the same service reconfigured in place to
-``max_batch_size=1`` (unbatched). The raw figure is the model's batched forward
-(``Detector.score`` on ``--max-batch-size`` images) in this process with as many torch
-threads as the replica has. Written: throughput (requests/s, images/s), p50/p99 latency,
-the mean batch the replica formed, and the two ratios whose goals are reported, not
-asserted: batched >= 0.7x raw, batched >= 3x unbatched. Two bounds are written with them:
-the HTTP floor (requests/s of ``GET /healthz``, i.e. proxy + replica cost without a model)
-and the compute ceiling of batched/unbatched (raw forward at the batch size / at batch 1).
+Three things are measured in one run, each for every request shape (images per request),
+with the same fixed number of requests sent by ``--concurrency`` concurrent HTTP clients
+(aiohttp, JSON with base64 PNGs), throughput beside p50/p99 latency:
+
+* the HTTP floor: an echo deployment (1 replica, ``--replica-cpus`` CPUs) that parses the
+  same JSON body and answers a result list of the same length without decoding or scoring:
+  the cost of Serve's proxy, the replica and the JSON alone;
+* the service: ``oodlab serve``'s own deploy path (1 replica, ``--replica-cpus`` CPUs)
+  serving a registered detector, batched (``max_batch_size`` = ``--max-batch-size``), then
+  reconfigured in place to ``max_batch_size=1`` (unbatched);
+* the raw forward: ``Detector.score`` on ``--max-batch-size`` images (and on 1) in this
+  process with as many torch threads as the replica has.
+
+Goals, reported and not asserted: at 1 image per request the batched service reaches
+>= 0.8x the floor's requests/s; at 8 images per request >= 0.7x the raw forward's images/s
+and >= 3x the unbatched service. The compute ceiling of batched/unbatched (raw forward at
+the batch size / at batch 1) is written beside them.
 
 By default the detector is the quickstart architecture (small_cnn, width 16, energy score),
 registered untrained in a temporary MLflow store: throughput does not depend on weight
@@ -35,6 +40,7 @@ import time
 
 import numpy as np
 import torch
+from fastapi import Body, FastAPI
 from PIL import Image
 
 from benchlib import header, write_result
@@ -101,7 +107,8 @@ def raw_throughput(detector, shape: tuple[int, int, int], batch: int, threads: i
     return n / (time.perf_counter() - t0)
 
 
-async def load(url: str, bodies: list[bytes], concurrency: int, warmup: int = 20) -> dict:
+async def load(url: str, bodies: list[bytes], concurrency: int, warmup: int = 20,
+               path: str = "/v1/score") -> dict:
     """POST every (JSON) body once with ``concurrency`` workers on keep-alive connections;
     throughput and latency. aiohttp, not httpx: the client shares the CPUs with the server,
     so it should be the cheapest one available."""
@@ -112,7 +119,7 @@ async def load(url: str, bodies: list[bytes], concurrency: int, warmup: int = 20
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
         for body in bodies[:warmup]:
-            async with client.post("/v1/score", data=body, headers=headers) as r:
+            async with client.post(path, data=body, headers=headers) as r:
                 r.raise_for_status()
                 await r.read()
         queue: asyncio.Queue[bytes] = asyncio.Queue()
@@ -126,7 +133,7 @@ async def load(url: str, bodies: list[bytes], concurrency: int, warmup: int = 20
             while not queue.empty():
                 body = queue.get_nowait()
                 t = time.perf_counter()
-                async with client.post("/v1/score", data=body, headers=headers) as r:
+                async with client.post(path, data=body, headers=headers) as r:
                     await r.read()
                     failures += r.status != 200
                 latencies.append(time.perf_counter() - t)
@@ -141,22 +148,38 @@ async def load(url: str, bodies: list[bytes], concurrency: int, warmup: int = 20
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
 
 
-async def http_floor(url: str, n: int, concurrency: int) -> float:
-    """Requests/s of ``GET /healthz`` (no body, no model): the HTTP + Serve cost alone."""
-    import aiohttp
+ECHO_ROUTE = "/echo"
 
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(url, connector=connector) as client:
-        sem = asyncio.Semaphore(concurrency)
 
-        async def one() -> None:
-            async with sem, client.get("/healthz") as r:
-                await r.read()
+def echo_floor(port: int, cpus: int, shapes: dict[int, list[bytes]], concurrency: int
+               ) -> dict[int, dict]:
+    """The HTTP floor per request shape: an echo deployment with the service's CPUs that
+    parses the JSON body and answers as many results, scoring nothing."""
+    from ray import serve
 
-        await asyncio.gather(*(one() for _ in range(20)))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(n)))
-        return n / (time.perf_counter() - t0)
+    api = FastAPI()
+
+    @serve.deployment(name="Echo", ray_actor_options={"num_cpus": cpus},
+                      max_ongoing_requests=256)
+    @serve.ingress(api)
+    class Echo:
+        # the body as a plain dict (the replica unpickles this class without this module's
+        # globals, so annotations must be builtins)
+        @api.post("/v1/score")
+        async def score(self, body: dict = Body(...)) -> dict:  # noqa: B008
+            n = len(body["images"])
+            return {"model": {"name": "echo", "version": "0", "alias": None},
+                    "threshold": 0.0,
+                    "results": [{"index": i, "score": 0.0, "is_ood": False} for i in range(n)]}
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(Echo.bind(), name="echo", route_prefix=ECHO_ROUTE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        return {k: asyncio.run(load(url, bodies, concurrency, path=f"{ECHO_ROUTE}/v1/score"))
+                for k, bodies in shapes.items()}
+    finally:
+        serve.shutdown()  # the service is deployed afresh, through oodlab's REST path
 
 
 def model_stats(url: str) -> dict:
@@ -213,32 +236,41 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.max_batch_size}, {raw_single:.0f} at batch 1", flush=True)
 
         init_ray(num_cpus=args.replica_cpus + 2, log_to_driver=False)
+        port = int(os.environ.get("BENCH_PORT", "8765"))
+        b64 = [base64.b64encode(png).decode() for png in sample_pngs(64, shape)]
+        shapes = {k: [json.dumps({"images": [b64[(i * k + j) % len(b64)] for j in range(k)]})
+                      .encode() for i in range(args.requests)]
+                  for k in args.images_per_request}
+        floors = echo_floor(port, args.replica_cpus, shapes, args.concurrency)
+        for k, f in floors.items():
+            print(f"HTTP floor (echo), {k} image(s)/request: {f['requests_per_s']:.0f} "
+                  f"requests/s, p50 {f['p50_ms']:.1f} ms, p99 {f['p99_ms']:.1f} ms", flush=True)
         opts = ServeOptions(
-            app_name="bench", port=int(os.environ.get("BENCH_PORT", "8765")),
+            app_name="bench", port=port,
             model=ModelConfig(model=ref, version=version, tracking_uri=uri,
                               max_batch_size=args.max_batch_size,
                               batch_wait_timeout_s=args.batch_wait_ms / 1000),
             deployment=DeploymentOptions(num_cpus=args.replica_cpus, max_ongoing_requests=256))
         dep = deploy(opts)
         threads = model_stats(dep.url)["torch_threads"]
-        b64 = [base64.b64encode(png).decode() for png in sample_pngs(64, shape)]
         scenarios = []
         try:
-            floor = asyncio.run(http_floor(dep.url, args.requests, args.concurrency))
-            print(f"HTTP floor (GET /healthz): {floor:.0f} requests/s", flush=True)
-            for k in args.images_per_request:
-                bodies = [json.dumps({"images": [b64[(i * k + j) % len(b64)] for j in range(k)]})
-                          .encode() for i in range(args.requests)]
-                row: dict = {"images_per_request": k, "concurrency": args.concurrency}
+            for k, bodies in shapes.items():
+                row: dict = {"images_per_request": k, "concurrency": args.concurrency,
+                             "echo": floors[k]}
                 for mode, size in (("batched", args.max_batch_size), ("unbatched", 1)):
                     opts.model.max_batch_size = size
                     deploy(opts)  # user_config only: the replica reconfigures in place
                     row[mode] = measure_service(dep.url, bodies, args.concurrency)
                     print(f"{k} image(s)/request, {mode:>9}: "
+                          f"{row[mode]['requests_per_s']:.0f} requests/s, "
                           f"{row[mode]['images_per_s']:.0f} images/s, "
                           f"p50 {row[mode]['p50_ms']:.1f} ms, p99 {row[mode]['p99_ms']:.1f} ms, "
                           f"mean batch {row[mode]['mean_batch']:.1f}", flush=True)
                 assert row["batched"]["failures"] == row["unbatched"]["failures"] == 0, row
+                assert floors[k]["failures"] == 0, floors[k]
+                row["batched_vs_floor"] = (row["batched"]["requests_per_s"]
+                                           / floors[k]["requests_per_s"])
                 row["batched_vs_raw"] = row["batched"]["images_per_s"] / raw
                 row["batched_vs_unbatched"] = (row["batched"]["images_per_s"]
                                                / row["unbatched"]["images_per_s"])
@@ -256,15 +288,18 @@ def main(argv: list[str] | None = None) -> int:
         "raw_images_per_s": {"batch": args.max_batch_size, "batched": raw, "batch_1": raw_single},
         # pure compute bound on batched/unbatched: forward at max_batch_size vs at batch 1
         "compute_ceiling_batched_vs_unbatched": raw / raw_single,
-        "http_floor_requests_per_s": floor,
-        "goals": {"batched_vs_raw": 0.7, "batched_vs_unbatched": 3.0},
+        # (figure, images per request, goal): the goals this benchmark reports
+        "goals": [["batched_vs_floor", 1, 0.8], ["batched_vs_raw", 8, 0.7],
+                  ["batched_vs_unbatched", 8, 3.0]],
         "scenarios": scenarios,
     }
     out = write_result(args.out, result)
     for row in scenarios:
-        print(f"{row['images_per_request']} image(s)/request: batched/raw "
-              f"{row['batched_vs_raw']:.2f} (goal >= 0.7), batched/unbatched "
-              f"{row['batched_vs_unbatched']:.2f} (goal >= 3)")
+        print(f"{row['images_per_request']} image(s)/request: batched/floor "
+              f"{row['batched_vs_floor']:.2f}, batched/raw {row['batched_vs_raw']:.2f}, "
+              f"batched/unbatched {row['batched_vs_unbatched']:.2f}")
+    print("goals: batched/floor >= 0.8 at 1 image/request; batched/raw >= 0.7 and "
+          "batched/unbatched >= 3 at 8 images/request")
     print(f"written to {out}")
     return 0
 
