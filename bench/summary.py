@@ -44,13 +44,10 @@ def _latency(r: dict, other: str | None) -> str:
 
 
 def serve_load(d: dict) -> Iterator[Row]:
-    goals = {(name, k): goal for name, k, goal in d["goals"]} if isinstance(
-        d["goals"], list) else {}
+    goals = {(name, k): goal for name, k, goal in d["goals"]}
     for r in d["scenarios"]:
         k = r["images_per_request"]
         for name, (label, other) in SERVE_FIGURES.items():
-            if name not in r:
-                continue
             goal = goals.get((name, k))
             yield (f"serving: {label}, {k} image(s)/request ({_latency(r, other)})",
                    f"{r[name]:.2f}", "–" if goal is None else f"≥ {goal}",

@@ -166,12 +166,10 @@ class Scorer:
     async def score(self, request: Request) -> ScoreResponse:
         """Read, decode and score every image of one request with one model version."""
         loaded = self.loaded()
+        raws: list[RawImage] = []
         try:
             raws = await read_images(request, self.args.max_images)
-        except InputError as err:
-            raise HTTPException(err.status, str(err)) from None
-        self.images_in_flight += len(raws)
-        try:
+            self.images_in_flight += len(raws)
             prep = Preprocessing(**loaded.detector.preprocessing)
             xs = await asyncio.to_thread(to_tensors, raws, prep, self.args.max_pixels)
             outs = await asyncio.gather(*(self._score_batch((loaded, x)) for x in xs))

@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 METRIC = "images_in_flight"
-POLICY_PATH = "oodlab.serve.autoscale:ImagesInFlight"
 
 
 def decide(images: float, target_images: int, current: int, state: dict[str, Any],
@@ -49,3 +48,6 @@ class ImagesInFlight:
         now = ctx.current_time if ctx.current_time is not None else time.time()
         return decide(sum(per_replica.values()), self.target_images, current,
                       ctx.policy_state, now, self.downscale_delay_s)
+
+
+POLICY_PATH = f"{__name__}:{ImagesInFlight.__qualname__}"  # autoscaling_config.policy
