@@ -81,7 +81,12 @@ def test_tune_domains():
     k = domains["method.k"].sample()
     assert 8 <= k <= 64 and k % 8 == 0
     assert domains["data.oe_select.top_k"].sample() in (8, 16, 32)
-    assert 0.1 <= domains["method.alpha"].sample() <= 2.0
+    alpha = space.params["method.alpha"]
+    draws = [domains["method.alpha"].sample() for _ in range(200)]
+    assert all(alpha.low <= a <= alpha.high for a in draws)
+    # log-uniform: about half the draws fall below the geometric midpoint
+    mid = (alpha.low * alpha.high) ** 0.5
+    assert 0.3 < sum(a < mid for a in draws) / len(draws) < 0.7
 
 
 def _t(name, *values):
