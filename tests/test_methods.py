@@ -103,3 +103,68 @@ def test_supervised_step_is_cross_entropy(tmp_path):
     expected = nn.functional.cross_entropy(net(x)[0], y)
     assert method.training_step(net, (x, y), None, TrainState()).item() == pytest.approx(
         expected.item())
+
+
+def test_oe_methods_log_their_terms_and_the_hinges_active_fractions(tmp_path):
+    method = _method(tmp_path, name="energy_oe", m_in=-1.0, m_out=0.0, weight=0.1)
+    assert {"train/in_active", "train/out_active", "train/oe_term"} <= type(
+        method).reported_metrics(method.spec)
+    net = _CountingNet()
+    with torch.no_grad():
+        net.fc.weight.zero_()
+        net.fc.bias.zero_()
+    x, y = torch.randn(2, 4), torch.tensor([0, 2])
+    for _ in range(3):
+        method.training_step(net, (x, y), (torch.randn(2, 4), -torch.ones(2)), TrainState())
+    ln3 = math.log(3.0)
+    got = method.epoch_metrics(net, TrainState())
+    # E = -ln3 everywhere: ID is below m_in = -1 (inactive); OE is below m_out = 0 (active)
+    assert got["train/in_active"] == 0.0 and got["train/out_active"] == 1.0
+    assert got["train/oe_term"] == pytest.approx(0.1 * ln3**2, abs=1e-6)
+    assert got["train/ce_id"] == pytest.approx(ln3, abs=1e-6)
+    assert got["train/e_oe"] == pytest.approx(-ln3, abs=1e-6)
+    assert got["train/msp_oe"] == pytest.approx(1 / 3, abs=1e-6)
+    assert method.epoch_metrics(net, TrainState()) == {}  # reset after the epoch
+
+
+class _MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        f = self.body(x)
+        return self.fc(f), f
+
+
+def _train_stat(tmp_path, params: dict, stats: tuple[str, ...]) -> float:
+    """The sum of ``stats`` after 100 SGD steps of a seeded MLP on separable ID (x0 = +3) and OE (x0 = -3)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 4) + torch.tensor([3.0, 0, 0, 0])
+    y = (x[:, 1] > 0).long() + (x[:, 2] > 0).long()
+    x_oe = torch.randn(64, 4) - torch.tensor([3.0, 0, 0, 0])
+    method, net = _method(tmp_path, **params), _MLP()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        method.training_step(net, (x, y), (x_oe, -torch.ones(64)), TrainState()).backward()
+        opt.step()
+    method.epoch_metrics(net, TrainState())
+    loss = method.training_step(net, (x, y), (x_oe, -torch.ones(64)), TrainState())
+    assert torch.isfinite(loss), params  # a diverged run has no active fraction to read
+    got = method.epoch_metrics(net, TrainState())
+    return sum(got[k] for k in stats)
+
+
+@pytest.mark.parametrize(("params", "stats", "gain"), [
+    ({"name": "energy_oe", "m_in": -4.0, "m_out": -0.5},
+     ("train/in_active", "train/out_active"), 0.3),
+    ({"name": "oe"}, ("train/msp_oe",), 0.1)])
+def test_the_oe_term_acts(tmp_path, params, stats, gain):
+    """Behaviour: the OE term must move its own diagnostics (the two hinges' active
+    fractions; OE max softmax toward 1/3) below where plain CE (weight 0) leaves them. A
+    detached or sign-flipped term does not."""
+    with_term = _train_stat(tmp_path, {**params, "weight": 1.0}, stats)
+    ce_only = _train_stat(tmp_path, {**params, "weight": 0.0}, stats)
+    assert with_term < ce_only - gain, (with_term, ce_only)

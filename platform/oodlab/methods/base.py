@@ -43,6 +43,32 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class EpochMeans:
+    """Running means of per-step training quantities, read and reset once per epoch.
+
+    A method calls :meth:`add` in ``training_step`` (tensors are detached and read once) and
+    :meth:`pop` in ``epoch_metrics``; names never added in the epoch come out as 0.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self.steps = 0
+
+    def add(self, **values: Tensor | float) -> None:
+        """Add one step's values (one step per call)."""
+        for name, v in values.items():
+            v = float(v.detach()) if isinstance(v, Tensor) else float(v)
+            self._sums[name] = self._sums.get(name, 0.0) + v
+        self.steps += 1
+
+    def pop(self, names: tuple[str, ...] | None = None) -> dict[str, float]:
+        """The epoch's means (of ``names``, or of everything added) and a reset."""
+        keys = names if names is not None else tuple(self._sums)
+        out = {k: self._sums.get(k, 0.0) / max(self.steps, 1) for k in keys}
+        self._sums, self.steps = {}, 0
+        return out
+
+
 @dataclass
 class Loaders:
     """The data a method's hooks may look at."""

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from oodlab.detect.clustering import broadcast_from_rank0, kmeans
-from oodlab.methods.base import Loaders, Method, MethodParams, TrainState
+from oodlab.methods.base import EpochMeans, Loaders, Method, MethodParams, TrainState
 from oodlab.methods.ops.augment import AugmentParams, augment, step_generator
 from oodlab.registry import METHODS
 
@@ -327,7 +327,7 @@ class CCL(SimCLR):
                              "runs")
         self._tap: IndexTap | None = None
         self._labels = torch.empty(0, dtype=torch.long)
-        self._steps = self._cluster_steps = 0
+        self._means = EpochMeans()
 
     def on_fit_start(self, model: nn.Module, loaders: Loaders, state: TrainState) -> None:
         """Tap the training loader's sampler (each batch's dataset indices give its clusters);
@@ -396,9 +396,9 @@ class CCL(SimCLR):
         z1, z2 = self.embed_views(model, x, state)
         z1, z2 = gather_batch(z1), gather_batch(z2)
         loss = nt_xent(z1, z2, p.temperature)
-        self._steps += 1
-        if CENTRES in state.extra and p.cluster_weight > 0:
-            self._cluster_steps += 1
+        active = CENTRES in state.extra and p.cluster_weight > 0
+        self._means.add(active=float(active))
+        if active:
             y = gather_batch(state.extra[ASSIGN][idx].to(x.device))
             loss = loss + p.cluster_weight * cluster_loss(
                 z1, z2, y, state.extra[CENTRES].detach(), p.temperature,
@@ -413,8 +413,7 @@ class CCL(SimCLR):
     def epoch_metrics(self, model: nn.Module, state: TrainState) -> dict[str, float]:
         """``ccl/active``: fraction of this epoch's steps with the cluster term; then the
         current clusters in use and their purity vs the hidden labels (a diagnostic only)."""
-        out = {"ccl/active": self._cluster_steps / max(self._steps, 1)}
-        self._steps = self._cluster_steps = 0
+        out = {"ccl/active": self._means.pop(("active",))["active"]}
         if CENTRES in state.extra:
             out |= {"ccl/purity": float(state.extra[PURITY]),
                     "ccl/nonempty_clusters": float(state.extra[ASSIGN].unique().numel())}

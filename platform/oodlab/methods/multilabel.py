@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from oodlab.detect.scores import joint_energy
-from oodlab.methods.base import Method, MethodParams, TrainState, forward_id_and_oe
+from oodlab.methods.base import EpochMeans, Method, MethodParams, TrainState, forward_id_and_oe
 from oodlab.methods.outlier_exposure import EnergyMarginParams, energy_hinge
 from oodlab.registry import METHODS
 
@@ -110,8 +110,7 @@ class _MultiLabel(Method):
 
     def __init__(self, spec: ExperimentSpec) -> None:
         super().__init__(spec)
-        self._sums: dict[str, float] = {}
-        self._steps = 0
+        self._means = EpochMeans()
 
     @classmethod
     def reported_metrics(cls, spec: ExperimentSpec) -> set[str]:
@@ -149,19 +148,15 @@ class _MultiLabel(Method):
             s_id, s_oe = joint_energy(logits_id), joint_energy(logits_oe)
             tail = tail_scores(s_id, k)
             active = (gap_hinge(s_id, s_oe, k, margin) > 0).float().mean()
-            values = {"s_id": s_id.mean(), "s_tail": tail.mean(), "s_oe": s_oe.mean(),
-                      "gap_active": active, **{n: v.detach() for n, v in losses.items()}}
-        for name, v in values.items():
-            self._sums[name] = self._sums.get(name, 0.0) + float(v)
-        self._steps += 1
+            self._means.add(s_id=s_id.mean(), s_tail=tail.mean(), s_oe=s_oe.mean(),
+                            gap_active=active, **losses)
 
     def epoch_metrics(self, model: nn.Module, state: TrainState) -> dict[str, float]:
         """This worker's epoch means of :meth:`record` as ``train/<stat>`` (rank 0's are
         logged), appended to ``state.extra`` for :meth:`epoch_figures`."""
-        if not self.uses_oe or not self._steps:
+        if not self.uses_oe or not self._means.steps:
             return {}
-        means = {k: self._sums.get(k, 0.0) / self._steps for k in STATS}
-        self._sums, self._steps = {}, 0
+        means = self._means.pop(STATS)
         state.extra.setdefault(HISTORY, []).append({"epoch": state.epoch, **means})
         return {f"train/{k}": v for k, v in means.items()}
 

@@ -1,20 +1,30 @@
 """Outlier exposure for multi-class classifiers: ``oe`` and ``energy_oe``.
 
 Both add a term on auxiliary outliers (OE samples) to the ID cross-entropy, with one forward
-pass over ID and OE together (:func:`forward_id_and_oe`).
+pass over ID and OE together (:func:`forward_id_and_oe`). Each epoch logs what the OE term does
+(``train/<stat>``, :data:`OE_STATS`): the ID CE and the weighted OE term, the mean free energy
+and max softmax of the ID and OE halves, and for ``energy_oe`` the fractions of ID and OE
+samples on the wrong side of their margins (the squared hinges' active fractions; a term
+whose hinges are never active trains nothing).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from oodlab.methods.base import Method, MethodParams, TrainState, forward_id_and_oe
+from oodlab.methods.base import EpochMeans, Method, MethodParams, TrainState, forward_id_and_oe
 from oodlab.registry import METHODS
+
+if TYPE_CHECKING:
+    from oodlab.spec import ExperimentSpec
+
+OE_STATS = ("ce_id", "oe_term", "e_id", "e_oe", "msp_id", "msp_oe")
+HINGE_STATS = ("in_active", "out_active")  # energy_oe only
 
 
 def uniform_ce(logits_oe: Tensor) -> Tensor:
@@ -82,6 +92,15 @@ class _OEMethod(Method):
     """Shared skeleton: CE on the ID half + weight * outlier term on the OE half."""
 
     uses_oe = True
+    stats: tuple[str, ...] = OE_STATS
+
+    def __init__(self, spec: ExperimentSpec) -> None:
+        super().__init__(spec)
+        self._means = EpochMeans()
+
+    @classmethod
+    def reported_metrics(cls, spec: ExperimentSpec) -> set[str]:
+        return super().reported_metrics(spec) | {f"train/{k}" for k in cls.stats}
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
                       oe_batch: tuple[Tensor, Tensor] | None, state: TrainState) -> Tensor:
@@ -89,7 +108,22 @@ class _OEMethod(Method):
         if oe_batch is None:
             raise ValueError(f"method {self.name!r} needs OE data: set data.oe in the spec")
         logits_id, logits_oe = forward_id_and_oe(model, x, oe_batch[0])
-        return F.cross_entropy(logits_id, y) + outlier_loss(self.params, logits_id, logits_oe)
+        ce, term = F.cross_entropy(logits_id, y), outlier_loss(self.params, logits_id, logits_oe)
+        with torch.no_grad():
+            self._means.add(ce_id=ce, oe_term=term, **self.record(logits_id, logits_oe))
+        return ce + term
+
+    def record(self, logits_id: Tensor, logits_oe: Tensor) -> dict[str, Tensor]:
+        """This step's diagnostics beside the two loss terms (see the module doc)."""
+        return {"e_id": free_energy(logits_id).mean(), "e_oe": free_energy(logits_oe).mean(),
+                "msp_id": logits_id.softmax(1).amax(1).mean(),
+                "msp_oe": logits_oe.softmax(1).amax(1).mean()}
+
+    def epoch_metrics(self, model: nn.Module, state: TrainState) -> dict[str, float]:
+        """This worker's epoch means of the step diagnostics as ``train/<stat>``."""
+        if not self._means.steps:
+            return {}
+        return {f"train/{k}": v for k, v in self._means.pop(self.stats).items()}
 
 
 @METHODS.register
@@ -106,3 +140,11 @@ class EnergyOE(_OEMethod):
 
     name = "energy_oe"
     Params = EnergyOEParams
+    stats = OE_STATS + HINGE_STATS
+
+    def record(self, logits_id: Tensor, logits_oe: Tensor) -> dict[str, Tensor]:
+        """Adds the active fractions of the two hinges: E_in > m_in and E_out < m_out."""
+        p = self.params
+        return {**super().record(logits_id, logits_oe),
+                "in_active": (free_energy(logits_id) > p.m_in).float().mean(),
+                "out_active": (free_energy(logits_oe) < p.m_out).float().mean()}

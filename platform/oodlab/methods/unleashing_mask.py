@@ -35,7 +35,14 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from oodlab.methods.base import Loaders, Method, MethodParams, TrainState, forward_id_and_oe
+from oodlab.methods.base import (
+    EpochMeans,
+    Loaders,
+    Method,
+    MethodParams,
+    TrainState,
+    forward_id_and_oe,
+)
 from oodlab.methods.ops.augment import step_generator
 from oodlab.methods.ops.pruning import (
     add_popup_masks,
@@ -202,8 +209,7 @@ class UnleashingMask(AugmentedCE, Method):
     def __init__(self, spec) -> None:
         super().__init__(spec)
         self.uses_oe = self.needs_oe(self.params)
-        self._below = self._steps = 0
-        self._ce_sum = 0.0
+        self._means = EpochMeans()
 
     @classmethod
     def needs_oe(cls, params: UnleashParams) -> bool:
@@ -235,10 +241,7 @@ class UnleashingMask(AugmentedCE, Method):
                                                  None if oe_batch is None else oe_batch[0])
         ce = F.cross_entropy(logits_id, y)
         mean = global_mean(ce)  # every worker floods the same global batch mean
-        below = bool(mean < ell)
-        self._below += int(below)
-        self._steps += 1
-        self._ce_sum += float(mean)
+        self._means.add(ascent_fraction=float(mean < ell), train_ce=mean)
         loss = flood_loss(ce, ell, mean) if self.params.flood else ce
         if self.params.outlier is not None:
             if logits_oe is None:
@@ -251,13 +254,9 @@ class UnleashingMask(AugmentedCE, Method):
         """ℓ̂, the mean training CE the flood saw (global batch means, augmented, train mode)
         and the fraction of this epoch's steps that were gradient ascent (CE < ℓ̂; with
         ``flood: false`` the steps that would have been)."""
-        steps = max(self._steps, 1)
-        out = {f"{self.name}/loss_constraint": state.extra[LOSS_CONSTRAINT],
-               f"{self.name}/ascent_fraction": self._below / steps,
-               f"{self.name}/train_ce": self._ce_sum / steps}
-        self._below = self._steps = 0
-        self._ce_sum = 0.0
-        return out
+        means = self._means.pop(("ascent_fraction", "train_ce"))
+        return {f"{self.name}/loss_constraint": state.extra[LOSS_CONSTRAINT],
+                **{f"{self.name}/{k}": v for k, v in means.items()}}
 
 
 @METHODS.register
