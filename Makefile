@@ -87,6 +87,7 @@ lint: $(STAMP)
 # every benchmark, then one table of their ratios (docs/results/benchmarks.md)
 bench: $(STAMP)
 	$(BIN)/python bench/train_overhead.py --epochs 4
+	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/search_efficiency.py
 	$(BIN)/python bench/lmd_cost.py

@@ -32,3 +32,29 @@ def write_result(path: str | Path, result: dict[str, Any]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return out
+
+
+def fit_rates(spec: Any, num_classes: int | None = None) -> tuple[list[float], float]:
+    """Train ``spec`` with oodlab's Ray Train loop on the Ray this process is connected to.
+
+    Returns the per-epoch ``train/images_per_s`` (all ranks' images over the slowest rank's
+    epoch time) and the wall-clock seconds of the whole call (worker start-up included).
+    """
+    import ray
+
+    from oodlab.train.loop import fit
+
+    log = Path(spec.workdir_path) / f"rates-{time.time_ns()}.jsonl"
+
+    class Collect(ray.train.UserCallback):
+        """Runs in the Train controller process: hand the figures back through a file."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(log, "a") as f:
+                f.write(json.dumps(metrics[0]["train/images_per_s"]) + "\n")
+
+    t0 = time.perf_counter()
+    fit(spec, run_name=f"bench-{time.time_ns()}", num_classes=num_classes,
+        callbacks=[Collect()])
+    wall = time.perf_counter() - t0
+    return [float(line) for line in log.read_text().split()], wall

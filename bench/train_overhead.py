@@ -16,22 +16,20 @@ written, both measured in this one run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from benchlib import header, write_result
+from benchlib import fit_rates, header, write_result
 from oodlab.cluster.ray_local import init_ray
 from oodlab.data.bundle import load_bundle, set_epoch, train_loader
 from oodlab.methods import TrainState, build_method
 from oodlab.spec import validate_spec
-from oodlab.train.loop import fit, make_optimizer, make_scheduler
+from oodlab.train.loop import make_optimizer, make_scheduler
 
 
 def bench_spec(workdir: str, epochs: int, threads: int) -> dict:
@@ -79,21 +77,8 @@ def ray_loop(spec) -> tuple[list[float], float, int]:
 
     init_ray(num_cpus=int(spec.resources.cpus_per_worker) + 1, log_to_driver=False)
     bundle = load_bundle(spec, include_test=False)
-    log = Path(spec.workdir_path) / "rates.jsonl"
-
-    class Collect(ray.train.UserCallback):
-        """Runs in the Train controller process: hand the figures back through a file."""
-
-        def after_report(self, run_context, metrics, checkpoint):
-            with open(log, "a") as f:
-                f.write(json.dumps(metrics[0]["train/images_per_s"]) + "\n")
-
-    t0 = time.perf_counter()
-    fit(spec, run_name=f"bench-{int(time.time())}", num_classes=bundle.num_classes,
-        callbacks=[Collect()])
-    wall = time.perf_counter() - t0
+    rates, wall = fit_rates(spec, num_classes=bundle.num_classes)
     ray.shutdown()
-    rates = [float(line) for line in log.read_text().split()]
     n = (len(bundle.id_train) // spec.data.batch_size) * spec.data.batch_size
     return rates, wall, n * spec.train.epochs
 

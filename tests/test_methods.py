@@ -139,7 +139,8 @@ class _MLP(nn.Module):
 
 
 def _train_stat(tmp_path, params: dict, stats: tuple[str, ...]) -> float:
-    """The sum of ``stats`` after 100 SGD steps of a seeded MLP on separable ID (x0 = +3) and OE (x0 = -3)."""
+    """The sum of ``stats`` after 100 SGD steps of a seeded MLP on separable ID (x0 = +3)
+    and OE (x0 = -3)."""
     torch.manual_seed(0)
     x = torch.randn(64, 4) + torch.tensor([3.0, 0, 0, 0])
     y = (x[:, 1] > 0).long() + (x[:, 2] > 0).long()
