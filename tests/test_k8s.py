@@ -460,7 +460,8 @@ def test_mlflow_server_settings():
                   and o["metadata"]["name"] == "mlflow")
     c = mlflow["spec"]["template"]["spec"]["containers"][0]
     args = dict(a.removeprefix("--").split("=", 1) for a in c["args"])
-    assert args["backend-store-uri"].startswith("postgresql://$(POSTGRES_USER):"
+    # the driver named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, not installed
+    assert args["backend-store-uri"].startswith("postgresql+psycopg2://$(POSTGRES_USER):"
                                                 "$(POSTGRES_PASSWORD)@postgres:5432/")
     assert args["artifacts-destination"].startswith("s3://")
     assert "mlflow.oodlab.svc:5000" in args["allowed-hosts"].split(",")

@@ -206,6 +206,7 @@ def run_search(spec: ExperimentSpec, space: SearchSpace, space_path: str | Path,
     """Run (or continue) the search; returns every trial, the Pareto front and the best."""
     check_space(space, spec)
     spec = spec.pinned()  # trials run in their own directories: give them absolute paths
+    space_path = Path(space_path).resolve()  # Ray may move this process's cwd (a Ray job's)
     name = name or f"{spec.name}-search"
     if space.resources is not None:
         spec = spec.model_copy(update={"resources": space.resources})
