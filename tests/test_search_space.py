@@ -163,3 +163,14 @@ def test_rank_correlation_of_validation_and_test_over_finished_trials():
     assert rank_correlation(trials, space, metrics)["val/auroc"] == pytest.approx(-0.5)
     metrics["r2"] = {}  # two points: no correlation is reported
     assert math.isnan(rank_correlation(trials, space, metrics)["val/auroc"])
+
+
+def test_a_space_overrides_only_the_resources_it_sets(tmp_path):
+    from oodlab.search.tune import trial_spec
+
+    spec = validate_spec(tiny_spec(tmp_path, resources={"num_workers": 1, "max_failures": 2}))
+    space = load_space(_space(tmp_path, resources={"num_workers": 2, "cpus_per_worker": 1}))
+    r = trial_spec(spec, space).resources
+    # a worker node lost mid-trial is retried as the spec says, not with the default 0
+    assert (r.num_workers, r.cpus_per_worker, r.max_failures) == (2, 1.0, 2)
+    assert trial_spec(spec, load_space(_space(tmp_path))).resources == spec.resources

@@ -83,6 +83,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     print("* = Pareto front" if len(names) > 1 else "* = best",
           "| x = breaks a constraint (" + "; ".join(c.describe() for c in space.constraints)
           + ")" if space.constraints else "")
+    failed = [t.trial_id for t in out.trials if t.status == "error"]
+    if failed:
+        print(f"{len(failed)} trial(s) FAILED (error in training; MLflow run status FAILED, "
+              f"the error in its log file): {', '.join(sorted(failed))}")
     for metric, rho in out.rank_correlation.items():
         print(f"validation vs test over finished trials: Spearman rho({metric}, "
               f"test/{metric.removeprefix('val/')}) = {rho:.2f}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import ray.train
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -97,6 +98,15 @@ def study_url(spec: ExperimentSpec, url: str | None) -> str:
     return f"sqlite:///{spec.workdir_path / 'optuna.db'}"
 
 
+def trial_spec(spec: ExperimentSpec, space: SearchSpace) -> ExperimentSpec:
+    """The spec every trial starts from: the space's ``resources`` override only the fields
+    the space sets (a space giving ``num_workers`` keeps the spec's ``max_failures``)."""
+    if space.resources is None:
+        return spec
+    given = space.resources.model_dump(exclude_unset=True)
+    return spec.model_copy(update={"resources": spec.resources.model_copy(update=given)})
+
+
 def _trial_driver(config: dict[str, Any], *, base: dict[str, Any], search: str,
                   parent_run_id: str) -> None:
     """One trial: the sampled spec, a child MLflow run, a Ray Train run reporting to Tune."""
@@ -109,8 +119,14 @@ def _trial_driver(config: dict[str, Any], *, base: dict[str, Any], search: str,
                       num_classes=load_bundle(spec, include_test=False).num_classes,
                       callbacks=[tracking.epoch_callback(spec, run_id), TuneReportCallback()],
                       run_id=run_id)
+    except ray.train.TrainingFailedError as err:  # failed, not stopped: say so, Tune errors it
+        client = tracking.client_for(spec)
+        client.set_tag(run_id, "oodlab.error", str(err).strip().splitlines()[0][:500])
+        client.set_terminated(run_id, status="FAILED")
+        raise
     finally:  # also when Tune stops the trial (ASHA, or at max_t on the last epoch)
-        _close_trial_run(spec, run_id, outcome)
+        if tracking.client_for(spec).get_run(run_id).info.status == "RUNNING":
+            _close_trial_run(spec, run_id, outcome)
 
 
 def _close_trial_run(spec: ExperimentSpec, run_id: str, outcome: TrainOutcome | None = None
@@ -208,8 +224,7 @@ def run_search(spec: ExperimentSpec, space: SearchSpace, space_path: str | Path,
     spec = spec.pinned()  # trials run in their own directories: give them absolute paths
     space_path = Path(space_path).resolve()  # Ray may move this process's cwd (a Ray job's)
     name = name or f"{spec.name}-search"
-    if space.resources is not None:
-        spec = spec.model_copy(update={"resources": space.resources})
+    spec = trial_spec(spec, space)
     exp_path = f"{storage_path(spec)}/tune/{name}"
     if resume and not tune.Tuner.can_restore(exp_path):
         raise SpecError(f"--resume: no search to continue at {exp_path}")
