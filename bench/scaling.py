@@ -110,8 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     base = runs[0]["steady_images_per_s"]
     for r in runs:
         r["efficiency"] = r["steady_images_per_s"] / (r["workers"] * base)
+    summary = [{"figure": f"scaling efficiency, {r['label']} vs 1 worker (1 CPU each; "
+                          f"{r['steady_images_per_s']:.0f} vs {base:.0f} images/s)",
+                "value": f"{r['efficiency']:.2f}",
+                "goal": f"≥ {GOAL}" if r["nodes"] == 1 else "–",
+                "met": r["efficiency"] >= GOAL if r["nodes"] == 1 else None}
+               for r in runs[1:]]
     result = head | {"goal_efficiency_one_node": GOAL, "epochs": args.epochs,
-                     "limit": args.limit, "batch_size_per_worker": 128, "runs": runs}
+                     "limit": args.limit, "batch_size_per_worker": 128, "runs": runs,
+                     "summary": summary}
     out = write_result(args.out, result)
     for r in runs:
         print(f"{r['label']}: {r['steady_images_per_s']:.0f} images/s, "
