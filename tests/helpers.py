@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 # Built-in data is deterministic, so tests share one cache (built once per machine).
@@ -30,3 +35,48 @@ def tiny_spec(workdir: Path, **sections) -> dict:
         else:
             spec[key] = value
     return spec
+
+
+# ------------------------------------------------------------------ processes a test started
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children first found first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM ``proc``'s descendants (what ``ray stop`` sends, but only to the processes
+    this test started), SIGKILL whatever is left after ``grace_s``, then ``proc`` itself."""
+    pids = descendants(proc.pid)
+    kill_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    kill_all([p for p in pids if alive(p)], signal.SIGKILL)
+    proc.kill()
+    proc.wait()

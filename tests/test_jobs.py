@@ -8,11 +8,9 @@ would end every Ray on the machine).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,38 +25,7 @@ import yaml
 from oodlab.cluster import jobs
 from oodlab.cluster.ray_local import free_port
 from oodlab.spec import SpecError
-from tests.helpers import tiny_spec
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc), children first found first."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its parent to reap it counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _kill(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
+from tests.helpers import stop_tree, tiny_spec
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +67,7 @@ def ray_head():
                 time.sleep(1.0)
         yield url
     finally:
-        pids = _descendants(proc.pid)  # gcs, raylet, dashboard, workers, job drivers
-        _kill(pids, signal.SIGTERM)  # what `ray stop` sends, but only to this head's processes
-        deadline = time.monotonic() + 5
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        _kill([p for p in pids if _alive(p)], signal.SIGKILL)
-        proc.kill()
-        proc.wait()
+        stop_tree(proc)  # gcs, raylet, dashboard, workers, job drivers; never `ray stop`
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 

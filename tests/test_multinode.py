@@ -1,0 +1,298 @@
+"""Multi-node on one machine: two Ray nodes, MLflow on PostgreSQL with artifacts on S3.
+
+Started here, all on 127.0.0.1: an S3 server (moto), a PostgreSQL server (``initdb`` +
+``pg_ctl`` in a temp dir, Debian's ``postgresql`` package), an MLflow tracking server on it that
+writes artifacts to S3, a Ray head and a second Ray node (``ray start --address``) with one CPU
+each. ``oodlab submit --tune`` then runs a search whose 2-worker DDP trials must span both nodes
+(a worker needs the one CPU of a node). Mid-search the second node is killed and a new one
+joins: the trial resumes from its last checkpoint on S3. Everything recorded must be in the
+tracking server and on S3, and ``oodlab serve`` serves the champion from its registry.
+
+Every process is stopped at the end by killing exactly what this module started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from oodlab.cluster import jobs
+from oodlab.cluster.ray_local import free_port
+from oodlab.search.tune import ROLE_TAG
+from tests.helpers import stop_tree, tiny_spec
+
+pytestmark = pytest.mark.ray
+BIN = Path(sys.executable).parent
+BUCKET = "oodlab-multinode"
+RAY_PORT_FLAGS = ("node-manager-port", "object-manager-port", "metrics-export-port",
+                  "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                  "runtime-env-agent-port")
+
+
+def _wait(what: str, ready, proc: subprocess.Popen | None = None, log: Path | None = None,
+          timeout: float = 120.0) -> None:
+    """Poll ``ready()`` until it is true; fail naming ``what`` (and the log's tail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+        assert proc is None or proc.poll() is None, f"{what} exited:\n{tail}"
+        try:
+            if ready():
+                return
+        except AssertionError:
+            raise
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        assert time.monotonic() < deadline, f"{what} not up in {timeout:.0f} s:\n{tail}"
+        time.sleep(1.0)
+
+
+def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    out = open(log, "wb")  # noqa: SIM115 - the child keeps it; closed with the process
+    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: drop to its system user when we are root."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(
+        f"*/bin/{name}"))), None)
+    if found is None:
+        pytest.fail(f"{name} not found: install PostgreSQL (`make test-packages` does, "
+                    "with apt-get install postgresql)")
+    return str(found)
+
+
+@dataclass
+class Cluster:
+    tmp: Path
+    env: dict[str, str]  # what a client needs: AWS endpoint and keys, tracking URI
+    tracking_uri: str
+    s3_endpoint: str
+    gcs: str
+    dashboard: str
+    procs: dict[str, subprocess.Popen]
+
+    def add_node(self, name: str) -> subprocess.Popen:
+        """``ray start --address`` one more node with 1 CPU; waits until the head sees it."""
+        cmd = [str(BIN / "ray"), "start", f"--address={self.gcs}", "--block",
+               "--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000",
+               "--disable-usage-stats",
+               # its own temp dir, as on a real node: two raylets sharing one would share (and
+               # garbage-collect) each other's runtime_env working dirs
+               f"--temp-dir={self.tmp / ('ray-' + name)}"]
+        cmd += [f"--{flag}={free_port()}" for flag in RAY_PORT_FLAGS]
+        before = _alive_nodes(self.dashboard)  # ids: a node just killed may still be listed
+        proc = _start(cmd, self.tmp / f"{name}.log", self.env)
+        self.procs[name] = proc
+        _wait(f"ray node {name}", lambda: _alive_nodes(self.dashboard) - before, proc,
+              self.tmp / f"{name}.log")
+        return proc
+
+
+def _alive_nodes(dashboard: str) -> set[str]:
+    """The ids of the nodes the head lists as alive."""
+    req = urllib.request.Request(f"{dashboard}/nodes?view=summary", headers=jobs.auth_headers())
+    body = json.loads(urllib.request.urlopen(req, timeout=5).read())
+    return {n["raylet"]["nodeId"] for n in body["data"]["summary"]
+            if n["raylet"]["state"] == "ALIVE"}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    from moto.server import ThreadedMotoServer
+
+    tmp = Path(tempfile.mkdtemp(prefix="mn", dir="/tmp"))
+    procs: dict[str, subprocess.Popen] = {}
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    pgdata = tmp / "pg"
+    try:
+        host, port = s3.get_host_and_port()
+        s3_endpoint = f"http://{host}:{port}"
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI",
+                            "AWS_PROFILE", "AWS_SESSION_TOKEN")}
+        env |= {"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "RAY_AUTH_MODE": "token",
+                "RAY_USAGE_STATS_ENABLED": "0", "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                     aws_access_key_id="testing", aws_secret_access_key="testing"
+                     ).create_bucket(Bucket=BUCKET)
+
+        # PostgreSQL in a temp dir, owned by its system user, on a free loopback port
+        pgdata.mkdir()
+        if os.geteuid() == 0:
+            shutil.chown(tmp, "postgres")
+            shutil.chown(pgdata, "postgres")
+        subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(pgdata), "-U", "postgres",
+                                     "--auth=trust", "-E", "UTF8"]),
+                       check=True, capture_output=True)
+        pg_port = free_port()
+        subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(pgdata), "-w", "-l",
+                                     str(pgdata / "server.log"), "-o",
+                                     f"-p {pg_port} -k {pgdata} -c listen_addresses=127.0.0.1",
+                                     "start"]), check=True, capture_output=True)
+
+        # the MLflow server: runs and registry in PostgreSQL, artifacts proxied to S3
+        http = free_port()
+        tracking_uri = f"http://127.0.0.1:{http}"
+        procs["mlflow"] = _start([
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(http),
+            "--workers", "1",
+            # psycopg2 named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3
+            "--backend-store-uri",
+            f"postgresql+psycopg2://postgres@127.0.0.1:{pg_port}/postgres",
+            "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"], tmp / "mlflow.log", env)
+
+        # the Ray head: 1 CPU, so a 2-worker trial needs the second node too
+        ports = {flag: free_port() for flag in ("port", "dashboard-port",
+                                                "ray-client-server-port", *RAY_PORT_FLAGS)}
+        procs["head"] = _start([
+            str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1", "--num-cpus=1", "--object-store-memory=200000000",
+            f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats",
+            *[f"--{flag}={p}" for flag, p in ports.items()]], tmp / "head.log", env)
+        dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+        _wait("MLflow server", lambda: urllib.request.urlopen(
+            f"{tracking_uri}/health", timeout=5).status == 200, procs["mlflow"],
+            tmp / "mlflow.log", timeout=180)
+        _wait("ray head", lambda: isinstance(jobs.list_jobs(dashboard), list), procs["head"],
+              tmp / "head.log")
+        env |= {"MLFLOW_TRACKING_URI": tracking_uri}
+        c = Cluster(tmp, env, tracking_uri, s3_endpoint, f"127.0.0.1:{ports['port']}",
+                    dashboard, procs)
+        c.add_node("node2")
+        yield c
+    finally:
+        for name in list(procs)[::-1]:
+            stop_tree(procs[name])
+            if procs[name].returncode is None:
+                procs[name].wait()
+        if (pgdata / "PG_VERSION").exists():
+            subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(pgdata), "-m", "immediate",
+                                         "stop"]), capture_output=True)
+        s3.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_search_spans_two_nodes_survives_losing_one_and_is_served(cluster, tmp_path):
+    from mlflow import MlflowClient
+
+    project = tmp_path / "project"
+    (project / "jobs").mkdir(parents=True)
+    spec = tiny_spec(tmp_path / "work", name="mntiny",
+                     storage=f"s3://{BUCKET}/runs",
+                     # epochs of a few seconds: the node dies while the trial has work left
+                     data={"limit": 2000}, train={"epochs": 5, "lr": 0.05},
+                     resources={"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2},
+                     tracking={"experiment": "multinode", "model_name": "mn"})
+    (project / "jobs" / "tiny.yaml").write_text(yaml.safe_dump(spec))
+    (project / "space.yaml").write_text(yaml.safe_dump({
+        "method": "energy_oe", "objectives": [{"metric": "val/auroc", "mode": "max"}],
+        "params": {"method.m_in": {"type": "uniform", "low": -30, "high": -10}},
+        "num_samples": 1, "max_concurrent": 1,
+        "resources": {"num_workers": 2, "cpus_per_worker": 1},
+        "scheduler": {"name": "fifo"}, "searcher": {"name": "tpe", "seed": 0}}))
+    env = cluster.env
+    submit = subprocess.run(
+        [str(BIN / "oodlab"), "submit", "jobs/tiny.yaml", "--tune", "space.yaml",
+         "--address", cluster.dashboard, "--working-dir", str(project),
+         "--pass-aws-credentials"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-3000:]
+    job_id = submit.stdout.split()[0]
+
+    # kill the second node once the first trial has written a checkpoint (rank 0 prints epoch
+    # 2's line after epoch 1's report, checkpoint upload included, returned); a new node joins
+    def logs() -> str:
+        return jobs.logs(job_id, cluster.dashboard)
+
+    def second_epoch_done() -> bool:
+        assert jobs.status(job_id, cluster.dashboard) in ("PENDING", "RUNNING"), "job ended"
+        return "epoch 2/5" in logs()
+
+    try:
+        _wait("first trial's epoch 2", second_epoch_done, timeout=300)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\njob logs:\n{logs()[-6000:]}") from None
+    stop_tree(cluster.procs["node2"], grace_s=0)
+    cluster.add_node("node3")
+    _wait("the search job", lambda: jobs.status(job_id, cluster.dashboard) in (
+        "SUCCEEDED", "FAILED", "STOPPED"), timeout=600)
+    text = logs()
+    assert jobs.status(job_id, cluster.dashboard) == "SUCCEEDED", text[-5000:]
+
+    client = MlflowClient(cluster.tracking_uri)
+    exp = client.get_experiment_by_name("multinode")
+    runs = client.search_runs([exp.experiment_id])
+    trials = [r for r in runs if r.data.tags.get(ROLE_TAG) == "trial"]
+    if len(trials) != 1 or any(r.info.status != "FINISHED" for r in trials):
+        pytest.fail(f"{[(r.info.run_name, r.info.status) for r in runs]}\n{text[-8000:]}")
+    # the interrupted trial restarted from its checkpoint, not from epoch 0
+    starts = {r.info.run_id: [m.value for m in client.get_metric_history(
+        r.info.run_id, "run/start_epoch")] for r in trials}
+    assert any(max(v) > 0 for v in starts.values()), starts
+    for r in trials:
+        assert "test/auroc" in r.data.metrics
+        # storage: s3://... puts the experiment's artifacts beside the checkpoints
+        assert r.info.artifact_uri.startswith(f"s3://{BUCKET}/runs/"), r.info.artifact_uri
+
+    # artifacts and checkpoints are on S3, nowhere else
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=cluster.s3_endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+            for o in page.get("Contents", [])]
+    assert any(k.startswith("runs/mlartifacts/") and k.endswith("detector.pt") for k in keys), keys
+    assert any(k.startswith("runs/") and "checkpoint_" in k for k in keys), keys
+
+    # the DDP workers ran on more than one node (the state API, with the cluster's token)
+    req = urllib.request.Request(
+        f"{cluster.dashboard}/api/v0/actors?limit=1000&detail=1&filter_keys=class_name"
+        "&filter_predicates=%3D&filter_values=RayTrainWorker", headers=jobs.auth_headers())
+    workers = json.loads(urllib.request.urlopen(req, timeout=30).read())["data"]["result"][
+        "result"]
+    assert len({a["node_id"] for a in workers}) >= 2, [(a["node_id"], a["state"])
+                                                       for a in workers]
+
+    # the champion is registered in the server and served from it
+    version = client.get_model_version_by_alias("mn", "champion")
+    assert version.run_id in {r.info.run_id for r in trials}
+    port = free_port()
+    serve_env = env | {"RAY_ADDRESS": cluster.gcs, "RAY_DASHBOARD_ADDRESS": cluster.dashboard}
+    served = _start([str(BIN / "oodlab"), "serve", "models:/mn@champion", "--tracking-uri",
+                     cluster.tracking_uri, "--port", str(port)], tmp_path / "serve.log",
+                    serve_env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait("oodlab serve", lambda: urllib.request.urlopen(f"{url}/v1/model", timeout=5)
+              .status == 200, served, tmp_path / "serve.log", timeout=240)
+        body = json.dumps({"images": [[[0.5] * 28] * 28]}).encode()
+        req = urllib.request.Request(f"{url}/v1/score", data=body,
+                                     headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
+        assert answer["model"]["version"] == str(version.version)
+        assert len(answer["results"]) == 1
+    finally:
+        stop_tree(served)
