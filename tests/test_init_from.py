@@ -13,10 +13,17 @@ from tests.helpers import tiny_spec
 pytestmark = pytest.mark.ray
 
 
-def test_init_from_run_loads_the_stored_weights(ray_session, tmp_path):
-    first = run_experiment(validate_spec(tiny_spec(
+@pytest.fixture(scope="module")
+def source(ray_session, tmp_path_factory):
+    """One trained, registered run (model ``init-src`` version 1) both tests start from."""
+    tmp_path = tmp_path_factory.mktemp("init_from")
+    return tmp_path, run_experiment(validate_spec(tiny_spec(
         tmp_path, method={"name": "supervised"}, eval={"scores": ["msp"]},
         tracking={"experiment": "tests", "model_name": "init-src"})))
+
+
+def test_init_from_run_loads_the_stored_weights(source):
+    tmp_path, first = source
     stored = first.report.detector.model.state_dict()
     for ref in (f"runs:/{first.run_id}", "models:/init-src/1", "models:/init-src@champion"):
         spec = validate_spec(tiny_spec(tmp_path, method={"name": "supervised"}, init_from=ref))
@@ -35,12 +42,11 @@ def test_init_from_run_loads_the_stored_weights(ray_session, tmp_path):
         assert torch.allclose(p, stored[name], atol=1e-6), name
 
 
-def test_init_from_missing_or_mismatched_is_an_error(ray_session, tmp_path):
+def test_init_from_missing_or_mismatched_is_an_error(source):
+    tmp_path, src = source
     spec = validate_spec(tiny_spec(tmp_path, init_from="runs:/0123abcd"))
     with pytest.raises(ModelReferenceError, match="runs:/0123abcd"):
         initial_weights(spec, 10)
-    src = run_experiment(validate_spec(tiny_spec(
-        tmp_path, method={"name": "supervised"}, eval={"scores": ["msp"]})))
     wider = validate_spec(tiny_spec(tmp_path, model={"arch": "small_cnn", "width": 16},
                                     init_from=f"runs:/{src.run_id}"))
     with pytest.raises(ModelReferenceError, match="does not fit model"):

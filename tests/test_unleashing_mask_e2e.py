@@ -18,10 +18,19 @@ from tests.helpers import tiny_spec
 pytestmark = pytest.mark.ray
 
 
-def test_pretrain_then_um_and_umap(ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def pretrained(ray_session, tmp_path_factory):
+    """One supervised pretraining (spec ``pre``) that the tests below finetune, each
+    under its own spec name in the same workdir."""
+    tmp_path = tmp_path_factory.mktemp("um_e2e")
     pre = run_experiment(validate_spec(tiny_spec(
         tmp_path, name="pre", method={"name": "supervised"}, eval={"scores": ["msp"]},
         train={"epochs": 2})))
+    return tmp_path, pre
+
+
+def test_pretrain_then_um_and_umap(pretrained):
+    tmp_path, pre = pretrained
     client = MlflowClient(pre.tracking_uri)
     pre_metrics = client.get_run(pre.run_id).data.metrics
     auroc = [m.value for m in client.get_metric_history(pre.run_id, "val/auroc")]
@@ -63,20 +72,18 @@ def test_pretrain_then_um_and_umap(ray_session, tmp_path):
     assert "umap/mask_changed_fraction" in metrics
 
 
-def test_flood_at_the_training_loss_both_ascends_and_descends(ray_session, tmp_path):
+def test_flood_at_the_training_loss_both_ascends_and_descends(pretrained):
     """ℓ̂ set to the starting model's own training CE: batch means fall on both sides of it,
     so a flood that acts takes ascent and descent steps (a fraction of exactly 0 or 1 means
     the flood never engaged or never released)."""
-    pre = run_experiment(validate_spec(tiny_spec(
-        tmp_path, name="pre", method={"name": "supervised"}, eval={"scores": ["msp"]},
-        train={"epochs": 2})))
-    spec = validate_spec(tiny_spec(tmp_path, name="um", method={"name": "um"},
+    tmp_path, pre = pretrained
+    spec = validate_spec(tiny_spec(tmp_path, name="um_flood", method={"name": "um"},
                                    init_from="spec:pre", eval={"scores": ["msp"]},
                                    train={"epochs": 3, "lr": 0.05}))
     model = build_method(spec).build(10)
     model.load_state_dict(pre.report.detector.model.state_dict())
     ell = estimate_loss_constraint(model, load_bundle(spec).id_train, keep=1.0, seed=0)
-    spec = validate_spec(tiny_spec(tmp_path, name="um", init_from="spec:pre",
+    spec = validate_spec(tiny_spec(tmp_path, name="um_flood", init_from="spec:pre",
                                    method={"name": "um", "loss_constraint": ell},
                                    eval={"scores": ["msp"]}, train={"epochs": 3, "lr": 0.05}))
     um = run_experiment(spec)
