@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,3 +81,29 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     kill_all([p for p in pids if alive(p)], signal.SIGKILL)
     proc.kill()
     proc.wait()
+
+
+RAY_NODE_PORTS = ("node-manager-port", "object-manager-port", "metrics-export-port",
+                  "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                  "runtime-env-agent-port")
+RAY_HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port", *RAY_NODE_PORTS)
+
+
+def ray_start(*args: str, num_cpus: int, temp_dir: Path, env: dict[str, str], log: Path,
+              object_store_bytes: int = 200_000_000) -> tuple[subprocess.Popen, dict[str, int]]:
+    """``ray start --block`` on 127.0.0.1 with free ports and its own temp dir (so it never
+    reads or cleans another Ray's files). ``args``: ``--head``, or ``--address=<gcs>`` for one
+    more node. Returns the process (stop it with :func:`stop_tree`) and its ports by flag."""
+    from oodlab.cluster.ray_local import free_port
+
+    head = "--head" in args
+    ports = {flag: free_port() for flag in (RAY_HEAD_PORTS if head else RAY_NODE_PORTS)}
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", *args, "--block",
+           "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+           f"--object-store-memory={object_store_bytes}", f"--temp-dir={temp_dir}",
+           "--disable-usage-stats", *(["--dashboard-host=127.0.0.1"] if head else []),
+           *[f"--{flag}={port}" for flag, port in ports.items()]]
+    with open(log, "wb") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return proc, ports

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,18 +24,12 @@ import yaml
 from oodlab.cluster import jobs
 from oodlab.cluster.ray_local import free_port
 from oodlab.spec import SpecError
-from tests.helpers import stop_tree, tiny_spec
+from tests.helpers import ray_start, stop_tree, tiny_spec
 
 
 @pytest.fixture(scope="module")
 def ray_head():
     """``ray start --head --block`` on loopback with free ports; yields the dashboard URL."""
-    ports = {flag: free_port() for flag in ("port", "dashboard-port", "node-manager-port",
-                                            "object-manager-port", "metrics-export-port",
-                                            "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port",
-                                            "runtime-env-agent-port",
-                                            "ray-client-server-port")}
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # its own ray_current_cluster file
     bin_dir = Path(sys.executable).parent
     # a clean head: earlier tests' Ray and MLflow settings (mlflow.set_tracking_uri writes
@@ -45,13 +38,8 @@ def ray_head():
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")}
     env |= {"PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", "RAY_AUTH_MODE": "token",
             "RAY_USAGE_STATS_ENABLED": "0"}
-    log = open(Path(temp) / "head.log", "wb")  # noqa: SIM115 - closed in finally
-    cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", "--num-cpus=2", "--object-store-memory=200000000",
-           f"--temp-dir={temp}", "--disable-usage-stats"]
-    cmd += [f"--{flag}={port}" for flag, port in ports.items()]
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc, ports = ray_start("--head", num_cpus=2, temp_dir=Path(temp), env=env,
+                            log=Path(temp) / "head.log")
     url = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         deadline = time.monotonic() + 120
@@ -68,7 +56,6 @@ def ray_head():
         yield url
     finally:
         stop_tree(proc)  # gcs, raylet, dashboard, workers, job drivers; never `ray stop`
-        log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
 

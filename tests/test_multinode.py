@@ -24,6 +24,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -31,14 +32,11 @@ import yaml
 from oodlab.cluster import jobs
 from oodlab.cluster.ray_local import free_port
 from oodlab.search.tune import ROLE_TAG
-from tests.helpers import stop_tree, tiny_spec
+from tests.helpers import ray_start, stop_tree, tiny_spec
 
 pytestmark = pytest.mark.ray
 BIN = Path(sys.executable).parent
 BUCKET = "oodlab-multinode"
-RAY_PORT_FLAGS = ("node-manager-port", "object-manager-port", "metrics-export-port",
-                  "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                  "runtime-env-agent-port")
 
 
 def _wait(what: str, ready, proc: subprocess.Popen | None = None, log: Path | None = None,
@@ -84,22 +82,19 @@ class Cluster:
     tmp: Path
     env: dict[str, str]  # what a client needs: AWS endpoint and keys, tracking URI
     tracking_uri: str
-    s3_endpoint: str
+    s3: Any  # a boto3 S3 client for the bucket's server
     gcs: str
     dashboard: str
     procs: dict[str, subprocess.Popen]
 
     def add_node(self, name: str) -> subprocess.Popen:
         """``ray start --address`` one more node with 1 CPU; waits until the head sees it."""
-        cmd = [str(BIN / "ray"), "start", f"--address={self.gcs}", "--block",
-               "--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000",
-               "--disable-usage-stats",
-               # its own temp dir, as on a real node: two raylets sharing one would share (and
-               # garbage-collect) each other's runtime_env working dirs
-               f"--temp-dir={self.tmp / ('ray-' + name)}"]
-        cmd += [f"--{flag}={free_port()}" for flag in RAY_PORT_FLAGS]
         before = _alive_nodes(self.dashboard)  # ids: a node just killed may still be listed
-        proc = _start(cmd, self.tmp / f"{name}.log", self.env)
+        # its own temp dir, as on a real node: two raylets sharing one would share (and
+        # garbage-collect) each other's runtime_env working dirs
+        proc, _ = ray_start(f"--address={self.gcs}", num_cpus=1,
+                            temp_dir=self.tmp / f"ray-{name}", env=self.env,
+                            log=self.tmp / f"{name}.log", object_store_bytes=100_000_000)
         self.procs[name] = proc
         _wait(f"ray node {name}", lambda: _alive_nodes(self.dashboard) - before, proc,
               self.tmp / f"{name}.log")
@@ -135,9 +130,9 @@ def cluster() -> Iterator[Cluster]:
                 "AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
         import boto3
 
-        boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-                     aws_access_key_id="testing", aws_secret_access_key="testing"
-                     ).create_bucket(Bucket=BUCKET)
+        client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket=BUCKET)
 
         # PostgreSQL in a temp dir, owned by its system user, on a free loopback port
         pgdata.mkdir()
@@ -165,13 +160,8 @@ def cluster() -> Iterator[Cluster]:
             "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"], tmp / "mlflow.log", env)
 
         # the Ray head: 1 CPU, so a 2-worker trial needs the second node too
-        ports = {flag: free_port() for flag in ("port", "dashboard-port",
-                                                "ray-client-server-port", *RAY_PORT_FLAGS)}
-        procs["head"] = _start([
-            str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1", "--num-cpus=1", "--object-store-memory=200000000",
-            f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats",
-            *[f"--{flag}={p}" for flag, p in ports.items()]], tmp / "head.log", env)
+        procs["head"], ports = ray_start("--head", num_cpus=1, temp_dir=tmp / "ray", env=env,
+                                         log=tmp / "head.log")
         dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
         _wait("MLflow server", lambda: urllib.request.urlopen(
             f"{tracking_uri}/health", timeout=5).status == 200, procs["mlflow"],
@@ -179,15 +169,13 @@ def cluster() -> Iterator[Cluster]:
         _wait("ray head", lambda: isinstance(jobs.list_jobs(dashboard), list), procs["head"],
               tmp / "head.log")
         env |= {"MLFLOW_TRACKING_URI": tracking_uri}
-        c = Cluster(tmp, env, tracking_uri, s3_endpoint, f"127.0.0.1:{ports['port']}",
-                    dashboard, procs)
+        c = Cluster(tmp, env, tracking_uri, client, f"127.0.0.1:{ports['port']}", dashboard,
+                    procs)
         c.add_node("node2")
         yield c
     finally:
         for name in list(procs)[::-1]:
             stop_tree(procs[name])
-            if procs[name].returncode is None:
-                procs[name].wait()
         if (pgdata / "PG_VERSION").exists():
             subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(pgdata), "-m", "immediate",
                                          "stop"]), capture_output=True)
@@ -258,11 +246,7 @@ def test_search_spans_two_nodes_survives_losing_one_and_is_served(cluster, tmp_p
         assert r.info.artifact_uri.startswith(f"s3://{BUCKET}/runs/"), r.info.artifact_uri
 
     # artifacts and checkpoints are on S3, nowhere else
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=cluster.s3_endpoint, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+    keys = [o["Key"] for page in cluster.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
             for o in page.get("Contents", [])]
     assert any(k.startswith("runs/mlartifacts/") and k.endswith("detector.pt") for k in keys), keys
     assert any(k.startswith("runs/") and "checkpoint_" in k for k in keys), keys
