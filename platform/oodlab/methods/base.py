@@ -46,25 +46,25 @@ class TrainState:
 class EpochMeans:
     """Running means of per-step training quantities, read and reset once per epoch.
 
-    A method calls :meth:`add` in ``training_step`` (tensors are detached and read once) and
-    :meth:`pop` in ``epoch_metrics``; names never added in the epoch come out as 0.
+    A method calls :meth:`add` in ``training_step`` and :meth:`pop` in ``epoch_metrics``.
+    Tensors are summed detached, where they live, and read once per epoch (no device sync per
+    step); names never added in the epoch come out as 0.
     """
 
     def __init__(self) -> None:
-        self._sums: dict[str, float] = {}
+        self._sums: dict[str, Tensor | float] = {}
         self.steps = 0
 
     def add(self, **values: Tensor | float) -> None:
         """Add one step's values (one step per call)."""
         for name, v in values.items():
-            v = float(v.detach()) if isinstance(v, Tensor) else float(v)
+            v = v.detach() if isinstance(v, Tensor) else float(v)
             self._sums[name] = self._sums.get(name, 0.0) + v
         self.steps += 1
 
-    def pop(self, names: tuple[str, ...] | None = None) -> dict[str, float]:
-        """The epoch's means (of ``names``, or of everything added) and a reset."""
-        keys = names if names is not None else tuple(self._sums)
-        out = {k: self._sums.get(k, 0.0) / max(self.steps, 1) for k in keys}
+    def pop(self, names: tuple[str, ...]) -> dict[str, float]:
+        """The epoch's means of ``names``, and a reset."""
+        out = {k: float(self._sums.get(k, 0.0)) / max(self.steps, 1) for k in names}
         self._sums, self.steps = {}, 0
         return out
 

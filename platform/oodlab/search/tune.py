@@ -113,7 +113,7 @@ def _trial_driver(config: dict[str, Any], *, base: dict[str, Any], search: str,
     spec = apply_params(validate_spec(base), config)
     trial_id = tune.get_context().get_trial_id()
     run_id = _child_run(spec, search, trial_id, parent_run_id)
-    outcome = None
+    outcome, failed = None, False
     try:
         outcome = fit(spec, run_name=f"{search}-{trial_id}",
                       num_classes=load_bundle(spec, include_test=False).num_classes,
@@ -123,9 +123,10 @@ def _trial_driver(config: dict[str, Any], *, base: dict[str, Any], search: str,
         client = tracking.client_for(spec)
         client.set_tag(run_id, "oodlab.error", str(err).strip().splitlines()[0][:500])
         client.set_terminated(run_id, status="FAILED")
+        failed = True
         raise
     finally:  # also when Tune stops the trial (ASHA, or at max_t on the last epoch)
-        if tracking.client_for(spec).get_run(run_id).info.status == "RUNNING":
+        if not failed:
             _close_trial_run(spec, run_id, outcome)
 
 
