@@ -43,6 +43,15 @@ def add_set(parser: argparse.ArgumentParser) -> None:
 VERBOSE_HELP = ("show Ray's and MLflow's logs here instead of in <workdir>/logs/oodlab-<time>.log")
 
 
+def local_tracking_uri(explicit: str | None = None) -> str:
+    """The MLflow store a command without a spec reads: ``explicit`` (``--tracking-uri``),
+    else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<OODLAB_WORKDIR or .oodlab>/mlflow.db``."""
+    if explicit or os.environ.get("MLFLOW_TRACKING_URI"):
+        return explicit or os.environ["MLFLOW_TRACKING_URI"]
+    workdir = Path(os.environ.get("OODLAB_WORKDIR", ".oodlab")).expanduser().resolve()
+    return f"sqlite:///{workdir / 'mlflow.db'}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     # imported here, not at the top: each of these modules imports add_set from this one
     from oodlab.cli import data, jobs, report, results, run, tune

@@ -7,10 +7,8 @@ it is imported inside the command.
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
-from oodlab.cli.main import EXIT_BAD_INPUT
+from oodlab.cli.main import EXIT_BAD_INPUT, local_tracking_uri
 from oodlab.console import stderr
 
 
@@ -37,8 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from oodlab.report.report import write_report
 
-    uri = (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or
-           f"sqlite:///{Path(os.environ.get('OODLAB_WORKDIR', '.oodlab')).resolve()}/mlflow.db")
+    uri = local_tracking_uri(args.tracking_uri)
     try:
         md, page = write_report(uri, args.out, args.experiment or None, args.table,
                                 args.mlflow_url, "oodlab " + " ".join(args.argv_echo))

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from oodlab.cli.main import local_tracking_uri
 from oodlab.console import stderr
 from oodlab.serve.config import DEFAULT_ALIAS, TOKEN_ENV, ServeOptions
 
@@ -123,8 +124,7 @@ def _model_source(args: argparse.Namespace, ref: str | None, build: bool
         from oodlab.track.tracking import tracking_uri
 
         return ref, tracking_uri(spec)
-    workdir = Path(os.environ.get("OODLAB_WORKDIR", ".oodlab")).expanduser().resolve()
-    return ref, os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+    return ref, local_tracking_uri()
 
 
 def options(args: argparse.Namespace, ref: str, tracking_uri: str | None, build: bool
