@@ -9,7 +9,9 @@ features, with Optuna over Ray tasks, on validation OOD only.
    tasks: fit on ID train (bounded-memory ``fit_chunks``), score ID val and every validation
    OOD set, objective = mean validation AUROC. Each trial is an MLflow child run. Before any
    trial, :func:`knob_effects` checks that every searched knob changes the score (a knob with
-   no effect is an error).
+   no effect is an error). A score that needs the network (ODIN's input perturbation,
+   ``needs_model``) cannot be read from the cache: its trials run the model over the
+   validation sets, and only those (it fits nothing on ID train).
 3. Test sets are scored once, at the end, for the default and the best setting of each
    score; the best detector over all scores is logged to the parent run (and registered when
    ``tracking.model_name`` is set) like a trained run's, so ``oodlab promote`` works on it.
@@ -26,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+from torch.utils.data import Subset
 
 from oodlab.console import progress as say
 from oodlab.detect.cache import FeatureCache, cache_for, checkpoint_hash, data_hash
@@ -44,7 +48,8 @@ Space = dict[str, tuple]
 SPACES: dict[str, Space] = {
     "msp": {}, "max_logit": {}, "mahalanobis": {},
     "energy": {"temperature": ("float", 0.05, 100.0, True)},
-    "odin": {"temperature": ("float", 1.0, 1000.0, True)},  # epsilon = 0 on cached features
+    # Liang et al. 2018 (Sec. 4) search T in 1..1000 and eps in [0, 0.004]; eps needs the network
+    "odin": {"temperature": ("float", 1.0, 1000.0, True), "epsilon": ("float", 0.0, 0.004, False)},
     "knn": {"k": ("int", 1, 200, True)},
     "react": {"percentile": ("float", 50.0, 99.9, False)},
     "ash": {"percentile": ("float", 10.0, 95.0, False), "variant": ("cat", "s", "p", "b")},
@@ -52,7 +57,6 @@ SPACES: dict[str, Space] = {
     "gen": {"gamma": ("float", 0.01, 1.0, True), "top": ("int", 1, "C", False)},
 }
 DEFAULT_SCORES = list(SPACES)
-FIXED = {"odin": {"epsilon": 0.0}}  # ODIN's perturbation needs the network: not searched
 
 
 def _resolve(v: Any, num_classes: int, dim: int) -> Any:
@@ -75,28 +79,38 @@ def suggest(trial, space: Space, num_classes: int, dim: int) -> dict[str, Any]:
     return out
 
 
-def fitted(name: str, params: dict[str, Any], train: Outputs, *, supervised: bool = True
-           ) -> PostHocScore:
+def fitted(name: str, params: dict[str, Any], train: Outputs | None, *,
+           supervised: bool = True) -> PostHocScore:
     """A score fitted on ID-train outputs in chunks (bounded memory)."""
-    score = build_score(name, **(FIXED.get(name, {}) | params))
+    score = build_score(name, **params)
     if score.needs_fit:
+        if train is None:
+            raise ValueError(f"score {name!r} must be fitted on ID-train outputs")
         labels = train.labels if supervised and train.labels.ndim == 1 else None
         set_head(score, train.head)
         score.fit_chunks(chunks_of(train.features, train.logits, labels, 8192))
     return score
 
 
-def knob_effects(name: str, space: Space, train: Outputs, probe: Outputs, num_classes: int
+def knob_effects(name: str, space: Space, train: Outputs, probe: Outputs, num_classes: int,
+                 *, score_probe: Callable[[PostHocScore], Tensor] | None = None
                  ) -> dict[str, float]:
     """For each knob: the largest change of the probe scores between its two extreme values
     (the others at their defaults). A knob that changes no score is a SpecError: a search
-    over it would silently search nothing."""
+    over it would silently search nothing. ``score_probe`` scores the probe images through
+    the network, for scores that need it (``needs_model``: ODIN)."""
+    def probe_scores(score: PostHocScore) -> Tensor:
+        if score_probe is not None:
+            return score_probe(score).double()
+        if score.needs_model:
+            raise ValueError(f"score {name!r} needs the network: pass score_probe")
+        return score.score(probe.logits, probe.features).double()
+
     effects = {}
     for knob, (kind, *args) in space.items():
         values = list(args) if kind == "cat" else [
             _resolve(a, num_classes, train.features.shape[1]) for a in args[:2]]
-        scores = [fitted(name, {knob: v}, train).score(probe.logits, probe.features).double()
-                  for v in values]
+        scores = [probe_scores(fitted(name, {knob: v}, train)) for v in values]
         change = max((s - scores[0]).abs().max().item() for s in scores[1:])
         # a change that only rescales all scores leaves every ranking as it is
         ranks = [s.argsort().argsort().double() for s in scores]
@@ -114,11 +128,12 @@ def _monotone_knob(name: str, knob: str) -> bool:
                             ("knn", "k"), ("gen", "gamma"), ("gen", "top")}
 
 
-def val_objective(score: PostHocScore, id_val: Outputs, val_ood: dict[str, Outputs]
-                  ) -> dict[str, float]:
-    """Per-set validation AUROC/FPR and their means (the objective: ``val/auroc``)."""
-    s_id = score.score(id_val.logits, id_val.features)
-    per = {n: ood_metrics(s_id, score.score(o.logits, o.features)) for n, o in val_ood.items()}
+def val_objective(scores: dict[str, Tensor]) -> dict[str, float]:
+    """Per-set validation AUROC/FPR and their means (the objective: ``val/auroc``), from the
+    scores of ``id_val`` and of every ``val_ood:<name>`` set."""
+    s_id = scores["id_val"]
+    per = {k.removeprefix("val_ood:"): ood_metrics(s_id, s) for k, s in scores.items()
+           if k.startswith("val_ood:")}
     out = {f"val/{n}/{k}": v for n, m in per.items() for k, v in m.items()
            if k in ("auroc", "fpr95")}
     out["val/auroc"] = float(np.mean([m["auroc"] for m in per.values()]))
@@ -136,8 +151,6 @@ def _model_from_state(state: dict[str, Any]):
 
 
 def _extract_shard(state: dict[str, Any], ds, lo: int, hi: int, batch_size: int) -> Outputs:
-    from torch.utils.data import Subset
-
     from oodlab.data.bundle import eval_loader
 
     torch.set_num_threads(1)
@@ -146,21 +159,30 @@ def _extract_shard(state: dict[str, Any], ds, lo: int, hi: int, batch_size: int)
     return collect_outputs(model, eval_loader(Subset(ds, range(lo, hi)), batch_size), device)
 
 
+def is_val(key: str) -> bool:
+    return key == "id_val" or key.startswith("val_ood:")
+
+
 def _trial(name: str, params: dict[str, Any], outputs: dict[str, Outputs] | None,
            network: tuple | None) -> dict[str, float]:
-    """One setting: fit on ID train, score validation data. ``network`` (no cache): run the
-    model over every set first, as a search without a cache must."""
-    torch.set_num_threads(1)
-    if outputs is None:
-        from oodlab.data.bundle import eval_loader
+    """One setting: fit on ID train, score the validation sets. ``network`` = (state, sets,
+    batch size): run the model over the sets, as a search without a cache must, and as a
+    score that needs the network (ODIN) always does."""
+    from oodlab.data.bundle import eval_loader
 
-        state, sets, bs = network  # type: ignore[misc]
+    torch.set_num_threads(1)
+    if network is not None:
+        state, sets, bs = network
         model = _model_from_state(state)
+        if build_score(name).needs_model:
+            score = fitted(name, params, None)
+            return val_objective({k: score.score_loader(model, eval_loader(ds, bs), "cpu")
+                                  for k, ds in sets.items() if is_val(k)})
         outputs = {k: collect_outputs(model, eval_loader(ds, bs)) for k, ds in sets.items()}
+    assert outputs is not None
     score = fitted(name, params, outputs["id_train"])
-    val_ood = {k.removeprefix("val_ood:"): v for k, v in outputs.items()
-               if k.startswith("val_ood:")}
-    return val_objective(score, outputs["id_val"], val_ood)
+    return val_objective({k: score.score(o.logits, o.features) for k, o in outputs.items()
+                          if is_val(k)})
 
 
 # ---------------------------------------------------------------- extraction
@@ -261,12 +283,29 @@ def search_score(name: str, outputs: dict[str, Outputs] | None, n_trials: int, s
     return ScoreSearch(name, defaults, best[0], trials[0][1], best[1], trials)
 
 
-def test_metrics(score: PostHocScore, outputs: dict[str, Outputs], groups: dict[str, list[str]]
-                 ) -> dict[str, float]:
+SetScorer = Callable[[PostHocScore, str], Tensor]
+
+
+def set_scorer(outputs: dict[str, Outputs], model: torch.nn.Module, datasets: dict[str, Any],
+               batch_size: int) -> SetScorer:
+    """Scores of one set (by cache key): from the cached outputs, or through the model for a
+    score that needs the network."""
+    from oodlab.data.bundle import eval_loader
+
+    def scores_of(score: PostHocScore, key: str) -> Tensor:
+        if score.needs_model:
+            return score.score_loader(model, eval_loader(datasets[key], batch_size), "cpu")
+        return score.score(outputs[key].logits, outputs[key].features)
+
+    return scores_of
+
+
+def test_metrics(score: PostHocScore, scores_of: SetScorer, keys: list[str],
+                 groups: dict[str, list[str]]) -> dict[str, float]:
     """Test scoring, once: per-set metrics and OpenOOD group means (headline ``mean``)."""
-    s_id = score.score(outputs["id_test"].logits, outputs["id_test"].features)
-    per = {k.removeprefix("ood:"): ood_metrics(s_id, score.score(o.logits, o.features))
-           for k, o in outputs.items() if k.startswith("ood:")}
+    s_id = scores_of(score, "id_test")
+    per = {k.removeprefix("ood:"): ood_metrics(s_id, scores_of(score, k))
+           for k in keys if k.startswith("ood:")}
     flat = {f"{n}/{k}": v for n, m in per.items() for k, v in m.items()}
     flat |= {f"{g}/{k}": v for g, m in group_means(per, groups).items() for k, v in m.items()}
     return flat
@@ -278,9 +317,11 @@ def spec_hash(spec: ExperimentSpec) -> str:
 
 def tune_posthoc(ref: str, *, overrides: list[str] | None = None, scores: list[str] | None = None,
                  n_trials: int = 50, seed: int = 0, use_cache: bool = True,
-                 parallel: int | None = None, register: bool = True) -> dict[str, Any]:
-    """The whole command: load the checkpoint, cache its outputs, search every score, score
-    the test sets once, log and register the best detector. Returns a summary dict."""
+                 parallel: int | None = None, register: bool = True,
+                 tracking_uri: str | None = None) -> dict[str, Any]:
+    """The whole command: load the checkpoint (``runs:/`` and ``models:/`` refs are read from
+    ``tracking_uri``), cache its outputs, search every score, score the test sets once, log
+    and register the best detector. Returns a summary dict."""
     import ray
     import yaml
 
@@ -295,7 +336,7 @@ def tune_posthoc(ref: str, *, overrides: list[str] | None = None, scores: list[s
     if bad:
         raise SpecError(f"--scores: no search space for {bad}; known: {sorted(SPACES)}")
     t0 = time.perf_counter()
-    detector = tracking.load_detector(ref)
+    detector = tracking.load_detector(ref, tracking_uri)
     state = detector.state()
     raw = apply_overrides(dict(state["spec"]), overrides or [])
     spec = validate_spec(raw | {"name": f"{state['spec']['name']}_posthoc"})
@@ -308,11 +349,12 @@ def tune_posthoc(ref: str, *, overrides: list[str] | None = None, scores: list[s
     t_extract = time.perf_counter() - t_extract
     outputs = {name: cache.outputs(name) for name in cache.sets}
     num_classes, dim = bundle.num_classes, outputs["id_train"].features.shape[1]
-    network = None
-    if not use_cache:
-        network = (state, {k: v for k, v in sets_of(bundle).items()
-                           if k in ("id_train", "id_val") or k.startswith("val_ood:")},
-                   spec.data.eval_batch_size)
+    datasets, bs = sets_of(bundle), spec.data.eval_batch_size
+    val_sets = {k: v for k, v in datasets.items() if is_val(k)}
+    network = None if use_cache else (state, val_sets | {"id_train": bundle.id_train}, bs)
+    scores_of = set_scorer(outputs, detector.model, datasets, bs)
+    probe = {"id_val": Subset(bundle.id_val, range(min(512, len(bundle.id_val))))}
+    probe_scorer = set_scorer({}, detector.model, probe, bs)
     provenance = {"oodlab.provenance.checkpoint": cache.path.name.split("-")[0],
                   "oodlab.provenance.data": cache.path.name.split("-")[1],
                   "oodlab.provenance.spec": spec_hash(spec),
@@ -336,11 +378,15 @@ def tune_posthoc(ref: str, *, overrides: list[str] | None = None, scores: list[s
     results: dict[str, ScoreSearch] = {}
     t_search = time.perf_counter()
     for name in scores:
-        probe = outputs["id_val"]
-        effects = knob_effects(name, SPACES[name], outputs["id_train"], probe, num_classes)
-        res = search_score(name, None if network else outputs, n_trials, seed,
+        # a score that needs the network (ODIN) runs it over the validation sets every trial
+        needs_net = build_score(name).needs_model
+        net = (state, val_sets, bs) if needs_net else network
+        effects = knob_effects(name, SPACES[name], outputs["id_train"], outputs["id_val"],
+                               num_classes, score_probe=(lambda s: probe_scorer(s, "id_val"))
+                               if needs_net else None)
+        res = search_score(name, None if net else outputs, n_trials, seed,
                            num_classes=num_classes, dim=dim, parallel=parallel,
-                           network=network, on_trial=log_trial)
+                           network=net, on_trial=log_trial)
         res.knob_effects = effects
         results[name] = res
         say(f"{name}: val/auroc default {res.default_val:.4f} -> best {res.best_val:.4f} "
@@ -350,20 +396,20 @@ def tune_posthoc(ref: str, *, overrides: list[str] | None = None, scores: list[s
     metrics: dict[str, float] = {}
     for name, res in results.items():
         res.test_default = test_metrics(fitted(name, res.default, outputs["id_train"]),
-                                        outputs, bundle.test_groups)
-        res.test_best = test_metrics(fitted(name, res.best, outputs["id_train"]), outputs,
-                                     bundle.test_groups)
+                                        scores_of, list(outputs), bundle.test_groups)
+        res.test_best = res.test_default if res.best == res.default else test_metrics(
+            fitted(name, res.best, outputs["id_train"]), scores_of, list(outputs),
+            bundle.test_groups)
         metrics |= {f"val/{name}/default/auroc": res.default_val,
                     f"val/{name}/tuned/auroc": res.best_val}
         metrics |= {f"test/{name}/default/{k}": v for k, v in res.test_default.items()}
         metrics |= {f"test/{name}/tuned/{k}": v for k, v in res.test_best.items()}
     champion = max(results.values(), key=lambda r: r.best_val)
     score = fitted(champion.name, champion.best, outputs["id_train"])
-    threshold = threshold_at_tpr(score.score(outputs["id_val"].logits,
-                                             outputs["id_val"].features), spec.eval.tpr)
+    threshold = threshold_at_tpr(scores_of(score, "id_val"), spec.eval.tpr)
     best_spec = spec.model_copy(update={"eval": spec.eval.model_copy(update={
         "scores": [champion.name],
-        "score_params": {champion.name: FIXED.get(champion.name, {}) | champion.best}})})
+        "score_params": {champion.name: champion.best}})})
     metrics |= {"val/auroc": champion.best_val, "threshold": threshold}
     metrics |= {f"test/{k.removeprefix('mean/')}": v for k, v in champion.test_best.items()
                 if k.startswith("mean/")}
@@ -389,7 +435,8 @@ def tune_posthoc(ref: str, *, overrides: list[str] | None = None, scores: list[s
             indent=1, default=float))
         client.log_artifact(parent, str(tmp / "posthoc.json"))
     client.set_terminated(parent)
-    return {"run_id": parent, "cache": str(cache.path), "cache_hit": hit,
+    return {"run_id": parent, "source": ref, "provenance": provenance,
+            "cache": str(cache.path), "cache_hit": hit,
             "best_score": champion.name, "best_params": champion.best,
             "val_auroc": champion.best_val, "time_extract_s": t_extract,
             "time_search_s": t_search, "results": results, "metrics": metrics}
