@@ -1,5 +1,6 @@
-"""Provenance of a result: hashes of the spec and of its data section, and the code version,
-recorded as run tags (``oodlab.provenance.*``) so a number can be traced to what made it."""
+"""Provenance of a result, recorded as run tags (``oodlab.provenance.*``) so a number can be
+traced to what made it: hashes of the spec and of its data section, of the content of each
+dataset split (:func:`split_tags`), of the served checkpoint's weights, and the code version."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import json
 import subprocess
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
 
 PREFIX = "oodlab.provenance."
 
@@ -32,3 +37,52 @@ def spec_tags(spec_json: dict[str, Any]) -> dict[str, str]:
     return {PREFIX + "spec": digest(spec_json),
             PREFIX + "data": digest({"data": spec_json.get("data"), "seed": spec_json.get("seed")}),
             PREFIX + "code": code_version()}
+
+
+# array-like attributes that define a dataset's content (images and labels in memory; the
+# files, index lists and (path, class) samples of datasets read from disk)
+_CONTENT = ("images", "labels", "indices", "files", "samples")
+
+
+def _feed(h: Any, ds: Any) -> None:
+    h.update(f"{type(ds).__name__}:{len(ds)};".encode())
+    if isinstance(ds, Subset):
+        h.update(np.asarray(ds.indices, dtype=np.int64).tobytes())
+        _feed(h, ds.dataset)
+        return
+    found = False
+    for name in _CONTENT:
+        value = getattr(ds, name, None)
+        if isinstance(value, np.ndarray):
+            h.update(name.encode() + np.ascontiguousarray(value).tobytes())
+            found = True
+        elif isinstance(value, (list, tuple)):
+            h.update(name.encode() + json.dumps(value, default=str).encode())
+            found = True
+    base = getattr(ds, "base", None)
+    if base is not None:
+        _feed(h, base)
+    elif not found:  # anything else: the samples it yields
+        for i in range(len(ds)):
+            for part in ds[i]:
+                h.update(torch.as_tensor(part).numpy().tobytes())
+
+
+def dataset_hash(ds: Any) -> str:
+    """SHA-256 (16 hex digits) of a dataset split's content: what it holds, not how it was
+    configured, so two runs with the same hash saw the same images and labels."""
+    h = hashlib.sha256()
+    _feed(h, ds)
+    return h.hexdigest()[:16]
+
+
+def split_tags(splits: dict[str, Any], groups: dict[str, dict[str, Any]] | None = None
+               ) -> dict[str, str]:
+    """Tags ``oodlab.provenance.split.<name>`` for each named split (``None`` skipped) and,
+    for each group of named sets (validation OOD, test OOD), one hash over its members."""
+    tags = {f"{PREFIX}split.{n}": dataset_hash(ds) for n, ds in splits.items() if ds is not None}
+    for group, members in (groups or {}).items():
+        if members:
+            tags[f"{PREFIX}split.{group}"] = digest({n: dataset_hash(ds)
+                                                     for n, ds in members.items()})
+    return tags

@@ -18,8 +18,9 @@ from torch import nn
 from oodlab.cluster import preflight, ray_local, storage
 from oodlab.data.bundle import DataBundle, load_bundle
 from oodlab.detect import oe_select
+from oodlab.detect.cache import checkpoint_hash
 from oodlab.detect.evaluate import EvalReport, evaluate
-from oodlab.detect.provenance import spec_tags
+from oodlab.detect.provenance import PREFIX, spec_tags, split_tags
 from oodlab.errors import ModelReferenceError
 from oodlab.methods import build_method
 from oodlab.spec import ExperimentSpec, OESelectSpec
@@ -60,6 +61,9 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
     init_ray(spec)
     tags = (tags or {}) | {ray_local.HARDWARE_TAG: ray_local.hardware()}
     tags |= spec_tags(spec.model_dump(mode="json"))  # provenance: spec, data, code
+    tags |= split_tags({"id_train": bundle.id_train, "id_val": bundle.id_val,
+                        "id_test": bundle.id_test},
+                       {"val_ood": bundle.val_ood, "test_ood": bundle.test_ood})
     if init_ref is not None:
         tags |= {"oodlab.init_from": init_ref}
     run_id = tracking.start_run(spec, spec_path, tags=tags, parent_run_id=parent_run_id)
@@ -93,6 +97,9 @@ def finish_run(spec: ExperimentSpec, run_id: str, model: nn.Module,
         "tracking": spec.tracking.model_copy(update={"model_name": None})})
     model_info = tracking.log_detector(logged, run_id, report.detector)
     client.set_tag(run_id, tracking.MODEL_URI_TAG, model_info["model_uri"])
+    # the served weights; the same key as oodlab tune-posthoc's feature cache of this run
+    weights = checkpoint_hash(report.detector.model.state_dict())
+    client.set_tag(run_id, PREFIX + "checkpoint", weights)
     return RunResult(run_id, report.metrics, report, model_info, tracking.tracking_uri(spec))
 
 
