@@ -154,6 +154,39 @@ def test_one_spec_in_two_tables_is_two_rows(tmp_path):
     assert "| plain (bce) · energy |" in md  # a spec in one table keeps the short label
 
 
+def test_published_difference_and_run_provenance(tmp_path):
+    """A row whose method, score, ID and OOD set have a published number shows the
+    difference from it; every run lists its provenance hashes; a row without a counterpart
+    says so."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("exp", artifact_location=(tmp_path / "art").as_uri())
+    for seed, auroc in ((0, 0.95), (1, 0.97)):
+        run = client.create_run(exp, run_name="lmd_fmnist", tags={
+            RESULTS_TAG: "t", "oodlab.provenance.checkpoint": f"{seed}abcdef0123456789",
+            "oodlab.provenance.split.id_test": "feedbeefcafe0000",
+            "oodlab.provenance.code": "1a2b3c4"})
+        rid = run.info.run_id
+        for k, v in {"method.name": "ddpm", "data.id": "fashion_mnist", "seed": seed,
+                     "eval.scores": "['lmd']"}.items():
+            client.log_param(rid, k, v)
+        for k, v in {"test/lmd/mnist/auroc": auroc, "test/lmd/mean/auroc": auroc}.items():
+            client.log_metric(rid, k, v)
+        client.set_terminated(rid)
+    _log(client, "exp", "plain", "supervised", "mnist", 0, {"letters": (0.5, 0.5, 0.5)},
+         tmp_path)
+    md = write_report(uri, tmp_path / "out")[0].read_text()
+    row = _cells(md, "Published counterparts", "lmd_fmnist (ddpm) · lmd")
+    # 0.95, 0.97: mean 0.960, sample std 0.014; 0.960 - 0.992 (Liu et al. 2023, Table 1)
+    assert row[:5] == ["mnist", "auroc", "0.960 ± 0.014 (n=2)", "0.992", "-0.032"]
+    assert "Table 1" in row[5]
+    assert "weights 0abcdef0, ID train/val/test –/–/feedbeef" in md and "code 1a2b3c4" in md
+    assert "weights 1abcdef0" in md
+    mnist = md.split("## Benchmark `mnist`")[1]
+    assert "No row on this benchmark has a published counterpart" in mnist
+    assert "provenance not recorded" in mnist
+
+
 def test_html_opens_in_a_headless_browser(store, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "chromium is needed for this test (make test installs it)"

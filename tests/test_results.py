@@ -26,8 +26,10 @@ def _store_with_runs(tmp_path):
     spec = validate_spec(tiny_spec(tmp_path))
     client = tracking.client_for(spec)
     exp = tracking.ensure_experiment(client, spec)
-    for auroc_letters, auroc_gauss in ((0.6, 0.9), (0.8, 1.0)):
-        run = client.create_run(exp, tags={RESULTS_TAG: "t", "mlflow.runName": spec.name})
+    for seed, (auroc_letters, auroc_gauss) in enumerate(((0.6, 0.9), (0.8, 1.0))):
+        run = client.create_run(exp, tags={RESULTS_TAG: "t", "mlflow.runName": spec.name,
+                                           "oodlab.seed": str(seed),
+                                           "oodlab.provenance.checkpoint": f"ckpt{seed}"})
         for k, v in {"test/energy/letters/auroc": auroc_letters,
                      "test/energy/gaussian/auroc": auroc_gauss,
                      "test/energy/mean/auroc": (auroc_letters + auroc_gauss) / 2}.items():
@@ -48,6 +50,9 @@ def test_per_set_table_and_hand_notes_survive_a_rewrite(tmp_path):
     assert "| tiny | energy | 0.700 ± 0.141 (n=2) | 0.950 ± 0.071 (n=2) | 0.825 ± 0.106 (n=2) |" \
         in first
     assert "AUROC ↑ per test OOD set" in first
+    provenance = first.split("### Provenance")[1]  # every run, its weights; '–' where untagged
+    assert "| tiny | 0 |" in provenance and "| ckpt0 | – |" in provenance
+    assert "| tiny | 1 |" in provenance and "| ckpt1 | – |" in provenance
     out.write_text(first + f"\n{NOTES_MARKER}\n\nPlainly: written by hand.\n")
     write_report([spec], "t", out, "oodlab results x")  # regenerated, without per-set now
     second = out.read_text()

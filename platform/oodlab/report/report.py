@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from oodlab.cluster.ray_local import HARDWARE_TAG
-from oodlab.report.results import RESULTS_TAG
+from oodlab.report.published import counterparts
+from oodlab.report.results import RESULTS_TAG, provenance_of
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -52,6 +53,7 @@ class RunRecord:
     table: str = ""  # the `oodlab results --name` that made it
     hardware: str = ""  # ray_local.hardware() when the run started ("" = not recorded)
     minutes: float = 0.0  # wall time from start to end
+    provenance: dict[str, str] = field(default_factory=dict)  # oodlab.provenance.* tags
 
 
 @dataclass
@@ -121,7 +123,8 @@ def gather(client: MlflowClient, experiments: list[str] | None = None,
             scores=_as_list(p.get("eval.scores", "")), metrics=dict(r.data.metrics),
             table=r.data.tags.get(RESULTS_TAG, ""),
             hardware=r.data.tags.get(HARDWARE_TAG, ""),
-            minutes=((r.info.end_time or r.info.start_time) - r.info.start_time) / 60_000))
+            minutes=((r.info.end_time or r.info.start_time) - r.info.start_time) / 60_000,
+            provenance=provenance_of(r.data.tags)))
     return out
 
 
@@ -189,6 +192,39 @@ def provenance(records: list[RunRecord]) -> str:
     where = "; ".join(f"{n} run{'s' * (n != 1)} on {hw}" for hw, n in sorted(count.items()))
     total = sum(rec.minutes for rec in records)
     return f"{where}; {total / 60:.1f} h of run wall time in total"
+
+
+def run_provenance(run: RunRecord) -> str:
+    """One run's provenance in a line: weights, ID splits, test OOD sets, spec, code (hashes
+    cut to 8 hex digits; the full ones are the run's ``oodlab.provenance.*`` tags)."""
+    p = {k: v[:8] if k != "code" else v for k, v in run.provenance.items()}
+    if not p:
+        return "provenance not recorded"
+    splits = "/".join(p.get(f"split.id_{s}", "–") for s in ("train", "val", "test"))
+    return (f"weights {p.get('checkpoint', '–')}, ID train/val/test {splits}, test OOD "
+            f"{p.get('split.test_ood', '–')}, spec {p.get('spec', '–')}, code {p.get('code', '–')}")
+
+
+def published_rows(rows: list[Row]) -> list[list[str]]:
+    """[row, OOD set, metric, ours, published, ours − published, source] for every row with
+    a published counterpart (same method, score, ID and OOD set)."""
+    out = []
+    for row in rows:
+        for pub in counterparts(row.method, row.score, row.benchmark):
+            values = [r.metrics[k] for r in row.runs
+                      if (k := f"test/{row.score}/{pub.ood_set}/{pub.metric}") in r.metrics]
+            mean, std = seed_stats(values)
+            ours = f"{mean:.3f} ± {std:.3f} (n={len(values)})" if values else "–"
+            diff = f"{mean - pub.value:+.3f}" if values else "–"
+            out.append([row.label, pub.ood_set, pub.metric, ours, f"{pub.value:.3f}", diff,
+                        pub.source + (f" ({pub.note})" if pub.note else "")])
+    return out
+
+
+PUBLISHED_HEADER = ["row", "OOD set", "metric", "ours", "published", "ours − published",
+                    "source"]
+NO_PUBLISHED = ("No row on this benchmark has a published counterpart with the same method, "
+                "ID and OOD set (oodlab/report/published.py lists the verified ones).")
 
 
 def seed_stats(values: list[float]) -> tuple[float, float]:
@@ -293,9 +329,17 @@ def render_markdown(title: str, meta: str, tables: dict[str, list[Table]],
                 lines.append(f"| {row.label} | " + " | ".join(shown) + " |")
             lines.append("")
         rows = tabs[0].rows
-        lines += ["### Runs and plots", ""]
+        lines += ["### Published counterparts", ""]
+        if pub := published_rows(rows):
+            lines += ["| " + " | ".join(PUBLISHED_HEADER) + " |",
+                      "|---" * len(PUBLISHED_HEADER) + "|"]
+            lines += ["| " + " | ".join(r) + " |" for r in pub]
+        else:
+            lines.append(NO_PUBLISHED)
+        lines += ["", "### Runs, provenance and plots", ""]
         for row in rows:
-            links = ", ".join(f"[seed {r.seed}]({run_link(base_url, r)})" for r in row.runs)
+            links = "; ".join(f"[seed {r.seed}]({run_link(base_url, r)}) ({run_provenance(r)})"
+                              for r in row.runs)
             imgs = " ".join(f"![{p.stem}]({p.relative_to(out_dir).as_posix()})"
                             for p in plots.get(row.label, []))
             lines.append(f"- **{row.label}**: {links}" + (f"<br>{imgs}" if imgs else
@@ -337,10 +381,17 @@ def render_html(title: str, meta: str, tables: dict[str, list[Table]],
                     f"{e(text)}</td>" for text, best in cells)
                 parts.append(f"<tr><td>{e(row.label)}</td>{tds}</tr>")
             parts.append("</table>")
-        parts.append("<h3>Runs and plots</h3>")
+        parts.append("<h3>Published counterparts</h3>")
+        if pub := published_rows(tabs[0].rows):
+            parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in PUBLISHED_HEADER)
+                         + "</tr>" + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r)
+                                             + "</tr>" for r in pub) + "</table>")
+        else:
+            parts.append(f"<p>{e(NO_PUBLISHED)}</p>")
+        parts.append("<h3>Runs, provenance and plots</h3>")
         for row in tabs[0].rows:
-            links = ", ".join(f"<a href='{e(run_link(base_url, r))}'>seed {r.seed}</a>"
-                              for r in row.runs)
+            links = "<br>".join(f"<a href='{e(run_link(base_url, r))}'>seed {r.seed}</a> "
+                                f"({e(run_provenance(r))})" for r in row.runs)
             imgs = "".join(f"<img src='{e(p.relative_to(out_dir).as_posix())}' "
                            f"alt='{e(p.stem)}'>" for p in plots.get(row.label, []))
             parts.append(f"<h4>{e(row.label)}</h4><p>{links}</p><div>{imgs}</div>")
