@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 # Built-in data is deterministic, so tests share one cache (built once per machine).
@@ -36,6 +37,41 @@ def tiny_spec(workdir: Path, **sections) -> dict:
         else:
             spec[key] = value
     return spec
+
+
+# ------------------------------------------------------------------ S3 (moto's server mode)
+
+# fake keys (moto's convention) and the variables that could send a test to a real account
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+AWS_UNSET = ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL",
+             "AWS_SESSION_TOKEN")
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[str]:
+    """An S3 server (moto) on a free 127.0.0.1 port for the block; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def point_aws_at(mp, endpoint: str, *, keys: bool = True) -> None:
+    """Set (with a pytest MonkeyPatch) the AWS variables so boto3 talks to ``endpoint``:
+    region, endpoint and, with ``keys``, the fake keys; the rest of :data:`AWS_UNSET` and,
+    without ``keys``, the key variables are removed."""
+    for var in AWS_UNSET + (() if keys else ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")):
+        mp.delenv(var, raising=False)
+    for k, v in FAKE_AWS.items():
+        if keys or k == "AWS_DEFAULT_REGION":
+            mp.setenv(k, v)
+    mp.setenv("AWS_ENDPOINT_URL", endpoint)
 
 
 # ------------------------------------------------------------------ processes a test started

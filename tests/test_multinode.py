@@ -32,7 +32,7 @@ import yaml
 from oodlab.cluster import jobs
 from oodlab.cluster.ray_local import free_port
 from oodlab.search.tune import ROLE_TAG
-from tests.helpers import ray_start, stop_tree, tiny_spec
+from tests.helpers import FAKE_AWS, moto_s3, ray_start, stop_tree, tiny_spec
 
 pytestmark = pytest.mark.ray
 BIN = Path(sys.executable).parent
@@ -111,76 +111,71 @@ def _alive_nodes(dashboard: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    from moto.server import ThreadedMotoServer
-
     tmp = Path(tempfile.mkdtemp(prefix="mn", dir="/tmp"))
     procs: dict[str, subprocess.Popen] = {}
-    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    s3.start()
-    pgdata = tmp / "pg"
-    try:
-        host, port = s3.get_host_and_port()
-        s3_endpoint = f"http://{host}:{port}"
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI",
-                            "AWS_PROFILE", "AWS_SESSION_TOKEN")}
-        env |= {"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "RAY_AUTH_MODE": "token",
-                "RAY_USAGE_STATS_ENABLED": "0", "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
-        import boto3
+    with moto_s3() as s3_endpoint:
+        pgdata = tmp / "pg"
+        try:
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI",
+                                "AWS_PROFILE", "AWS_SESSION_TOKEN")}
+            env |= FAKE_AWS | {"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+                               "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+                               "AWS_ENDPOINT_URL": s3_endpoint,
+                               "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+            import boto3
 
-        client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
-        client.create_bucket(Bucket=BUCKET)
+            client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                                  aws_access_key_id=FAKE_AWS["AWS_ACCESS_KEY_ID"],
+                                  aws_secret_access_key=FAKE_AWS["AWS_SECRET_ACCESS_KEY"])
+            client.create_bucket(Bucket=BUCKET)
 
-        # PostgreSQL in a temp dir, owned by its system user, on a free loopback port
-        pgdata.mkdir()
-        if os.geteuid() == 0:
-            shutil.chown(tmp, "postgres")
-            shutil.chown(pgdata, "postgres")
-        subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(pgdata), "-U", "postgres",
-                                     "--auth=trust", "-E", "UTF8"]),
-                       check=True, capture_output=True)
-        pg_port = free_port()
-        subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(pgdata), "-w", "-l",
-                                     str(pgdata / "server.log"), "-o",
-                                     f"-p {pg_port} -k {pgdata} -c listen_addresses=127.0.0.1",
-                                     "start"]), check=True, capture_output=True)
+            # PostgreSQL in a temp dir, owned by its system user, on a free loopback port
+            pgdata.mkdir()
+            if os.geteuid() == 0:
+                shutil.chown(tmp, "postgres")
+                shutil.chown(pgdata, "postgres")
+            subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(pgdata), "-U", "postgres",
+                                         "--auth=trust", "-E", "UTF8"]),
+                           check=True, capture_output=True)
+            pg_port = free_port()
+            subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(pgdata), "-w", "-l",
+                                         str(pgdata / "server.log"), "-o",
+                                         f"-p {pg_port} -k {pgdata} -c listen_addresses=127.0.0.1",
+                                         "start"]), check=True, capture_output=True)
 
-        # the MLflow server: runs and registry in PostgreSQL, artifacts proxied to S3
-        http = free_port()
-        tracking_uri = f"http://127.0.0.1:{http}"
-        procs["mlflow"] = _start([
-            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(http),
-            "--workers", "1",
-            # psycopg2 named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3
-            "--backend-store-uri",
-            f"postgresql+psycopg2://postgres@127.0.0.1:{pg_port}/postgres",
-            "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"], tmp / "mlflow.log", env)
+            # the MLflow server: runs and registry in PostgreSQL, artifacts proxied to S3
+            http = free_port()
+            tracking_uri = f"http://127.0.0.1:{http}"
+            procs["mlflow"] = _start([
+                str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(http),
+                "--workers", "1",
+                # psycopg2 named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3
+                "--backend-store-uri",
+                f"postgresql+psycopg2://postgres@127.0.0.1:{pg_port}/postgres",
+                "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"], tmp / "mlflow.log", env)
 
-        # the Ray head: 1 CPU, so a 2-worker trial needs the second node too
-        procs["head"], ports = ray_start("--head", num_cpus=1, temp_dir=tmp / "ray", env=env,
-                                         log=tmp / "head.log")
-        dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
-        _wait("MLflow server", lambda: urllib.request.urlopen(
-            f"{tracking_uri}/health", timeout=5).status == 200, procs["mlflow"],
-            tmp / "mlflow.log", timeout=180)
-        _wait("ray head", lambda: isinstance(jobs.list_jobs(dashboard), list), procs["head"],
-              tmp / "head.log")
-        env |= {"MLFLOW_TRACKING_URI": tracking_uri}
-        c = Cluster(tmp, env, tracking_uri, client, f"127.0.0.1:{ports['port']}", dashboard,
-                    procs)
-        c.add_node("node2")
-        yield c
-    finally:
-        for name in list(procs)[::-1]:
-            stop_tree(procs[name])
-        if (pgdata / "PG_VERSION").exists():
-            subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(pgdata), "-m", "immediate",
-                                         "stop"]), capture_output=True)
-        s3.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+            # the Ray head: 1 CPU, so a 2-worker trial needs the second node too
+            procs["head"], ports = ray_start("--head", num_cpus=1, temp_dir=tmp / "ray", env=env,
+                                             log=tmp / "head.log")
+            dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+            _wait("MLflow server", lambda: urllib.request.urlopen(
+                f"{tracking_uri}/health", timeout=5).status == 200, procs["mlflow"],
+                tmp / "mlflow.log", timeout=180)
+            _wait("ray head", lambda: isinstance(jobs.list_jobs(dashboard), list), procs["head"],
+                  tmp / "head.log")
+            env |= {"MLFLOW_TRACKING_URI": tracking_uri}
+            c = Cluster(tmp, env, tracking_uri, client, f"127.0.0.1:{ports['port']}", dashboard,
+                        procs)
+            c.add_node("node2")
+            yield c
+        finally:
+            for name in list(procs)[::-1]:
+                stop_tree(procs[name])
+            if (pgdata / "PG_VERSION").exists():
+                subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(pgdata), "-m",
+                                             "immediate", "stop"]), capture_output=True)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_search_spans_two_nodes_survives_losing_one_and_is_served(cluster, tmp_path):

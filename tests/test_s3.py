@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError, ReadTimeoutError
 
 from oodlab.cluster import storage
 from oodlab.spec import SpecError, validate_spec
-from tests.helpers import tiny_spec
+from tests.helpers import moto_s3, point_aws_at, tiny_spec
 
 BUCKET = "oodlab-test"
 
@@ -23,23 +23,11 @@ BUCKET = "oodlab-test"
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on a free loopback port, with the AWS variables pointing at it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL",
-                    "AWS_SESSION_TOKEN"):
-            mp.delenv(var, raising=False)
-        for k, v in env.items():
-            mp.setenv(k, v)
+    with moto_s3() as endpoint, pytest.MonkeyPatch.context() as mp:
+        point_aws_at(mp, endpoint)
         client = storage.client()
         client.create_bucket(Bucket=BUCKET)
         yield client
-    server.stop()
 
 
 def keys(client, prefix: str) -> list[str]:

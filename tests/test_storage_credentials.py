@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from oodlab.cluster import storage
+from tests.helpers import moto_s3, point_aws_at
 
 BUCKET = "creds-test"
 
@@ -46,27 +47,19 @@ def sts_session(monkeypatch):
     import boto3
     import botocore.session
     from botocore.credentials import CredentialProvider
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    provider = ShortLivedProvider()
-    adapter = type("Adapter", (CredentialProvider,), {
-        "METHOD": provider.METHOD, "CANONICAL_NAME": provider.CANONICAL_NAME,
-        "load": lambda self: provider.load()})()
-    core = botocore.session.Session()
-    core.get_component("credential_provider").insert_before("env", adapter)
-    sts = boto3.session.Session(botocore_session=core)
-    monkeypatch.setattr(storage, "session", lambda profile=None: sts)
-    storage.client().create_bucket(Bucket=BUCKET)
-    yield provider
-    server.stop()
+    with moto_s3() as endpoint:
+        point_aws_at(monkeypatch, endpoint, keys=False)  # keys come from the provider only
+        provider = ShortLivedProvider()
+        adapter = type("Adapter", (CredentialProvider,), {
+            "METHOD": provider.METHOD, "CANONICAL_NAME": provider.CANONICAL_NAME,
+            "load": lambda self: provider.load()})()
+        core = botocore.session.Session()
+        core.get_component("credential_provider").insert_before("env", adapter)
+        sts = boto3.session.Session(botocore_session=core)
+        monkeypatch.setattr(storage, "session", lambda profile=None: sts)
+        storage.client().create_bucket(Bucket=BUCKET)
+        yield provider
 
 
 def test_ray_storage_filesystem_follows_refreshed_credentials(sts_session):

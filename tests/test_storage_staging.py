@@ -10,6 +10,7 @@ import multiprocessing as mp
 import pytest
 
 from oodlab.cluster import storage
+from tests.helpers import moto_s3, point_aws_at
 
 BUCKET = "stage-test"
 FILES = {f"data/set/part-{i}.bin": bytes([i]) * (2000 + i) for i in range(6)}
@@ -17,24 +18,14 @@ FILES = {f"data/set/part-{i}.bin": bytes([i]) * (2000 + i) for i in range(6)}
 
 @pytest.fixture()
 def s3(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setattr(storage, "_SESSIONS", {})
-    client = storage.client()
-    client.create_bucket(Bucket=BUCKET)
-    for key, body in FILES.items():
-        client.put_object(Bucket=BUCKET, Key=key, Body=body)
-    yield client
-    server.stop()
+    with moto_s3() as endpoint:
+        point_aws_at(monkeypatch, endpoint)
+        monkeypatch.setattr(storage, "_SESSIONS", {})
+        client = storage.client()
+        client.create_bucket(Bucket=BUCKET)
+        for key, body in FILES.items():
+            client.put_object(Bucket=BUCKET, Key=key, Body=body)
+        yield client
 
 
 def _worker(cache: str, out) -> None:
