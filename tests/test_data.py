@@ -413,3 +413,27 @@ def test_corrupt_external_files_are_a_data_error(tmp_path: Path) -> None:
         (folder / name).write_bytes(b"junk")
     with pytest.raises(DataError, match="cifar-10-batches-py"):
         get_dataset("cifar10", root=tmp_path)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_loader_processes_give_the_same_batches(world_size: int) -> None:
+    """resources.loader_workers moves decoding to other processes, never the data: the same
+    (seed, epoch, rank) gives the same batches with and without them."""
+    from oodlab.data.bundle import set_epoch, train_loader
+
+    rng = np.random.default_rng(0)
+    ds = ImageDataset("toy", rng.integers(0, 256, (96, 8, 8, 1), dtype=np.uint8),
+                      np.arange(96) % 4, ["a", "b", "c", "d"])
+
+    def batches(workers: int, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loader, sampler = train_loader(ds, 16, seed=3, rank=world_size - 1,
+                                       world_size=world_size, workers=workers)
+        set_epoch(sampler, 3, epoch)
+        return list(loader)
+
+    for epoch in (0, 1):
+        plain, forked = batches(0, epoch), batches(1, epoch)
+        assert len(plain) == len(forked) == 96 // world_size // 16
+        for (x0, y0), (x1, y1) in zip(plain, forked, strict=True):
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    assert not torch.equal(batches(0, 0)[0][0], batches(0, 1)[0][0])  # epochs differ

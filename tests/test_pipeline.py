@@ -33,8 +33,8 @@ def _artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[st
 
 
 def test_two_worker_ddp_run_is_tracked(ray_session, tmp_path):
-    spec = validate_spec(tiny_spec(
-        tmp_path, resources={"num_workers": 2},
+    spec = validate_spec(tiny_spec(  # decoding in a loader process per worker (OE too)
+        tmp_path, resources={"num_workers": 2, "loader_workers": 1},
         tracking={"experiment": "tests", "model_name": "tiny-detector"}))
     result = run_experiment(spec)
 

@@ -124,18 +124,23 @@ def load_bundle(spec: ExperimentSpec, *, include_test: bool = True) -> DataBundl
 
 
 def train_loader(ds: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True) -> tuple[DataLoader, DistributedSampler | RandomSampler]:
+                 drop_last: bool = True, workers: int = 0
+                 ) -> tuple[DataLoader, DistributedSampler | RandomSampler]:
     """A shuffling loader whose order depends only on (seed, epoch, rank).
 
     Returns the sampler too: call ``sampler.set_epoch(epoch)`` (distributed) or reseed the
     generator via :func:`set_epoch` before each epoch, so a resumed run sees the same order.
+    ``workers`` > 0 reads and decodes in that many persistent processes; the sampler (the
+    order) stays in this process, and no dataset draws random numbers, so the batches are the
+    same with or without them.
     """
     if world_size > 1:
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True,
                                      seed=seed, drop_last=drop_last)
     else:
         sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
-    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                        num_workers=workers, persistent_workers=workers > 0)
     return loader, sampler
 
 

@@ -186,6 +186,11 @@ class ResourcesSpec(StrictModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = unlimited")
+    loader_workers: int = Field(
+        0, ge=0, description="DataLoader processes per Train worker that read and decode "
+                             "training images off the training process (0: in it; pays off "
+                             "for images decoded from files, not for in-memory arrays: "
+                             "bench/data_path.py); count them in cpus_per_worker")
 
 
 class TrackingSpec(StrictModel):

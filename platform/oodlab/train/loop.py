@@ -113,8 +113,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     method = build_method(spec)
     model = method.build(bundle.num_classes)
     state = TrainState(num_classes=bundle.num_classes, rank=rank, world_size=world, device=device)
+    workers = spec.resources.loader_workers
     id_loader, id_sampler = train_loader(bundle.id_train, spec.data.batch_size, spec.seed,
-                                         rank, world)
+                                         rank, world, workers=workers)
     steps_per_epoch = len(id_loader)
     if steps_per_epoch == 0:
         raise ValueError(f"data.batch_size={spec.data.batch_size} x {world} workers exceeds the "
@@ -124,7 +125,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if bundle.oe is None:
             raise ValueError(f"method {spec.method.name!r} needs OE data: set data.oe")
         oe_loader, oe_sampler = train_loader(bundle.oe, spec.data.oe_batch_size, spec.seed + 1,
-                                             rank, world)
+                                             rank, world, workers=workers)
 
     checkpoint = ray.train.get_checkpoint()
     payload = load_checkpoint_payload(checkpoint) if checkpoint is not None else None
