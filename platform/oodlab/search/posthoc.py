@@ -11,7 +11,8 @@ features, with Optuna over Ray tasks, on validation OOD only.
    trial, :func:`knob_effects` checks that every searched knob changes the score (a knob with
    no effect is an error). A score that needs the network (ODIN's input perturbation,
    ``needs_model``) cannot be read from the cache: its trials run the model over the
-   validation sets, and only those (it fits nothing on ID train).
+   validation sets, and only those (it fits nothing on ID train), on a GPU each when the
+   cluster has GPUs (as do the trials of a search without the cache).
 3. Test sets are scored once, at the end, for the default and the best setting of each
    score; the best detector over all scores is logged to the parent run (and registered when
    ``tracking.model_name`` is set) like a trained run's, so ``oodlab promote`` works on it.
@@ -173,12 +174,14 @@ def _trial(name: str, params: dict[str, Any], outputs: dict[str, Outputs] | None
     torch.set_num_threads(1)
     if network is not None:
         state, sets, bs = network
-        model = _model_from_state(state)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = _model_from_state(state).to(device)
         if build_score(name).needs_model:
             score = fitted(name, params, None)
-            return val_objective({k: score.score_loader(model, eval_loader(ds, bs), "cpu")
+            return val_objective({k: score.score_loader(model, eval_loader(ds, bs), device)
                                   for k, ds in sets.items() if is_val(k)})
-        outputs = {k: collect_outputs(model, eval_loader(ds, bs)) for k, ds in sets.items()}
+        outputs = {k: collect_outputs(model, eval_loader(ds, bs), device)
+                   for k, ds in sets.items()}
     assert outputs is not None
     score = fitted(name, params, outputs["id_train"])
     return val_objective({k: score.score(o.logits, o.features) for k, o in outputs.items()
@@ -254,7 +257,8 @@ def search_score(name: str, outputs: dict[str, Outputs] | None, n_trials: int, s
     import ray
 
     space = SPACES[name]
-    task = ray.remote(num_cpus=1)(_trial)
+    gpu = network is not None and ray.cluster_resources().get("GPU", 0) > 0  # trials run it
+    task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(_trial)
     out_ref = ray.put(outputs) if outputs is not None else None
     net_ref = ray.put(network) if network is not None else None
     study = optuna.create_study(direction="maximize",
