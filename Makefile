@@ -91,6 +91,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/search_efficiency.py
 	$(BIN)/python bench/lmd_cost.py
+	$(BIN)/python bench/data_path.py
+	$(BIN)/python bench/posthoc_cache.py
 	$(BIN)/python bench/summary.py
 
 # every method's specs over 3 seeds on the built-in benchmarks (about 1 h on 2 CPU cores; one
