@@ -128,8 +128,8 @@ def test_tune_posthoc_end_to_end(ray_session, tmp_path) -> None:
         k.removeprefix("oodlab.provenance.") for k in parent.data.tags
         if k.startswith("oodlab.provenance.")}
     trained = client.get_run(run.run_id).data.tags  # the search names the weights it read
-    assert trained["oodlab.provenance.checkpoint"] == \
-        parent.data.tags["oodlab.provenance.checkpoint"]
+    for key in ("checkpoint", "split.id_train", "split.id_test", "split.test_ood"):
+        assert trained[f"oodlab.provenance.{key}"] == parent.data.tags[f"oodlab.provenance.{key}"]
     assert {f"oodlab.provenance.split.{s}" for s in ("id_train", "id_val", "id_test",
                                                      "val_ood", "test_ood")} <= set(trained)
     children = client.search_runs([parent.info.experiment_id],

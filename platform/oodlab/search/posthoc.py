@@ -38,7 +38,7 @@ from oodlab.detect.detector import Detector
 from oodlab.detect.evaluate import group_means
 from oodlab.detect.metrics import ood_metrics, threshold_at_tpr
 from oodlab.detect.outputs import Outputs, collect_outputs, set_head
-from oodlab.detect.provenance import code_version, digest
+from oodlab.detect.provenance import code_version, digest, split_tags
 from oodlab.detect.scores import PostHocScore, build_score
 from oodlab.detect.stats import chunks_of
 from oodlab.errors import SpecError
@@ -364,6 +364,9 @@ def tune_posthoc(ref: str, *, overrides: list[str] | None = None, scores: list[s
                   "oodlab.provenance.spec": spec_hash(spec),
                   "oodlab.provenance.code": code_version(),
                   "oodlab.posthoc.source": ref, "oodlab.posthoc.cache": str(cache.path)}
+    provenance |= split_tags({"id_train": bundle.id_train, "id_val": bundle.id_val,
+                              "id_test": bundle.id_test},
+                             {"val_ood": bundle.val_ood, "test_ood": bundle.test_ood})
     client = tracking.client_for(spec)
     parent = tracking.start_run(spec, tags=provenance | {"oodlab.posthoc": "true"})
     exp_id = client.get_run(parent).info.experiment_id
