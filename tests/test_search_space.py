@@ -146,6 +146,30 @@ def test_selection_rejects_a_trial_that_breaks_a_constraint():
                        unconstrained)[1].trial_id == "t0"
 
 
+def test_the_study_learns_each_trials_constraint_violation():
+    """A finished trial's violations reach its Optuna trial (``Trial.set_constraint``), which
+    the TPE sampler reads; a missing metric counts as a large violation, never as kept."""
+    import optuna
+    from ray import tune
+
+    from oodlab.search.tune import ConstrainedOptunaSearch
+    from oodlab.spec.search_space import Constraint
+
+    c = Constraint(metric="val/id_acc", min=0.97)
+    searcher = ConstrainedOptunaSearch(
+        [c], space={"x": tune.uniform(0.0, 1.0)}, metric="val/auroc", mode="max",
+        sampler=optuna.samplers.TPESampler(seed=0))
+    for trial_id, result in (("a", {"val/auroc": 0.9, "val/id_acc": 0.95}),
+                             ("b", {"val/auroc": 0.8, "val/id_acc": 0.99}),
+                             ("c", {"val/auroc": 0.7})):
+        assert "x" in searcher.suggest(trial_id)
+        searcher.on_trial_complete(trial_id, result)
+    done = searcher._ot_study.trials
+    assert [t.constraints for t in done] == [
+        {"val/id_acc >= 0.97": pytest.approx(0.02)}, {"val/id_acc >= 0.97": 0.0},
+        {"val/id_acc >= 0.97": 1e6}]
+
+
 def test_rank_correlation_of_validation_and_test_over_finished_trials():
     """Spearman over trials with a test metric; a stopped trial (no test/*) is left out."""
     from oodlab.search.tune import TrialRecord, rank_correlation

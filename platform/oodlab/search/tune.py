@@ -269,10 +269,8 @@ def _new_tuner(spec: ExperimentSpec, space: SearchSpace, name: str, url: str, tr
     metrics = [o.metric for o in space.objectives]
     modes = [o.mode for o in space.objectives]
     s = space.searcher
-    if s.name == "tpe":  # with constraints, TPE models feasibility too (Optuna >= 3.0)
-        sampler = optuna.samplers.TPESampler(
-            seed=s.seed, n_startup_trials=s.n_startup_trials,
-            constraints_func=optuna_constraints if space.constraints else None)
+    if s.name == "tpe":  # TPE models feasibility from each trial's constraints (Optuna 5)
+        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
     else:
         sampler = optuna.samplers.RandomSampler(seed=s.seed)
     single = len(metrics) == 1
@@ -299,18 +297,10 @@ def _new_tuner(spec: ExperimentSpec, space: SearchSpace, name: str, url: str, tr
     )
 
 
-VIOLATIONS_ATTR = "oodlab_constraint_violations"
-
-
-def optuna_constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """Optuna's ``constraints_func``: one value per constraint, <= 0 when kept."""
-    return trial.user_attrs.get(VIOLATIONS_ATTR, [])
-
-
 class ConstrainedOptunaSearch(OptunaSearch):
     """Ray Tune's Optuna searcher that also tells the study how far each finished trial is
-    outside the search space's constraints (a user attribute read by
-    :func:`optuna_constraints`), so a constrained TPE learns where feasible trials lie."""
+    outside the search space's constraints (Optuna's ``Trial.set_constraint``, one value per
+    constraint, <= 0 when kept), so a constrained TPE learns where feasible trials lie."""
 
     def __init__(self, constraints: list[Constraint], *args: Any, **kwargs: Any) -> None:
         self._constraints = list(constraints)
@@ -320,8 +310,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
                           error: bool = False) -> None:
         ot_trial = getattr(self, "_ot_trials", {}).get(trial_id)
         if self._constraints and ot_trial is not None and result:
-            ot_trial.set_user_attr(VIOLATIONS_ATTR, [
-                min(c.violation(result.get(c.metric)), 1e6) for c in self._constraints])
+            for c in self._constraints:
+                ot_trial.set_constraint(c.describe(),
+                                        min(c.violation(result.get(c.metric)), 1e6))
         super().on_trial_complete(trial_id, result, error)
 
 

@@ -82,7 +82,7 @@ class Constraint(StrictModel):
     e.g. ``{metric: val/id_acc, min: 0.96}``: the best OOD detector that still classifies.
 
     Infeasible trials are never selected or promoted; TPE also learns them (Optuna's
-    ``constraints_func``: a value <= 0 is feasible)."""
+    ``Trial.set_constraint``: a value <= 0 is feasible)."""
 
     metric: str = Field(description="a per-epoch metric, e.g. val/id_acc")
     min: float | None = None
