@@ -86,3 +86,11 @@ def split_tags(splits: dict[str, Any], groups: dict[str, dict[str, Any]] | None 
             tags[f"{PREFIX}split.{group}"] = digest({n: dataset_hash(ds)
                                                      for n, ds in members.items()})
     return tags
+
+
+def bundle_split_tags(bundle: Any) -> dict[str, str]:
+    """:func:`split_tags` of a :class:`~oodlab.data.bundle.DataBundle`: its ID train, val and
+    test splits, and its validation and test OOD groups."""
+    return split_tags({"id_train": bundle.id_train, "id_val": bundle.id_val,
+                       "id_test": bundle.id_test},
+                      {"val_ood": bundle.val_ood, "test_ood": bundle.test_ood})

@@ -37,8 +37,8 @@ from oodlab.detect.cache import FeatureCache, cache_for, checkpoint_hash, data_h
 from oodlab.detect.detector import Detector
 from oodlab.detect.evaluate import group_means
 from oodlab.detect.metrics import ood_metrics, threshold_at_tpr
-from oodlab.detect.outputs import Outputs, collect_outputs, set_head
-from oodlab.detect.provenance import code_version, digest, split_tags
+from oodlab.detect.outputs import Outputs, collect_outputs, score_loader, set_head
+from oodlab.detect.provenance import bundle_split_tags, code_version, digest
 from oodlab.detect.scores import PostHocScore, build_score
 from oodlab.detect.stats import chunks_of
 from oodlab.errors import SpecError
@@ -293,13 +293,12 @@ SetScorer = Callable[[PostHocScore, str], Tensor]
 def set_scorer(outputs: dict[str, Outputs], model: torch.nn.Module, datasets: dict[str, Any],
                batch_size: int) -> SetScorer:
     """Scores of one set (by cache key): from the cached outputs, or through the model for a
-    score that needs the network."""
+    score that needs the network (:func:`oodlab.detect.outputs.score_loader`)."""
     from oodlab.data.bundle import eval_loader
 
     def scores_of(score: PostHocScore, key: str) -> Tensor:
-        if score.needs_model:
-            return score.score_loader(model, eval_loader(datasets[key], batch_size), "cpu")
-        return score.score(outputs[key].logits, outputs[key].features)
+        return score_loader(model, score, eval_loader(datasets[key], batch_size),
+                            outputs.get(key))
 
     return scores_of
 
@@ -364,9 +363,7 @@ def tune_posthoc(ref: str, *, overrides: list[str] | None = None, scores: list[s
                   "oodlab.provenance.spec": spec_hash(spec),
                   "oodlab.provenance.code": code_version(),
                   "oodlab.posthoc.source": ref, "oodlab.posthoc.cache": str(cache.path)}
-    provenance |= split_tags({"id_train": bundle.id_train, "id_val": bundle.id_val,
-                              "id_test": bundle.id_test},
-                             {"val_ood": bundle.val_ood, "test_ood": bundle.test_ood})
+    provenance |= bundle_split_tags(bundle)
     client = tracking.client_for(spec)
     parent = tracking.start_run(spec, tags=provenance | {"oodlab.posthoc": "true"})
     exp_id = client.get_run(parent).info.experiment_id

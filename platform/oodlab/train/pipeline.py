@@ -20,7 +20,7 @@ from oodlab.data.bundle import DataBundle, load_bundle
 from oodlab.detect import oe_select
 from oodlab.detect.cache import checkpoint_hash
 from oodlab.detect.evaluate import EvalReport, evaluate
-from oodlab.detect.provenance import PREFIX, spec_tags, split_tags
+from oodlab.detect.provenance import PREFIX, bundle_split_tags, spec_tags
 from oodlab.errors import ModelReferenceError
 from oodlab.methods import build_method
 from oodlab.spec import ExperimentSpec, OESelectSpec
@@ -61,9 +61,7 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
     init_ray(spec)
     tags = (tags or {}) | {ray_local.HARDWARE_TAG: ray_local.hardware()}
     tags |= spec_tags(spec.model_dump(mode="json"))  # provenance: spec, data, code
-    tags |= split_tags({"id_train": bundle.id_train, "id_val": bundle.id_val,
-                        "id_test": bundle.id_test},
-                       {"val_ood": bundle.val_ood, "test_ood": bundle.test_ood})
+    tags |= bundle_split_tags(bundle)
     if init_ref is not None:
         tags |= {"oodlab.init_from": init_ref}
     run_id = tracking.start_run(spec, spec_path, tags=tags, parent_run_id=parent_run_id)
