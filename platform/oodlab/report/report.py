@@ -213,9 +213,8 @@ def published_rows(rows: list[Row]) -> list[list[str]]:
         for pub in counterparts(row.method, row.score, row.benchmark):
             values = [r.metrics[k] for r in row.runs
                       if (k := f"test/{row.score}/{pub.ood_set}/{pub.metric}") in r.metrics]
-            mean, std = seed_stats(values)
-            ours = f"{mean:.3f} ± {std:.3f} (n={len(values)})" if values else "–"
-            diff = f"{mean - pub.value:+.3f}" if values else "–"
+            ours, mean = cell(values)
+            diff = "–" if mean is None else f"{mean - pub.value:+.3f}"
             out.append([row.label, pub.ood_set, pub.metric, ours, f"{pub.value:.3f}", diff,
                         pub.source + (f" ({pub.note})" if pub.note else "")])
     return out
