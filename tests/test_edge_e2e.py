@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from oodlab.cli.main import main
+from oodlab.errors import ModelReferenceError
 from oodlab.spec import validate_spec
 from oodlab.train.pipeline import run_experiment
 from tests.helpers import DATA_CACHE
@@ -34,10 +35,17 @@ def mosaic_spec(workdir, **method) -> dict:
 
 
 def test_edge_run_with_oe_selection_and_head_tail(ray_session, tmp_path):
-    spec = validate_spec(mosaic_spec(tmp_path))
-    result = run_experiment(spec)
+    # the selection's default backbone is this seed's trained bce run on the same training set
+    raw = mosaic_spec(tmp_path)
+    with pytest.raises(ModelReferenceError, match="no finished bce run with seed 0"):
+        run_experiment(validate_spec(raw))
+    bce = mosaic_spec(tmp_path) | {"name": "edge-tiny-bce", "method": {"name": "bce"}}
+    bce["data"] = bce["data"] | {"oe": [], "oe_select": None}
+    bce_run = run_experiment(validate_spec(bce)).run_id
+    result = run_experiment(validate_spec(raw))
     client = MlflowClient(result.tracking_uri)
     run = client.get_run(result.run_id)
+    assert run.data.tags["oodlab.oe_select.backbone"] == f"runs:/{bce_run}"
     m = run.data.metrics
     assert 0.0 <= m["test/id_map"] <= 1.0
     for key in ("headtail/joint_energy/all/mean/auroc", "headtail/joint_energy/head/mean/fpr95",
@@ -61,10 +69,12 @@ def test_oe_select_command_writes_the_choice(tmp_path, capsys):
     path = tmp_path / "spec.yaml"
     raw = mosaic_spec(tmp_path)
     raw["data"]["oe_select"]["threshold"] = 1.0  # keep every candidate
+    raw["data"]["oe_select"]["backbone"] = "random"  # EDGE's code: the seeded initial network
     path.write_text(yaml.safe_dump(raw))
     assert main(["oe-select", str(path)]) == 0
     out = json.loads((tmp_path / "oe_select" / "edge-tiny.json").read_text())
     assert sorted(out["selected"]) == ["mosaic_oe_noise", "mosaic_oe_textures"]
     assert [r["normalised"] for r in out["ranking"]] == sorted(r["normalised"]
                                                                for r in out["ranking"])
+    assert out["backbone"] == "random"
     assert "distance" in capsys.readouterr().out

@@ -169,6 +169,32 @@ def test_ood_mosaics_hold_no_id_digit():
         get_dataset("mnist_mosaic", holdout_classes=[3], cache_dir=DATA_CACHE)
 
 
+def test_fashion_validation_mosaics_hold_only_shifted_val_garments(fashion_root):
+    from dataclasses import replace
+
+    from oodlab.data.fashion import VAL_OOD, val_ood_images
+
+    ds = get_dataset("mosaic_val_fashion", root=fashion_root, image_size=56)
+    assert len(ds) == 500 and (ds.labels == -1).all()
+    req, _ = _freq("mosaic_val_fashion", fashion_root, split="test")
+    kinds = {name: {t.tobytes() for t in val_ood_images(replace(req, name=name))[0]}
+             for name in VAL_OOD}
+    garments, _, _ = fashion_pool(req)
+    plain = {g.tobytes() for g in garments}
+    seen = set()
+    for m in ds.images[:, :, :, 0]:
+        for r in range(2):
+            for q in range(2):
+                tile = m[r * 28:(r + 1) * 28, q * 28:(q + 1) * 28].tobytes()
+                if not any(tile):
+                    continue
+                found = [name for name, tiles in kinds.items() if tile in tiles]
+                assert found, "a tile that is not a shifted validation garment"
+                assert tile not in plain or found == ["fashion_val_mix"], "an unshifted garment"
+                seen.update(found)
+    assert seen == set(VAL_OOD)  # all four shifts appear
+
+
 def _jpeg(path, color) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (20, 12), color).save(path)

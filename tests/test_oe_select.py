@@ -55,3 +55,53 @@ def test_rank_direction_and_threshold():
     largest = rank(d, "largest", threshold=0.0)
     assert [r.name for r in largest if r.selected] == ["c"]
     assert [r.name for r in rank(d, "smallest", 1.0) if r.selected] == ["a", "b", "c"]
+
+
+def _mosaic_spec(tmp_path, **oe_select):
+    from oodlab.spec import validate_spec
+
+    return validate_spec({
+        "name": "edge-sel", "seed": 3, "workdir": str(tmp_path),
+        "data": {"id": "mnist_mosaic", "oe": ["mosaic_oe_textures", "mosaic_oe_noise"],
+                 "test_ood": ["mosaic_holdout"], "oe_select": oe_select},
+        "model": {"arch": "small_cnn", "width": 8}, "method": {"name": "edge"},
+        "tracking": {"experiment": "sel"}})
+
+
+def test_default_backbone_is_this_seeds_bce_run_on_the_same_training_set(tmp_path, monkeypatch):
+    from mlflow.entities import RunStatus
+
+    from oodlab.errors import ModelReferenceError
+    from oodlab.track import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = _mosaic_spec(tmp_path)
+    assert spec.data.oe_select.backbone == "method:bce"  # trained, not random, by default
+    with pytest.raises(ModelReferenceError, match=r"no finished bce run with seed 3.*'random'"):
+        tracking.resolve_oe_backbone(spec, "hash-a")
+
+    client = tracking.client_for(spec)
+    exp = tracking.ensure_experiment(client, spec)
+
+    clock = iter(range(1_000, 2_000))  # distinct start times: "newest" is well defined
+
+    def run(method, seed, split, status="FINISHED"):
+        tags = {"oodlab.method": method, "oodlab.seed": str(seed),
+                "oodlab.provenance.split.id_train": split}
+        r = client.create_run(exp, start_time=next(clock), tags=tags)
+        client.set_terminated(r.info.run_id, status=RunStatus.to_string(
+            getattr(RunStatus, status)))
+        return r.info.run_id
+
+    wanted = run("bce", 3, "hash-a")
+    run("bce", 4, "hash-a")              # another seed
+    run("bce", 3, "hash-b")              # another training set (e.g. another imbalance ratio)
+    run("bce_oe", 3, "hash-a")           # another method
+    run("bce", 3, "hash-a", "FAILED")    # newer, but failed
+    assert tracking.resolve_oe_backbone(spec, "hash-a") == f"runs:/{wanted}"
+    newer = run("bce", 3, "hash-a")
+    assert tracking.resolve_oe_backbone(spec, "hash-a") == f"runs:/{newer}"
+    # explicit choices pass through; spec:<name> is found by run name
+    assert tracking.resolve_oe_backbone(_mosaic_spec(tmp_path, backbone="random"), "x") == "random"
+    with pytest.raises(ModelReferenceError, match="no finished run of spec 'edge_bce'"):
+        tracking.resolve_oe_backbone(_mosaic_spec(tmp_path, backbone="spec:edge_bce"), "x")

@@ -152,3 +152,34 @@ def test_resume_skips_finished_seeds(tmp_path, monkeypatch):
     ran.clear()
     results.run_seeds([str(path)], [0, 1], "t", resume=False)
     assert ran == [0, 1]
+
+
+def test_per_class_flagged_table_and_figure(tmp_path):
+    """Per-class flagged-OOD rates are averaged per class index over seeds, in index order,
+    and drawn; a table whose runs log none gets no such section."""
+    from oodlab.report.results import write_report
+    from oodlab.spec import validate_spec
+    from oodlab.track import tracking
+
+    spec = validate_spec(tiny_spec(tmp_path, name="ml"))
+    client = tracking.client_for(spec)
+    exp = tracking.ensure_experiment(client, spec)
+    key = "headtail/energy/class/{}/flagged_ood"
+    # class 0 (head): 0.02, 0.04 -> 0.030 ± 0.014; class 2 (tail): 0.10, 0.20 -> 0.150 ± 0.071
+    for seed, (c0, c1, c2) in enumerate(((0.02, 0.05, 0.10), (0.04, 0.07, 0.20))):
+        _log_seed_run(client, exp, "ml", seed, {key.format(0): c0, key.format(1): c1,
+                                                key.format(2): c2,
+                                                "test/energy/mean/auroc": 0.9})
+    out = tmp_path / "ml.md"
+    write_report([spec], "t", out, "oodlab results x")
+    text = out.read_text()
+    assert "| spec | class 0 | class 1 | class 2 |" in text
+    assert ("| ml | 0.030 ± 0.014 (n=2) | 0.060 ± 0.014 (n=2) | 0.150 ± 0.071 (n=2) |"
+            in text)
+    figure = tmp_path / "ml_flagged_energy.png"
+    assert figure.stat().st_size > 1000 and f"]({figure.name})" in text
+    # the plain table of test_per_set_table... has no per-class rates: no section, no figure
+    plain = _store_with_runs(tmp_path / "plain")
+    write_report([plain], "t", tmp_path / "plain.md", "oodlab results x")
+    assert "flagged OOD per class" not in (tmp_path / "plain.md").read_text()
+    assert not (tmp_path / "plain_flagged_energy.png").exists()

@@ -60,7 +60,8 @@ def test_space_is_checked_against_the_spec(tmp_path):
 def test_every_shipped_space_fits_its_job():
     pairs = {"energy_oe": "quickstart", "quickstart": "quickstart", "edge": "edge_oe_select",
              "energy_oe_ml": "edge_energy_oe_ml", "um": "um", "umap": "umap", "lmd": "lmd",
-             "ccl": "ccl"}
+             "ccl": "ccl", "ccl_views": "fmnist_simclr",
+             "edge_fmnist": "edge_fmnist"}
     files = sorted(p.stem for p in (ROOT / "search_spaces").glob("*.yaml"))
     assert files == sorted(pairs)
     for space, job in pairs.items():

@@ -153,3 +153,47 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_session, tm
     assert all(r.info.status == "FINISHED" for r in runs)
     study = optuna.load_study(study_name="s2", storage=out.study_storage)
     assert len([t for t in study.trials if t.state.is_finished()]) == 3
+
+
+def test_a_trial_selects_its_oe_sets_with_its_own_threshold(tmp_path, monkeypatch):
+    """A sampled data.oe_select.threshold / top_k must act: the trial ranks the OE candidates
+    with them and trains on its choice (it once trained on every candidate, whatever τ said)."""
+    from types import SimpleNamespace
+
+    from oodlab.detect.oe_select import rank
+    from oodlab.search import tune as search_tune
+    from oodlab.train import pipeline
+
+    raw = tiny_spec(tmp_path, tracking={"experiment": "tune-oe-select"})
+    raw["data"] |= {"oe": ["oe_textures", "oe_noise"], "oe_select": {"backbone": "random"}}
+    thresholds = []
+
+    def fake_select(spec, bundle=None):  # a fixed ranking; the trial's threshold decides
+        thresholds.append(spec.data.oe_select.threshold)
+        return rank({"oe_textures": 1.0, "oe_noise": 2.0}, "smallest",
+                    spec.data.oe_select.threshold), "random"
+
+    trained_on = []
+
+    def fake_fit(spec, **kwargs):
+        trained_on.append((spec.data.oe, spec.data.oe_select))
+        raise RuntimeError("stop after the choice")
+
+    monkeypatch.setattr(pipeline, "select_oe", fake_select)
+    monkeypatch.setattr(search_tune, "fit", fake_fit)
+    monkeypatch.setattr(search_tune, "TuneReportCallback", lambda: None)
+    spec = validate_spec(raw)
+    client = tracking.client_for(spec)
+    parent = tracking.start_run(spec, tags={ROLE_TAG: "search"})
+    for trial, tau in (("t0", 0.0), ("t1", 1.0)):
+        monkeypatch.setattr(search_tune.tune, "get_context",
+                            lambda trial=trial: SimpleNamespace(get_trial_id=lambda: trial))
+        with pytest.raises(RuntimeError, match="stop after the choice"):
+            search_tune._trial_driver({"data.oe_select.threshold": tau}, base=raw,
+                                      search="s", parent_run_id=parent)
+    assert thresholds == [0.0, 1.0]
+    assert trained_on == [(["oe_textures"], None), (["oe_textures", "oe_noise"], None)]
+    runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                              filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
+    assert sorted(r.data.params["data.oe_selected"] for r in runs) == [
+        "oe_textures", "oe_textures,oe_noise"]

@@ -66,18 +66,20 @@ def _cmd_oe_select(args: argparse.Namespace) -> int:
     from oodlab.track import tracking
     from oodlab.train.pipeline import log_oe_selection, select_oe
 
-    rows = select_oe(spec)
+    rows, backbone = select_oe(spec)
+    print(f"backbone: {backbone}")
     print(f"{'candidate':<22}{'distance':>10}{'normalised':>12}  selected")
     for r in rows:
         mark = "yes" if r.selected else ""
         print(f"{r.name:<22}{r.distance:>10.4f}{r.normalised:>12.3f}  {mark}")
     run_id = tracking.start_run(spec, args.spec, tags={"oodlab.kind": "oe-select"})
-    log_oe_selection(spec, run_id, rows)
+    log_oe_selection(spec, run_id, rows, backbone)
     tracking.end_run(spec, run_id, ok=True)
     out = spec.workdir_path / "oe_select" / f"{spec.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"spec": spec.name, "selected": [r.name for r in rows if r.selected],
-               "ranking": [vars(r) for r in rows], "mlflow_run": run_id}
+               "ranking": [vars(r) for r in rows], "backbone": backbone,
+               "mlflow_run": run_id}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(out)

@@ -218,7 +218,13 @@ def _id_mosaic_loader(source: MosaicSource, build: Callable = id_mosaics
 load_id_mosaic = _id_mosaic_loader(MNIST_MOSAIC)
 
 
+FASHION_VAL_SHIFT = "fashion_val_shift"  # tiles: the four fashion_val_* near-shift sets
+
+
 def _tile_pool(source: str, req: LoadRequest) -> np.ndarray:
+    if source == FASHION_VAL_SHIFT:  # shifted garments of the fashion_mnist val split
+        return np.concatenate([fashion.val_ood_images(replace(req, name=name))[0]
+                               for name in fashion.VAL_OOD])
     if source == "holdout":
         images, labels, splits = mnist_arrays(req)
         idx = splits["test"]
@@ -370,6 +376,9 @@ _OOD_MOSAICS = (
     ("mosaic_photos", "ood_test", 500, "photos", "2x2 mosaics of `photos` tiles"),
     ("mosaic_val_letters", "ood_val", 500, "val_letters", "2x2 mosaics of `val_letters` tiles"),
     ("mosaic_val_noise", "ood_val", 500, "val_noise", "2x2 mosaics of `val_noise` tiles"),
+    ("mosaic_val_fashion", "ood_val", 500, FASHION_VAL_SHIFT, "2x2 mosaics of shifted "
+     "fashion_mnist val garments (the fashion_val_* tiles: blurred, upside down, "
+     "patch-shuffled, chimeras); near-shift validation for fashion mosaics"),
     ("mosaic_oe_textures", "oe", 2000, "oe_textures", "2x2 mosaics of `oe_textures` tiles"),
     ("mosaic_oe_symbols", "oe", 2000, "oe_symbols", "2x2 mosaics of `oe_symbols` tiles"),
     ("mosaic_oe_noise", "oe", 2000, "oe_noise", "2x2 mosaics of `oe_noise` tiles"),

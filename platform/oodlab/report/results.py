@@ -37,6 +37,7 @@ TAIL_COLUMNS = {
     "tail-only FPR@95 ↓": "headtail/{score}/tail_only/mean/fpr95",
     "tail-only flagged OOD ↓": "headtail/{score}/tail_only/flagged_ood",
     "head AUROC ↑": "headtail/{score}/head/mean/auroc",
+    "tail − head flagged ↓": "headtail/{score}/tail_minus_head/flagged_ood",
 }
 
 
@@ -206,6 +207,7 @@ PAIRED_COLUMNS = {
     "test/{score}/far/auroc": ("Δ far AUROC", True),
     "test/id_acc": ("Δ ID acc", True),
     "test/id_map": ("Δ ID mAP", True),
+    "headtail/{score}/tail_minus_head/flagged_ood": ("Δ tail − head flagged", False),
 }
 
 
@@ -268,6 +270,51 @@ def paired_table(specs: Sequence[ExperimentSpec], table: str, baseline: str,
     return "\n".join(lines)
 
 
+FLAGGED_KEY = "headtail/{score}/class/{c}/flagged_ood"
+
+
+def class_flagged(specs: Sequence[ExperimentSpec], table: str, score: str
+                  ) -> dict[str, list[list[float]]]:
+    """spec name -> per class index, the per-seed rates of ID test images of that class
+    flagged OOD at the served threshold (multi-label runs log them; others give nothing)."""
+    out: dict[str, list[list[float]]] = {}
+    for spec in specs:
+        runs = collect(spec, table).get(spec.name, [])
+        classes = sorted({int(k.split("/")[3]) for m in runs for k in m
+                          if k.startswith(f"headtail/{score}/class/")})
+        if classes:
+            out[spec.name] = [[m[k] for m in runs if (k := FLAGGED_KEY.format(score=score, c=c))
+                               in m] for c in range(max(classes) + 1)]
+    return out
+
+
+def flagged_section(specs: Sequence[ExperimentSpec], table: str, score: str,
+                    figure: Path) -> str:
+    """Markdown table and figure of the per-class flagged-OOD rate (mean ± std over seeds),
+    classes in index order (for the long-tailed mosaics, the training-frequency rank); empty
+    when no run logged per-class rates."""
+    rates = class_flagged(specs, table, score)
+    if not rates:
+        return ""
+    from oodlab.track import plots
+
+    n = max(len(r) for r in rates.values())
+    lines = ["| spec | " + " | ".join(f"class {c}" for c in range(n)) + " |",
+             "|" + "---|" * (n + 1)]
+    lines += [f"| {name} | " + " | ".join(mean_std(v) for v in per) + " |"
+              for name, per in rates.items()]
+    fig = plots.class_flagged_figure(rates, title=f"{table}: ID test images flagged OOD "
+                                     f"at the served threshold ({score})")
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110, bbox_inches="tight")
+    plots.close(fig)
+    return (f"\n### ID images flagged OOD per class ({score})\n\nRate of each class's ID test "
+            "images whose score falls below the served threshold (95 % of validation ID "
+            "accepted), mean ± std over seeds; class index = training-frequency rank for the "
+            f"long-tailed mosaics (0 = most frequent). Figure: [{figure.name}]({figure.name}).\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def write_report(specs: Sequence[ExperimentSpec], table: str, out: str | Path,
                  command: str, scores: Sequence[str] = (),
                  per_set: Sequence[str] = (), baseline: str | None = None) -> Path:
@@ -288,6 +335,9 @@ def write_report(specs: Sequence[ExperimentSpec], table: str, out: str | Path,
     for metric in per_set:
         body += (f"\n### {PER_SET_METRICS[metric]} per test OOD set\n\n"
                  + per_set_table(specs, table, metric, scores) + "\n")
+    for score in scores or specs[0].eval.scores[:1]:
+        body += flagged_section(specs, table, score,
+                                out.with_name(f"{out.stem}_flagged_{score}.png"))
     body += ("\n### Provenance\n\nEvery run behind the table: hashes of the served weights, "
              "of each split's content and of the spec, and the code version "
              "(`oodlab.provenance.*` tags).\n\n" + provenance_table(specs, table) + "\n")

@@ -40,7 +40,7 @@ from oodlab.spec.search_space import (
 )
 from oodlab.track import plots, tracking
 from oodlab.train.loop import TrainOutcome, fit, model_from_checkpoint, storage_path
-from oodlab.train.pipeline import finish_run
+from oodlab.train.pipeline import apply_oe_selection, finish_run
 
 SEARCH_TAG = "oodlab.search"
 ROLE_TAG = "oodlab.role"
@@ -115,8 +115,10 @@ def _trial_driver(config: dict[str, Any], *, base: dict[str, Any], search: str,
     run_id = _child_run(spec, search, trial_id, parent_run_id)
     outcome, failed = None, False
     try:
-        outcome = fit(spec, run_name=f"{search}-{trial_id}",
-                      num_classes=load_bundle(spec, include_test=False).num_classes,
+        bundle = load_bundle(spec, include_test=False)
+        if spec.data.oe_select is not None:  # the trial's own threshold/top-k pick its OE sets
+            spec = apply_oe_selection(spec, bundle, run_id)
+        outcome = fit(spec, run_name=f"{search}-{trial_id}", num_classes=bundle.num_classes,
                       callbacks=[tracking.epoch_callback(spec, run_id), TuneReportCallback()],
                       run_id=run_id)
     except ray.train.TrainingFailedError as err:  # failed, not stopped: say so, Tune errors it

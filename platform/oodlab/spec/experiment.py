@@ -28,8 +28,11 @@ class OESelectSpec(StrictModel):
     direction: Literal["smallest", "largest"] = "smallest"
     batch_size: int = Field(128, ge=2)
     max_batches: int = Field(10, ge=1)
-    backbone: str = Field("random", description="'random' (seeded init), a detector file, "
-                          "runs:/<run_id> or models:/<name>@<alias>")
+    backbone: str = Field("method:bce", description="feature extractor: 'method:<m>' (the "
+                          "newest finished run of method <m> with this seed on this ID training "
+                          "set, in this experiment), 'spec:<name>', 'random' (seeded init, as "
+                          "EDGE's code), a detector file, runs:/<run_id> or "
+                          "models:/<name>@<alias>")
 
 
 SANITY_SETS = ("gaussian", "rademacher")  # noise: a sanity check, never in a headline mean

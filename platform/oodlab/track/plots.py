@@ -141,5 +141,22 @@ def comparison_figure(labels: list[str], panels: dict[str, tuple[list, list, str
     return fig
 
 
+def class_flagged_figure(rates: dict[str, list[list[float]]], title: str = ""):
+    """Per class index, the mean (± std over seeds) rate of ID images flagged OOD; one line
+    per spec."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for name, per_class in rates.items():
+        x = [c for c, v in enumerate(per_class) if v]
+        mean = [float(np.mean(per_class[c])) for c in x]
+        std = [float(np.std(per_class[c], ddof=1)) if len(per_class[c]) > 1 else 0.0 for c in x]
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=name)
+    ax.set_xlabel("class index (long-tailed mosaics: training-frequency rank, 0 = head)")
+    ax.set_ylabel("ID images flagged OOD")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

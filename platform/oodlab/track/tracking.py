@@ -24,6 +24,7 @@ from ray.train import UserCallback
 
 from oodlab.cluster.env import user_tracking_uri
 from oodlab.detect.detector import Detector
+from oodlab.detect.provenance import PREFIX as PROVENANCE_PREFIX
 from oodlab.errors import ModelReferenceError
 from oodlab.methods import load_detector_file
 from oodlab.spec import ExperimentSpec, flatten
@@ -211,6 +212,20 @@ def end_run(spec: ExperimentSpec, run_id: str, ok: bool) -> None:
     client_for(spec).set_terminated(run_id, status=status)
 
 
+def newest_finished_run(spec: ExperimentSpec, tags: dict[str, str]) -> str | None:
+    """``runs:/<id>`` of the newest FINISHED run in the spec's experiment whose tags equal
+    ``tags``, or None."""
+    client = client_for(spec)
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    if exp is None:
+        return None
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string=f"{where} and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return f"runs:/{runs[0].info.run_id}" if runs else None
+
+
 def resolve_init_from(spec: ExperimentSpec) -> str | None:
     """``spec.init_from`` as a ``runs:/`` or ``models:/`` reference.
 
@@ -221,18 +236,45 @@ def resolve_init_from(spec: ExperimentSpec) -> str | None:
     if ref is None or not ref.startswith("spec:"):
         return ref
     name = ref.removeprefix("spec:")
-    client = client_for(spec)
-    exp = client.get_experiment_by_name(spec.tracking.experiment)
-    runs = [] if exp is None else client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`mlflow.runName` = '{name}' and tags.`oodlab.seed` = "
-                      f"'{spec.seed}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
+    found = newest_finished_run(spec, {"mlflow.runName": name, "oodlab.seed": str(spec.seed)})
+    if found is None:
         raise ModelReferenceError(
             f"init_from {ref!r}: no finished run of spec {name!r} with seed {spec.seed} in "
             f"experiment {spec.tracking.experiment!r}; run that spec first")
-    return f"runs:/{runs[0].info.run_id}"
+    return found
+
+
+def resolve_oe_backbone(spec: ExperimentSpec, id_train_hash: str) -> str:
+    """``data.oe_select.backbone`` as ``random`` or a loadable reference.
+
+    ``method:<m>`` (the default, ``method:bce``) is the newest finished run of method ``<m>``
+    with this spec's seed trained on this very ID training set (its
+    ``oodlab.provenance.split.id_train`` tag equals ``id_train_hash``), in this spec's
+    experiment; ``spec:<name>`` the newest finished run of that spec with this seed.
+    """
+    ref = spec.data.oe_select.backbone if spec.data.oe_select else "random"
+    field = f"data.oe_select.backbone {ref!r}"
+    seed = str(spec.seed)
+    if ref.startswith("method:"):
+        method = ref.removeprefix("method:")
+        found = newest_finished_run(spec, {"oodlab.method": method, "oodlab.seed": seed,
+                                           PROVENANCE_PREFIX + "split.id_train": id_train_hash})
+        if found is None:
+            raise ModelReferenceError(
+                f"{field}: no finished {method} run with seed {seed} on this ID training set "
+                f"(split.id_train {id_train_hash[:12]}) in experiment "
+                f"{spec.tracking.experiment!r}; run the {method} baseline with the same data and "
+                "seed first, or name a run (runs:/<id>), a detector file, or 'random'")
+        return found
+    if ref.startswith("spec:"):
+        name = ref.removeprefix("spec:")
+        found = newest_finished_run(spec, {"mlflow.runName": name, "oodlab.seed": seed})
+        if found is None:
+            raise ModelReferenceError(
+                f"{field}: no finished run of spec {name!r} with seed {seed} in experiment "
+                f"{spec.tracking.experiment!r}; run that spec first")
+        return found
+    return ref
 
 
 def load_detector(ref: str, tracking: str | None = None) -> Detector:

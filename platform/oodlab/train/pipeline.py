@@ -20,7 +20,7 @@ from oodlab.data.bundle import DataBundle, load_bundle
 from oodlab.detect import oe_select
 from oodlab.detect.cache import checkpoint_hash
 from oodlab.detect.evaluate import EvalReport, evaluate
-from oodlab.detect.provenance import PREFIX, bundle_split_tags, spec_tags
+from oodlab.detect.provenance import PREFIX, bundle_split_tags, dataset_hash, spec_tags
 from oodlab.errors import ModelReferenceError
 from oodlab.methods import build_method
 from oodlab.spec import ExperimentSpec, OESelectSpec
@@ -58,6 +58,8 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
     bundle = load_bundle(spec)  # build/cache data and fail on a bad root before Ray starts
     init_ref = tracking.resolve_init_from(spec)
     init_state = initial_weights(spec, bundle.num_classes, init_ref)  # a bad ref fails here
+    if spec.data.oe_select is not None:  # a missing OE-selection backbone fails here too
+        tracking.resolve_oe_backbone(spec, dataset_hash(bundle.id_train))
     init_ray(spec)
     tags = (tags or {}) | {ray_local.HARDWARE_TAG: ray_local.hardware()}
     tags |= spec_tags(spec.model_dump(mode="json"))  # provenance: spec, data, code
@@ -125,37 +127,43 @@ def initial_weights(spec: ExperimentSpec, num_classes: int, ref: str | None = No
     return {k: v.cpu() for k, v in state.items()}
 
 
-def oe_select_backbone(spec: ExperimentSpec, num_classes: int) -> nn.Module:
-    """The feature extractor: a trained detector's model, or the spec's architecture
-    randomly initialised with the spec's seed (``backbone: random``)."""
-    ref = spec.data.oe_select.backbone if spec.data.oe_select else "random"
+def oe_select_backbone(spec: ExperimentSpec, bundle: DataBundle) -> tuple[nn.Module, str]:
+    """The feature extractor of the OE selection and the reference it came from: by default
+    the spec's own trained ``bce`` run on the same ID training set and seed
+    (:func:`tracking.resolve_oe_backbone`), a named run or file, or the spec's architecture
+    randomly initialised with its seed (``backbone: random``, the reference code's choice)."""
+    ref = tracking.resolve_oe_backbone(spec, dataset_hash(bundle.id_train))
     if ref == "random":
         torch.manual_seed(spec.seed)
-        return build_method(spec).build(num_classes)
-    return tracking.load_detector(ref).model
+        return build_method(spec).build(bundle.num_classes), ref
+    return tracking.load_detector(ref, tracking.tracking_uri(spec)).model, ref
 
 
-def select_oe(spec: ExperimentSpec, bundle=None) -> list[oe_select.Candidate]:
-    """Rank the spec's OE candidates with EDGE's measure (``oodlab oe-select``)."""
+def select_oe(spec: ExperimentSpec, bundle: DataBundle | None = None
+              ) -> tuple[list[oe_select.Candidate], str]:
+    """Rank the spec's OE candidates with EDGE's measure (``oodlab oe-select``); also return
+    the backbone reference used."""
     bundle = bundle or load_bundle(spec, include_test=False)
     cfg = spec.data.oe_select or OESelectSpec()
-    model = oe_select_backbone(spec, bundle.num_classes)
-    return oe_select.select(spec, cfg, bundle.id_train, bundle.oe_sets, model)
+    model, ref = oe_select_backbone(spec, bundle)
+    return oe_select.select(spec, cfg, bundle.id_train, bundle.oe_sets, model), ref
 
 
-def log_oe_selection(spec: ExperimentSpec, run_id: str, rows: list[oe_select.Candidate]) -> None:
+def log_oe_selection(spec: ExperimentSpec, run_id: str, rows: list[oe_select.Candidate],
+                     backbone: str) -> None:
     client = tracking.client_for(spec)
     client.log_table(run_id, {k: [r[k] for r in oe_select.as_table(rows)]
                               for k in ("name", "distance", "normalised", "selected")},
                      "oe_selection.json")
     chosen = [r.name for r in rows if r.selected]
     client.log_param(run_id, "data.oe_selected", ",".join(chosen))
+    client.set_tag(run_id, "oodlab.oe_select.backbone", backbone)
 
 
 def apply_oe_selection(spec: ExperimentSpec, bundle, run_id: str) -> ExperimentSpec:
     """Select the OE sets, log the ranking, and return the spec that trains on the choice."""
-    rows = select_oe(spec, bundle)
-    log_oe_selection(spec, run_id, rows)
+    rows, backbone = select_oe(spec, bundle)
+    log_oe_selection(spec, run_id, rows, backbone)
     chosen = [r.name for r in rows if r.selected]
     data = spec.data.model_copy(update={"oe": chosen, "oe_select": None})
     return spec.model_copy(update={"data": data})
