@@ -207,6 +207,7 @@ PAIRED_COLUMNS = {
     "test/{score}/far/auroc": ("Δ far AUROC", True),
     "test/id_acc": ("Δ ID acc", True),
     "test/id_map": ("Δ ID mAP", True),
+    "headtail/{score}/tail_only/mean/auroc": ("Δ tail-only AUROC", True),
     "headtail/{score}/tail_minus_head/flagged_ood": ("Δ tail − head flagged", False),
 }
 
