@@ -130,6 +130,10 @@ results: $(STAMP) results-fmnist posthoc
 	for d in smallest largest; do $(RESULTS) jobs/edge_oe_select.yaml \
 	    --name edge-oe-direction-$$d --set data.oe_select.direction=$$d \
 	    --set data.oe_select.threshold=0.0 --out docs/results/edge_oe_direction_$$d.md $(SEEDS); done
+	# OE-selection direction on the Fashion-MNIST mosaics: EDGE trained with each candidate alone
+	for c in symbols digits8x8 textures noise; do $(RESULTS) jobs/edge_fmnist.yaml \
+	    --name edge-oe-alone --set "data.oe=[mosaic_oe_$$c]" --set name=edge_alone_$$c \
+	    --out docs/results/edge_oe_alone_$$c.md $(FMNIST_SEEDS); done
 	for r in 50 100; do $(RESULTS) jobs/edge_fmnist_bce.yaml jobs/edge_fmnist_bce_oe.yaml \
 	    jobs/edge_fmnist_energy_oe_ml.yaml jobs/edge_fmnist.yaml --name edge-fmnist-rho$$r \
 	    --set data.imbalance_ratio=$$r --baseline edge_fmnist_bce_oe \
