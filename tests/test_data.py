@@ -265,8 +265,8 @@ def test_list_datasets_roles() -> None:
     assert {"fashion_mnist", "fashion_mosaic", "fashion_mosaic_balanced"} <= by_role["id"]
     assert {"synth_textures", "fashion_mnist_holdout"} <= by_role["ood_test"]
     assert by_role["ood_val"] == {"val_letters", "val_photos", "val_noise", "mosaic_val_letters",
-                                  "mosaic_val_noise", "fashion_val_blur", "fashion_val_vflip",
-                                  "fashion_val_patchperm", "fashion_val_mix"}
+                                  "mosaic_val_noise", "mosaic_val_fashion", "fashion_val_blur",
+                                  "fashion_val_vflip", "fashion_val_patchperm", "fashion_val_mix"}
     assert {"oe_textures", "oe_digits8x8", "oe_symbols", "oe_noise"} <= by_role["oe"]
     assert {n for n in by_role["oe"] if not n.startswith("mosaic_")} == {
         "oe_textures", "oe_digits8x8", "oe_symbols", "oe_noise"}

@@ -144,4 +144,6 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path):
     assert outcome.metrics["epoch"] == 5  # finished all 6 epochs
     assert outcome.metrics["run/start_epoch"] >= 1  # the restarted group began past epoch 0
     assert outcome.metrics["val/id_acc"] > 0.5  # it really learned (chance is 0.1)
-    assert committed_epochs()[-1] == 5 and len(committed_epochs()) <= 2  # num_to_keep=2
+    # Ray keeps the num_to_keep=2 best by score (val/auroc here, not the epoch) plus the latest
+    epochs = committed_epochs()
+    assert 5 in epochs and len(epochs) <= 3, epochs
