@@ -168,7 +168,7 @@ def test_a_trial_selects_its_oe_sets_with_its_own_threshold(tmp_path, monkeypatc
     raw["data"] |= {"oe": ["oe_textures", "oe_noise"], "oe_select": {"backbone": "random"}}
     thresholds = []
 
-    def fake_select(spec, bundle=None):  # a fixed ranking; the trial's threshold decides
+    def fake_select(spec, bundle=None, backbone=None):  # fixed ranking; the trial's τ decides
         thresholds.append(spec.data.oe_select.threshold)
         return rank({"oe_textures": 1.0, "oe_noise": 2.0}, "smallest",
                     spec.data.oe_select.threshold), "random"

@@ -281,8 +281,8 @@ def class_flagged(specs: Sequence[ExperimentSpec], table: str, score: str
     out: dict[str, list[list[float]]] = {}
     for spec in specs:
         runs = collect(spec, table).get(spec.name, [])
-        classes = sorted({int(k.split("/")[3]) for m in runs for k in m
-                          if k.startswith(f"headtail/{score}/class/")})
+        classes = [int(k.split("/")[3]) for m in runs for k in m
+                   if k.startswith(f"headtail/{score}/class/")]
         if classes:
             out[spec.name] = [[m[k] for m in runs if (k := FLAGGED_KEY.format(score=score, c=c))
                                in m] for c in range(max(classes) + 1)]

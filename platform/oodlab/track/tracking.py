@@ -226,6 +226,18 @@ def newest_finished_run(spec: ExperimentSpec, tags: dict[str, str]) -> str | Non
     return f"runs:/{runs[0].info.run_id}" if runs else None
 
 
+def run_of_spec(spec: ExperimentSpec, ref: str, field: str) -> str:
+    """``spec:<name>`` as ``runs:/<id>``: the newest finished run of the spec called ``<name>``
+    with this spec's seed, in this spec's experiment; an error naming ``field`` if none."""
+    name = ref.removeprefix("spec:")
+    found = newest_finished_run(spec, {"mlflow.runName": name, "oodlab.seed": str(spec.seed)})
+    if found is None:
+        raise ModelReferenceError(
+            f"{field} {ref!r}: no finished run of spec {name!r} with seed {spec.seed} in "
+            f"experiment {spec.tracking.experiment!r}; run that spec first")
+    return found
+
+
 def resolve_init_from(spec: ExperimentSpec) -> str | None:
     """``spec.init_from`` as a ``runs:/`` or ``models:/`` reference.
 
@@ -235,13 +247,7 @@ def resolve_init_from(spec: ExperimentSpec) -> str | None:
     ref = spec.init_from
     if ref is None or not ref.startswith("spec:"):
         return ref
-    name = ref.removeprefix("spec:")
-    found = newest_finished_run(spec, {"mlflow.runName": name, "oodlab.seed": str(spec.seed)})
-    if found is None:
-        raise ModelReferenceError(
-            f"init_from {ref!r}: no finished run of spec {name!r} with seed {spec.seed} in "
-            f"experiment {spec.tracking.experiment!r}; run that spec first")
-    return found
+    return run_of_spec(spec, ref, "init_from")
 
 
 def resolve_oe_backbone(spec: ExperimentSpec, id_train_hash: str) -> str:
@@ -253,28 +259,21 @@ def resolve_oe_backbone(spec: ExperimentSpec, id_train_hash: str) -> str:
     experiment; ``spec:<name>`` the newest finished run of that spec with this seed.
     """
     ref = spec.data.oe_select.backbone if spec.data.oe_select else "random"
-    field = f"data.oe_select.backbone {ref!r}"
-    seed = str(spec.seed)
-    if ref.startswith("method:"):
-        method = ref.removeprefix("method:")
-        found = newest_finished_run(spec, {"oodlab.method": method, "oodlab.seed": seed,
-                                           PROVENANCE_PREFIX + "split.id_train": id_train_hash})
-        if found is None:
-            raise ModelReferenceError(
-                f"{field}: no finished {method} run with seed {seed} on this ID training set "
-                f"(split.id_train {id_train_hash[:12]}) in experiment "
-                f"{spec.tracking.experiment!r}; run the {method} baseline with the same data and "
-                "seed first, or name a run (runs:/<id>), a detector file, or 'random'")
-        return found
+    field = "data.oe_select.backbone"
     if ref.startswith("spec:"):
-        name = ref.removeprefix("spec:")
-        found = newest_finished_run(spec, {"mlflow.runName": name, "oodlab.seed": seed})
-        if found is None:
-            raise ModelReferenceError(
-                f"{field}: no finished run of spec {name!r} with seed {seed} in experiment "
-                f"{spec.tracking.experiment!r}; run that spec first")
-        return found
-    return ref
+        return run_of_spec(spec, ref, field)
+    if not ref.startswith("method:"):
+        return ref
+    method, seed = ref.removeprefix("method:"), str(spec.seed)
+    found = newest_finished_run(spec, {"oodlab.method": method, "oodlab.seed": seed,
+                                       PROVENANCE_PREFIX + "split.id_train": id_train_hash})
+    if found is None:
+        raise ModelReferenceError(
+            f"{field} {ref!r}: no finished {method} run with seed {seed} on this ID training "
+            f"set (split.id_train {id_train_hash[:12]}) in experiment "
+            f"{spec.tracking.experiment!r}; run the {method} baseline with the same data and "
+            "seed first, or name a run (runs:/<id>), a detector file, or 'random'")
+    return found
 
 
 def load_detector(ref: str, tracking: str | None = None) -> Detector:

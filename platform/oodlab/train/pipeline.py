@@ -58,8 +58,9 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
     bundle = load_bundle(spec)  # build/cache data and fail on a bad root before Ray starts
     init_ref = tracking.resolve_init_from(spec)
     init_state = initial_weights(spec, bundle.num_classes, init_ref)  # a bad ref fails here
-    if spec.data.oe_select is not None:  # a missing OE-selection backbone fails here too
-        tracking.resolve_oe_backbone(spec, dataset_hash(bundle.id_train))
+    oe_ref = None  # a missing OE-selection backbone fails here too, before any run starts
+    if spec.data.oe_select is not None:
+        oe_ref = tracking.resolve_oe_backbone(spec, dataset_hash(bundle.id_train))
     init_ray(spec)
     tags = (tags or {}) | {ray_local.HARDWARE_TAG: ray_local.hardware()}
     tags |= spec_tags(spec.model_dump(mode="json"))  # provenance: spec, data, code
@@ -70,7 +71,7 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
     ok = False
     try:
         if spec.data.oe_select is not None:
-            spec = apply_oe_selection(spec, bundle, run_id)
+            spec = apply_oe_selection(spec, bundle, run_id, oe_ref)
         outcome = fit(spec, run_name=f"{spec.name}-{run_id}", num_classes=bundle.num_classes,
                       callbacks=[tracking.epoch_callback(spec, run_id)], init_state=init_state,
                       run_id=run_id)
@@ -127,25 +128,27 @@ def initial_weights(spec: ExperimentSpec, num_classes: int, ref: str | None = No
     return {k: v.cpu() for k, v in state.items()}
 
 
-def oe_select_backbone(spec: ExperimentSpec, bundle: DataBundle) -> tuple[nn.Module, str]:
+def oe_select_backbone(spec: ExperimentSpec, bundle: DataBundle, ref: str | None = None
+                       ) -> tuple[nn.Module, str]:
     """The feature extractor of the OE selection and the reference it came from: by default
     the spec's own trained ``bce`` run on the same ID training set and seed
-    (:func:`tracking.resolve_oe_backbone`), a named run or file, or the spec's architecture
-    randomly initialised with its seed (``backbone: random``, the reference code's choice)."""
-    ref = tracking.resolve_oe_backbone(spec, dataset_hash(bundle.id_train))
+    (:func:`tracking.resolve_oe_backbone`, unless ``ref`` is that resolved already), a named
+    run or file, or the spec's architecture randomly initialised with its seed
+    (``backbone: random``, the reference code's choice)."""
+    ref = ref or tracking.resolve_oe_backbone(spec, dataset_hash(bundle.id_train))
     if ref == "random":
         torch.manual_seed(spec.seed)
         return build_method(spec).build(bundle.num_classes), ref
     return tracking.load_detector(ref, tracking.tracking_uri(spec)).model, ref
 
 
-def select_oe(spec: ExperimentSpec, bundle: DataBundle | None = None
-              ) -> tuple[list[oe_select.Candidate], str]:
+def select_oe(spec: ExperimentSpec, bundle: DataBundle | None = None,
+              backbone: str | None = None) -> tuple[list[oe_select.Candidate], str]:
     """Rank the spec's OE candidates with EDGE's measure (``oodlab oe-select``); also return
-    the backbone reference used."""
+    the backbone reference used (``backbone``: one already resolved)."""
     bundle = bundle or load_bundle(spec, include_test=False)
     cfg = spec.data.oe_select or OESelectSpec()
-    model, ref = oe_select_backbone(spec, bundle)
+    model, ref = oe_select_backbone(spec, bundle, backbone)
     return oe_select.select(spec, cfg, bundle.id_train, bundle.oe_sets, model), ref
 
 
@@ -160,9 +163,11 @@ def log_oe_selection(spec: ExperimentSpec, run_id: str, rows: list[oe_select.Can
     client.set_tag(run_id, "oodlab.oe_select.backbone", backbone)
 
 
-def apply_oe_selection(spec: ExperimentSpec, bundle, run_id: str) -> ExperimentSpec:
-    """Select the OE sets, log the ranking, and return the spec that trains on the choice."""
-    rows, backbone = select_oe(spec, bundle)
+def apply_oe_selection(spec: ExperimentSpec, bundle, run_id: str,
+                       backbone: str | None = None) -> ExperimentSpec:
+    """Select the OE sets, log the ranking, and return the spec that trains on the choice
+    (``backbone``: the selection's backbone reference, if resolved already)."""
+    rows, backbone = select_oe(spec, bundle, backbone)
     log_oe_selection(spec, run_id, rows, backbone)
     chosen = [r.name for r in rows if r.selected]
     data = spec.data.model_copy(update={"oe": chosen, "oe_select": None})
