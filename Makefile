@@ -91,6 +91,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/search_efficiency.py
 	$(BIN)/python bench/lmd_cost.py
+	$(BIN)/python bench/lmd_gpu.py report bench/results/lmd_gpu/run1 bench/results/lmd_gpu/run2
 	$(BIN)/python bench/data_path.py
 	$(BIN)/python bench/posthoc_cache.py
 	$(BIN)/python bench/summary.py

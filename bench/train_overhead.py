@@ -29,7 +29,7 @@ from oodlab.cluster.ray_local import init_ray
 from oodlab.data.bundle import load_bundle, set_epoch, train_loader
 from oodlab.methods import TrainState, build_method
 from oodlab.spec import validate_spec
-from oodlab.train.loop import make_optimizer, make_scheduler
+from oodlab.train.optim import make_optimizer, make_scheduler
 
 
 def bench_spec(workdir: str, epochs: int, threads: int) -> dict:

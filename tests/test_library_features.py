@@ -20,7 +20,7 @@ from oodlab.models.unet import DiffusionModel
 from oodlab.search.tune import TrialRecord, pareto_front
 from oodlab.spec import TrainSpec, validate_spec
 from oodlab.track import tracking
-from oodlab.train.loop import make_scheduler
+from oodlab.train.optim import make_scheduler
 from tests.helpers import tiny_spec
 
 # --- cosine schedule ----------------------------------------------------------------------

@@ -32,27 +32,11 @@ from oodlab.console import progress
 from oodlab.data.bundle import load_bundle, set_epoch, train_loader
 from oodlab.detect.evaluate import validation_metrics
 from oodlab.methods import Loaders, Method, TrainState, build_method
-from oodlab.spec import ExperimentSpec, TrainSpec, validate_spec
+from oodlab.spec import ExperimentSpec, validate_spec
 from oodlab.track import tracking
+from oodlab.train.optim import make_optimizer, make_scheduler
 
 CHECKPOINT_FILE = "state.pt"
-
-
-def make_optimizer(cfg: TrainSpec, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
-                           and cfg.momentum > 0, weight_decay=cfg.weight_decay)
-
-
-def make_scheduler(cfg: TrainSpec, opt: torch.optim.Optimizer, total_steps: int
-                   ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step schedule, stepped once per optimizer step: cosine annealing to 0 over the
-    whole run (Loshchilov & Hutter 2017, SGDR Eq. 5 without restarts: after k of T steps
-    lr = 0.5·lr_0·(1 + cos(πk/T))), or constant."""
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
