@@ -178,3 +178,61 @@ def test_evaluate_logs_groups_and_a_near_far_headline(tmp_path):
     assert m["test/auroc"] == m["test/msp/mean/auroc"]
     assert m["test/fpr95_oodpos"] == m["test/msp/mean/fpr95_oodpos"]
     assert "test/msp/ungrouped/auroc" not in m
+
+
+def test_evaluate_streams_one_ood_set_at_a_time(tmp_path, monkeypatch):
+    """Each OOD set is reported through ``on_set`` as soon as it is scored, with the metrics
+    that end up in the report, and its outputs are dropped before the next one: while a set
+    is reported only the ID validation and test outputs are alive (collecting every set up
+    front, as a driver-side evaluation would, fails this)."""
+    import gc
+    import weakref
+
+    from oodlab.data.bundle import DataBundle
+    from oodlab.data.types import ImageDataset
+    from oodlab.detect import evaluate as ev
+    from oodlab.models import SmallCNN
+    from oodlab.spec import validate_spec
+    from tests.helpers import tiny_spec
+
+    spec = validate_spec(tiny_spec(tmp_path, method={"name": "supervised"}, data={
+        "test_ood": [], "val_ood": ["val_letters"], "oe": [], "near_ood": ["letters"],
+        "far_ood": ["photos", "blobs"]}, eval={"scores": ["energy", "knn"],
+                                              "score_params": {"knn": {"k": 3}}}))
+    rng = np.random.default_rng(1)
+
+    def images(n, lo, hi, labels=None):
+        x = rng.integers(lo, hi, size=(n, 28, 28), dtype=np.uint8)
+        y = np.full(n, -1) if labels is None else labels
+        return ImageDataset("x", x, y, [] if labels is None else ["a", "b"])
+
+    bundle = DataBundle(*[images(40, 0, 120, np.arange(40) % 2) for _ in range(3)],
+                        num_classes=2, test_groups=spec.data.test_sets(),
+                        val_ood={"val_letters": images(20, 90, 256)},
+                        test_ood={n: images(30, lo, 256) for n, lo in
+                                  (("letters", 100), ("photos", 50), ("blobs", 0))})
+    refs: list[weakref.ref] = []
+    collect = ev.collect_outputs
+
+    def tracked(*args, **kwargs):
+        out = collect(*args, **kwargs)
+        refs.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(ev, "collect_outputs", tracked)
+    calls = []
+
+    def on_set(key, per_score):
+        gc.collect()
+        calls.append((key, per_score, sum(r() is not None for r in refs)))
+
+    torch.manual_seed(0)
+    report = ev.evaluate(spec, SmallCNN(2, width=4), bundle, supervised=True, on_set=on_set)
+    assert [c[0] for c in calls] == ["test:letters", "test:photos", "test:blobs",
+                                     "val:val_letters"]
+    assert all(n_live == 2 for *_, n_live in calls), [c[2] for c in calls]
+    for key, per_score, _ in calls[:3]:
+        name = key.split(":")[1]
+        for score, m in per_score.items():
+            assert m == {k: report.metrics[f"test/{score}/{name}/{k}"] for k in METRIC_KEYS}
+    assert set(calls[3][1]) == {"energy", "knn"}

@@ -237,6 +237,9 @@ def test_search_spans_two_nodes_survives_losing_one_and_is_served(cluster, tmp_p
     assert any(max(v) > 0 for v in starts.values()), starts
     for r in trials:
         assert "test/auroc" in r.data.metrics
+        # two nodes: the test sets were scored in a Ray task, not in the trial's driver
+        assert r.data.tags.get("oodlab.eval.where", "").startswith("task: "), r.data.tags
+        assert len(client.get_metric_history(r.info.run_id, "test/auroc")) == 1
         # storage: s3://... puts the experiment's artifacts beside the checkpoints
         assert r.info.artifact_uri.startswith(f"s3://{BUCKET}/runs/"), r.info.artifact_uri
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -147,3 +148,30 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path):
     # Ray keeps the num_to_keep=2 best by score (val/auroc here, not the epoch) plus the latest
     epochs = committed_epochs()
     assert 5 in epochs and len(epochs) <= 3, epochs
+
+
+def test_evaluation_in_a_ray_task_logs_each_set_once(ray_session, tmp_path):
+    """eval.placement=task: the test sets are scored in a Ray task (another process), its
+    per-set metrics reach MLflow once each, and the report matches a driver-side evaluation
+    of the same model."""
+    from oodlab.track import tracking
+    from oodlab.train.pipeline import EVAL_WHERE_TAG, finish_run
+
+    spec = validate_spec(tiny_spec(tmp_path, method={"name": "supervised"},
+                                   eval={"placement": "task", "scores": ["energy", "msp"]}))
+    result = run_experiment(spec)
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    where = run.data.tags[EVAL_WHERE_TAG]
+    assert where.startswith("task: ") and f"pid {os.getpid()} " not in where, where
+    for key in ("test/energy/letters/auroc", "test/msp/gaussian/fpr95", "test/auroc"):
+        assert len(client.get_metric_history(result.run_id, key)) == 1, key
+    # the same model evaluated on the driver gives the same numbers
+    driver = spec.model_copy(update={"eval": spec.eval.model_copy(update={"placement": "driver"})})
+    other = tracking.start_run(driver)
+    again = finish_run(driver, other, result.report.detector.model, register=False)
+    tracking.end_run(driver, other, True)
+    assert client.get_run(other).data.tags[EVAL_WHERE_TAG].startswith(
+        f"driver: {socket.gethostname()} pid {os.getpid()} ")
+    for key in ("test/energy/letters/auroc", "test/msp/mean/fpr95", "threshold"):
+        assert again.metrics[key] == pytest.approx(result.metrics[key], abs=1e-6), key

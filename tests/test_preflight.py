@@ -96,3 +96,24 @@ def test_oodlab_run_is_refused_before_any_mlflow_run(ray_session, tmp_path, monk
     assert "set storage=s3://<bucket>/<prefix>" in err and "MLFLOW_TRACKING_URI=" in err
     spec = validate_spec(raw)
     assert MlflowClient(tracking.tracking_uri(spec)).get_experiment_by_name("tests") is None
+
+
+@pytest.mark.parametrize("nodes, gpus, use_gpu, placement, expected", [
+    (1, 0, False, "auto", "driver"),   # one machine: the driver is where the compute is
+    (2, 0, False, "auto", "task"),     # a multi-node cluster: never the (small) head pod
+    (1, 1, True, "auto", "task"),      # a GPU run: on a GPU
+    (1, 1, False, "auto", "driver"),   # a CPU run on a GPU machine
+    (2, 0, False, "driver", "driver"),  # stated placements win
+    (1, 0, False, "task", "task"),
+])
+def test_eval_placement(tmp_path, monkeypatch, nodes, gpus, use_gpu, placement, expected):
+    import ray
+
+    from oodlab.train import pipeline
+
+    spec = validate_spec(tiny_spec(tmp_path, resources={"use_gpu": use_gpu},
+                                   eval={"placement": placement}))
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(pipeline.preflight, "cluster_shape",
+                        lambda: ClusterShape(nodes, 4.0, float(gpus)))
+    assert pipeline.eval_placement(spec) == expected

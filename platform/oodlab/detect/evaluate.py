@@ -18,13 +18,14 @@ their mean, so that one is always logged. Metrics: see :mod:`oodlab.detect.metri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
 from oodlab.data.bundle import DataBundle, eval_loader
 from oodlab.detect.detector import Detector
@@ -147,70 +148,97 @@ def _maybe_outputs(model, score, loader, device) -> Outputs | None:
     return None if score.needs_model else collect_outputs(model, loader, device)
 
 
+SetCallback = Callable[[str, dict[str, dict[str, float]]], None]
+
+
 def evaluate(spec: ExperimentSpec, model: nn.Module, bundle: DataBundle, *, supervised: bool,
-             device: torch.device | str = "cpu") -> EvalReport:
+             device: torch.device | str = "cpu", on_set: SetCallback | None = None
+             ) -> EvalReport:
     """Score every set with every score in ``spec.eval.scores``; the first one is served.
 
-    ``supervised``: the model was trained with ID labels (its method's ``kind`` is not
-    ``unsupervised``), so ID accuracy/mAP is reported."""
+    ``supervised``: the model was trained with ID label (its method's ``kind`` is not
+    ``unsupervised``), so ID accuracy/mAP is reported.
+
+    Streamed, one OOD set at a time: the model runs once over each set, every score reads that
+    set's outputs, its metrics go to ``on_set(set_name, {score: metrics})`` (to log and print
+    them as they come), and its logits/features are dropped before the next set. Held at once:
+    the ID validation and test outputs, one OOD set's, and one score value per image; ID-train
+    outputs only while the scores are fitted (the kNN bank keeps a bounded sample of them).
+    """
     if bundle.id_test is None:
         raise ValueError("evaluate() needs the test sets: load the bundle with include_test=True")
     model = model.to(device).eval()
     bs = spec.data.eval_batch_size
-    loaders = {"id_train": eval_loader(bundle.id_train, bs),
-               "id_val": eval_loader(bundle.id_val, bs), "id_test": eval_loader(bundle.id_test, bs)}
-    loaders |= {f"ood:{n}": eval_loader(ds, bs) for n, ds in bundle.test_ood.items()}
-    loaders |= {f"val_ood:{n}": eval_loader(ds, bs) for n, ds in bundle.val_ood.items()}
     # logits/features only when something reads them (not for scores that run the model, lmd)
     need_outputs = supervised or any(SCORES[s].needs_fit or not SCORES[s].needs_model
                                      for s in spec.eval.scores)
-    outputs = ({k: collect_outputs(model, ld, device) for k, ld in loaders.items()}
-               if need_outputs else {})
+
+    def outputs_of(ds) -> tuple[DataLoader, Outputs | None]:
+        loader = eval_loader(ds, bs)
+        return loader, collect_outputs(model, loader, device) if need_outputs else None
+
+    id_train = outputs_of(bundle.id_train)[1]
+    scores = {name: fit_score(name, spec.eval.score_params.get(name, {}), id_train,
+                              supervised=supervised) for name in spec.eval.scores}
+    train_labels = id_train.labels if id_train is not None else None
+    del id_train  # fitted: the scores keep what they need
+    val_loader, val_out = outputs_of(bundle.id_val)
+    test_loader, test_out = outputs_of(bundle.id_test)
 
     # final validation numbers go under val_final/ so they never mix with the per-epoch val/*
     metrics: dict[str, float] = {}
     if supervised:  # ID accuracy / mAP need labels the model was trained to predict
-        test_name, test_value = id_metric(outputs["id_test"].logits, outputs["id_test"].labels)
-        val_name, val_value = id_metric(outputs["id_val"].logits, outputs["id_val"].labels)
+        test_name, test_value = id_metric(test_out.logits, test_out.labels)
+        val_name, val_value = id_metric(val_out.logits, val_out.labels)
         metrics = {f"test/{test_name}": test_value, f"val_final/{val_name}": val_value}
-    multilabel = supervised and outputs["id_test"].labels.ndim == 2
+    multilabel = supervised and test_out.labels.ndim == 2
     groups: dict[str, Tensor] = {}
     if multilabel:
-        head = head_classes(outputs["id_train"].labels, spec.eval.head_fraction)
-        groups = group_masks(outputs["id_test"].labels, head)
+        head = head_classes(train_labels, spec.eval.head_fraction)
+        groups = group_masks(test_out.labels, head)
         metrics["headtail/num_head_classes"] = float(head.sum())
-    results: dict[str, ScoreResult] = {}
+    results = {}
+    for name, score in scores.items():
+        id_val = score_loader(model, score, val_loader, val_out, device)
+        results[name] = ScoreResult(name, id_val,
+                                    score_loader(model, score, test_loader, test_out, device),
+                                    {}, threshold_at_tpr(id_val, spec.eval.tpr),
+                                    groups=bundle.test_groups)
+    val_sets: dict[str, list[dict[str, float]]] = {name: [] for name in scores}
+    for kind, sets in (("test", bundle.test_ood), ("val", bundle.val_ood)):
+        for set_name, ds in sets.items():
+            loader, out = outputs_of(ds)
+            per_score = {}
+            for name, score in scores.items():
+                res = results[name]
+                s = score_loader(model, score, loader, out, device)
+                if kind == "test":
+                    res.ood[set_name] = s
+                    res.per_set[set_name] = per_score[name] = ood_metrics(res.id_test, s)
+                    metrics.update({f"test/{name}/{set_name}/{k}": v
+                                    for k, v in per_score[name].items()})
+                else:
+                    val_sets[name].append(per_score.setdefault(name, ood_metrics(res.id_val, s)))
+            del out
+            if on_set is not None:
+                on_set(f"{kind}:{set_name}", per_score)
+
     detector = None
-    for name in spec.eval.scores:
-        score = fit_score(name, spec.eval.score_params.get(name, {}), outputs.get("id_train"),
-                          supervised=supervised)
-
-        def run(key: str, score=score) -> Tensor:
-            return score_loader(model, score, loaders[key], outputs.get(key), device)
-
-        id_val, id_test = run("id_val"), run("id_test")
-        res = ScoreResult(name, id_val, id_test,
-                          {n: run(f"ood:{n}") for n in bundle.test_ood},
-                          threshold_at_tpr(id_val, spec.eval.tpr), groups=bundle.test_groups)
-        res.per_set = {n: ood_metrics(id_test, s) for n, s in res.ood.items()}
-        for set_name, m in res.per_set.items():
-            metrics.update({f"test/{name}/{set_name}/{k}": v for k, v in m.items()})
+    for name, res in results.items():
         for group, m in res.group_means.items():  # near / far / sanity and the headline mean
             metrics.update({f"test/{name}/{group}/{k}": v for k, v in m.items()})
-        val_sets = [ood_metrics(id_val, run(f"val_ood:{n}")) for n in bundle.val_ood]
-        if val_sets:
-            metrics.update({f"val_final/{name}/mean/{k}": float(np.mean([m[k] for m in val_sets]))
-                            for k in METRIC_KEYS})
+        if val_sets[name]:
+            metrics.update({f"val_final/{name}/mean/{k}":
+                            float(np.mean([m[k] for m in val_sets[name]])) for k in METRIC_KEYS})
         if multilabel:
-            ht = breakdown(id_test, outputs["id_test"].labels, res.ood, head, res.threshold)
+            ht = breakdown(res.id_test, test_out.labels, res.ood, head, res.threshold)
             metrics.update({f"headtail/{name}/{k}": v for k, v in ht.items()})
-        results[name] = res
         if detector is None:  # the first score is the one served
-            detector = Detector(model, score, spec=spec.model_dump(mode="json"),
+            detector = Detector(model, scores[name], spec=spec.model_dump(mode="json"),
                                 num_classes=bundle.num_classes, threshold=res.threshold)
             metrics["threshold"] = res.threshold
             metrics.update({f"test/{k}": v for k, v in res.mean.items()})
-            if val_sets:
+            if val_sets[name]:
                 metrics.update({f"val_final/{k}": metrics[f"val_final/{name}/mean/{k}"]
                                 for k in METRIC_KEYS})
     assert detector is not None  # eval.scores has at least one entry (validated)

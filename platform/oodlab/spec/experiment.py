@@ -172,6 +172,11 @@ class EvalSpec(StrictModel):
     tpr: float = Field(0.95, gt=0, lt=1, description="ID true-positive rate of the threshold")
     epoch_val_limit: int = Field(1000, ge=1, description="ID-train samples for per-epoch fits")
     head_fraction: float = Field(0.5, gt=0, le=1, description="label share of head classes")
+    placement: Literal["auto", "driver", "task"] = Field(
+        "auto", description="where the final test evaluation runs: 'driver' (the process that "
+        "started the run), 'task' (a Ray task with resources.cpus_per_worker CPUs and a GPU "
+        "when resources.use_gpu and the cluster has one), 'auto' (a task when the cluster has "
+        "more than one node or the run uses a GPU, else the driver)")
 
     @field_validator("scores")
     @classmethod

@@ -8,6 +8,7 @@ detector), and ``oodlab promote`` only registers what a run already logged.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,16 +17,19 @@ import torch
 from torch import nn
 
 from oodlab.cluster import preflight, ray_local, storage
-from oodlab.data.bundle import DataBundle, load_bundle
+from oodlab.console import progress
+from oodlab.data.bundle import DataBundle, load_bundle, test_ood_names
 from oodlab.detect import oe_select
 from oodlab.detect.cache import checkpoint_hash
-from oodlab.detect.evaluate import EvalReport, evaluate
+from oodlab.detect.evaluate import EvalReport, SetCallback, evaluate
 from oodlab.detect.provenance import PREFIX, bundle_split_tags, dataset_hash, spec_tags
 from oodlab.errors import ModelReferenceError
 from oodlab.methods import build_method
 from oodlab.spec import ExperimentSpec, OESelectSpec
 from oodlab.track import plots, tracking
 from oodlab.train.loop import fit, storage_path
+
+EVAL_WHERE_TAG = "oodlab.eval.where"
 
 
 @dataclass
@@ -85,14 +89,32 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
 def finish_run(spec: ExperimentSpec, run_id: str, model: nn.Module,
                bundle: DataBundle | None = None, *, register: bool = True) -> RunResult:
     """Evaluate a trained model once on the test sets and log everything to ``run_id``:
-    metrics, plots, the epoch summary and the detector (registered when ``register`` and the
-    spec names a ``tracking.model_name``; search trials leave that to ``oodlab promote``)."""
-    bundle = bundle or load_bundle(spec)
+    metrics (each OOD set's as soon as it is scored), plots, the epoch summary and the
+    detector (registered when ``register`` and the spec names a ``tracking.model_name``;
+    search trials leave that to ``oodlab promote``). Where the evaluation runs:
+    ``eval.placement`` (:func:`eval_placement`); the tag ``oodlab.eval.where`` records it."""
     supervised = build_method(spec).kind != "unsupervised"
-    report = evaluate(spec, model, bundle, supervised=supervised)
-    report.detector.meta.update({"run_id": run_id, "method": spec.method.name})
     client = tracking.client_for(spec)
-    tracking.log_metrics(client, run_id, report.metrics, step=spec.train.epochs)
+    placement = eval_placement(spec)
+    if placement == "task":
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        gpus = 1 if spec.resources.use_gpu and preflight.cluster_shape().max_node_gpus >= 1 else 0
+        task = ray.remote(num_cpus=spec.resources.cpus_per_worker, num_gpus=gpus)(evaluate_here)
+        report, where = ray.get(task.options(
+            runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking.tracking_uri(spec)}},
+            # a Tune trial's placement group holds no CPU for it: schedule outside of it
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+        ).remote(spec, run_id, model.cpu(), supervised))
+    else:
+        report, where = evaluate_here(spec, run_id, model, supervised, bundle)
+    client.set_tag(run_id, EVAL_WHERE_TAG, f"{placement}: {where}")
+    report.detector.meta.update({"run_id": run_id, "method": spec.method.name})
+    streamed = {f"test/{s}/{n}/" for s in spec.eval.scores for n in test_ood_names(spec.data)}
+    tracking.log_metrics(client, run_id, {k: v for k, v in report.metrics.items()
+                                          if k[:k.rfind("/") + 1] not in streamed},
+                         step=spec.train.epochs)
     _log_plots(spec, run_id, report)
     logged = spec if register else spec.model_copy(update={
         "tracking": spec.tracking.model_copy(update={"model_name": None})})
@@ -102,6 +124,53 @@ def finish_run(spec: ExperimentSpec, run_id: str, model: nn.Module,
     weights = checkpoint_hash(report.detector.model.state_dict())
     client.set_tag(run_id, PREFIX + "checkpoint", weights)
     return RunResult(run_id, report.metrics, report, model_info, tracking.tracking_uri(spec))
+
+
+def eval_placement(spec: ExperimentSpec) -> str:
+    """``eval.placement`` resolved: with ``auto``, a Ray task when the cluster has more than
+    one node (the driver may be a small head pod) or the run uses a GPU, else the driver."""
+    if spec.eval.placement != "auto":
+        return spec.eval.placement
+    import ray
+
+    if not ray.is_initialized():
+        return "driver"
+    shape = preflight.cluster_shape()
+    uses_gpu = spec.resources.use_gpu and shape.max_node_gpus >= 1
+    return "task" if shape.nodes > 1 or uses_gpu else "driver"
+
+
+def set_logger(spec: ExperimentSpec, run_id: str) -> SetCallback:
+    """Log each test set's metrics as soon as it is scored, and print one line per set."""
+    client = tracking.client_for(spec)
+
+    def on_set(key: str, per_score: dict[str, dict[str, float]]) -> None:
+        kind, name = key.split(":", 1)
+        if kind == "test":
+            tracking.log_metrics(client, run_id, {
+                f"test/{s}/{name}/{k}": v for s, m in per_score.items() for k, v in m.items()},
+                step=spec.train.epochs)
+        progress(f"scored {kind} OOD set {name}: " + ", ".join(
+            f"{s} AUROC {m['auroc']:.3f}" for s, m in per_score.items()))
+
+    return on_set
+
+
+def evaluate_here(spec: ExperimentSpec, run_id: str, model: nn.Module, supervised: bool,
+                  bundle: DataBundle | None = None) -> tuple[EvalReport, str]:
+    """:func:`~oodlab.detect.evaluate.evaluate` in this process (the driver, or the Ray task
+    of :func:`finish_run`), streaming per-set metrics to MLflow; returns the report (model on
+    the CPU) and where it ran."""
+    import socket
+
+    import ray
+
+    device = "cuda" if spec.resources.use_gpu and torch.cuda.is_available() else "cpu"
+    report = evaluate(spec, model, bundle or load_bundle(spec), supervised=supervised,
+                      device=device, on_set=set_logger(spec, run_id))
+    report.detector.model.cpu()
+    node = ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else "none"
+    return report, f"{socket.gethostname()} pid {os.getpid()} ({device}, Ray node {node})"
 
 
 def initial_weights(spec: ExperimentSpec, num_classes: int, ref: str | None = None
