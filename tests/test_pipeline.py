@@ -19,8 +19,9 @@ from mlflow.tracking import MlflowClient
 from oodlab.data.bundle import load_bundle
 from oodlab.methods import load_detector_file
 from oodlab.spec import validate_spec
+from oodlab.track import tracking
 from oodlab.train.loop import fit
-from oodlab.train.pipeline import run_experiment
+from oodlab.train.pipeline import EVAL_WHERE_TAG, finish_run, run_experiment
 from tests.helpers import tiny_spec
 
 pytestmark = pytest.mark.ray
@@ -34,9 +35,13 @@ def _artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[st
 
 
 def test_two_worker_ddp_run_is_tracked(ray_session, tmp_path):
+    """Also: eval.placement=task scores the test sets in a Ray task (another process), each
+    per-set metric reaches MLflow once, and a driver-side evaluation of the same model gives
+    the same numbers."""
     spec = validate_spec(tiny_spec(  # decoding in a loader process per worker (OE too)
         tmp_path, resources={"num_workers": 2, "loader_workers": 1},
-        tracking={"experiment": "tests", "model_name": "tiny-detector"}))
+        tracking={"experiment": "tests", "model_name": "tiny-detector"},
+        eval={"placement": "task"}))
     result = run_experiment(spec)
 
     client = MlflowClient(result.tracking_uri)
@@ -56,6 +61,19 @@ def test_two_worker_ddp_run_is_tracked(ray_session, tmp_path):
     history = client.get_metric_history(result.run_id, "val/auroc")
     assert [h.step for h in history] == [0]  # per-epoch metric, one point per epoch
     assert [h.value for h in client.get_metric_history(result.run_id, "train/loss")]
+
+    where = run.data.tags[EVAL_WHERE_TAG]
+    assert where.startswith("task: ") and f"pid {os.getpid()} " not in where, where
+    for key in ("test/energy/letters/auroc", "test/msp/gaussian/fpr95", "test/auroc"):
+        assert len(client.get_metric_history(result.run_id, key)) == 1, key
+    driver = spec.model_copy(update={"eval": spec.eval.model_copy(update={"placement": "driver"})})
+    other = tracking.start_run(driver)
+    again = finish_run(driver, other, result.report.detector.model, register=False)
+    tracking.end_run(driver, other, True)
+    assert client.get_run(other).data.tags[EVAL_WHERE_TAG].startswith(
+        f"driver: {socket.gethostname()} pid {os.getpid()} ")
+    for key in ("test/energy/letters/auroc", "test/msp/mean/fpr95", "threshold"):
+        assert again.metrics[key] == pytest.approx(result.metrics[key], abs=1e-6), key
 
     artifacts = _artifact_paths(client, result.run_id)
     for name in ("spec.resolved.yaml", "plots/roc_energy.png", "plots/hist_energy.png",
@@ -149,29 +167,3 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path):
     epochs = committed_epochs()
     assert 5 in epochs and len(epochs) <= 3, epochs
 
-
-def test_evaluation_in_a_ray_task_logs_each_set_once(ray_session, tmp_path):
-    """eval.placement=task: the test sets are scored in a Ray task (another process), its
-    per-set metrics reach MLflow once each, and the report matches a driver-side evaluation
-    of the same model."""
-    from oodlab.track import tracking
-    from oodlab.train.pipeline import EVAL_WHERE_TAG, finish_run
-
-    spec = validate_spec(tiny_spec(tmp_path, method={"name": "supervised"},
-                                   eval={"placement": "task", "scores": ["energy", "msp"]}))
-    result = run_experiment(spec)
-    client = MlflowClient(result.tracking_uri)
-    run = client.get_run(result.run_id)
-    where = run.data.tags[EVAL_WHERE_TAG]
-    assert where.startswith("task: ") and f"pid {os.getpid()} " not in where, where
-    for key in ("test/energy/letters/auroc", "test/msp/gaussian/fpr95", "test/auroc"):
-        assert len(client.get_metric_history(result.run_id, key)) == 1, key
-    # the same model evaluated on the driver gives the same numbers
-    driver = spec.model_copy(update={"eval": spec.eval.model_copy(update={"placement": "driver"})})
-    other = tracking.start_run(driver)
-    again = finish_run(driver, other, result.report.detector.model, register=False)
-    tracking.end_run(driver, other, True)
-    assert client.get_run(other).data.tags[EVAL_WHERE_TAG].startswith(
-        f"driver: {socket.gethostname()} pid {os.getpid()} ")
-    for key in ("test/energy/letters/auroc", "test/msp/mean/fpr95", "threshold"):
-        assert again.metrics[key] == pytest.approx(result.metrics[key], abs=1e-6), key
