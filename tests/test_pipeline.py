@@ -60,6 +60,9 @@ def test_two_worker_ddp_run_is_tracked(ray_session, tmp_path):
     assert 0.0 <= m["test/id_acc"] <= 1.0 and np.isfinite(m["train/loss"])
     history = client.get_metric_history(result.run_id, "val/auroc")
     assert [h.step for h in history] == [0]  # per-epoch metric, one point per epoch
+    # optimizer steps, not only epochs: 256 images over 2 workers, batch 64, last batch dropped
+    steps = client.get_metric_history(result.run_id, "train/optimizer_steps")
+    assert [h.value for h in steps] == [2.0]
     assert [h.value for h in client.get_metric_history(result.run_id, "train/loss")]
 
     where = run.data.tags[EVAL_WHERE_TAG]

@@ -165,13 +165,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
         metrics = {"epoch": epoch, "run/start_epoch": start_epoch,
                    "train/loss": mean_loss, "train/lr": sched.get_last_lr()[0],
-                   "train/images_per_s": images_per_s}
+                   "train/images_per_s": images_per_s,
+                   "train/optimizer_steps": state.step}  # per worker, since step 0
         metrics |= method.epoch_metrics(model, state)
         if rank == 0:
             metrics |= validation_metrics(unwrap(model), bundle, spec, method, device)
             _log_figures(spec, config.get("run_id"), method, unwrap(model), state)
             id_key = "val/id_map" if "val/id_map" in metrics else "val/id_acc"
-            progress(f"epoch {epoch + 1}/{spec.train.epochs} loss {metrics['train/loss']:.4f} "
+            progress(f"epoch {epoch + 1}/{spec.train.epochs} (step {state.step}) "
+                     f"loss {metrics['train/loss']:.4f} "
                      f"{id_key} {metrics.get(id_key, float('nan')):.3f} "
                      f"val/auroc {metrics.get('val/auroc', float('nan')):.3f} "
                      f"({metrics['train/images_per_s']:.0f} img/s)")
