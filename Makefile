@@ -146,7 +146,8 @@ results: $(STAMP) results-fmnist posthoc
 	$(RESULTS) jobs/um_fmnist_pretrain.yaml jobs/um_fmnist_pretrain_best.yaml jobs/um_fmnist_ce.yaml \
 	    jobs/um_fmnist.yaml jobs/umap_fmnist.yaml jobs/um_fmnist_short.yaml jobs/um_fmnist_oe_baseline.yaml \
 	    jobs/um_fmnist_oe.yaml --name unleashing-mask-fmnist --scores energy msp odin \
-	    --per-set auroc fpr95 --baseline um_fmnist_ce --out docs/results/unleashing_mask.md $(FMNIST_SEEDS)
+	    --per-set auroc fpr95 --baseline um_fmnist_ce --out docs/results/unleashing_mask.md $(FMNIST_SEEDS) \
+	    --curves val/auroc um/train_ce um/loss_constraint um/ascent_fraction
 	$(RESULTS) jobs/lmd.yaml --name lmd --scores lmd diffusion_recon --per-set auroc \
 	    --out docs/results/lmd.md $(SEEDS)
 	$(RESULTS) jobs/fmnist_simclr.yaml jobs/fmnist_ccl.yaml --name ccl $(FMNIST_SET) \

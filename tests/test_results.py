@@ -183,3 +183,30 @@ def test_per_class_flagged_table_and_figure(tmp_path):
     write_report([plain], "t", tmp_path / "plain.md", "oodlab results x")
     assert "flagged OOD per class" not in (tmp_path / "plain.md").read_text()
     assert not (tmp_path / "plain_flagged_energy.png").exists()
+
+
+def test_per_epoch_curves_table_and_figure(tmp_path):
+    """--curves: per-epoch metric histories averaged per epoch over seeds, by step (not by
+    logging order); a spec that never logged the metric is left out; no key, no section."""
+    from oodlab.report.results import write_report
+    from oodlab.spec import validate_spec
+    from oodlab.track import tracking
+
+    um = validate_spec(tiny_spec(tmp_path, name="um"))
+    ce = validate_spec(tiny_spec(tmp_path, name="ce"))
+    client = tracking.client_for(um)
+    exp = tracking.ensure_experiment(client, um)
+    for seed, values in enumerate(((0.2, 0.4, 0.6), (0.4, 0.6, 0.8))):
+        run_id = _log_seed_run(client, exp, "um", seed, {"test/energy/mean/auroc": 0.9})
+        for step in (2, 0, 1):  # logged out of order
+            client.log_metric(run_id, "um/ascent_fraction", values[step], step=step)
+        _log_seed_run(client, exp, "ce", seed, {"test/energy/mean/auroc": 0.8})
+    out = tmp_path / "um.md"
+    write_report([um, ce], "t", out, "oodlab results x", curves=["um/ascent_fraction"])
+    text = out.read_text()
+    assert "| spec | ep 1 | ep 2 | ep 3 |" in text
+    assert "| um | 0.300 ± 0.141 | 0.500 ± 0.141 | 0.700 ± 0.141 |" in text
+    assert "| ce |" not in text.split("`um/ascent_fraction`")[1].split("###")[0]
+    assert (tmp_path / "um_curves.png").stat().st_size > 1000
+    write_report([um, ce], "t", tmp_path / "plain.md", "oodlab results x")
+    assert "### Per epoch" not in (tmp_path / "plain.md").read_text()

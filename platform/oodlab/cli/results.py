@@ -31,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     res.add_argument("--baseline", metavar="SPEC_NAME",
                      help="also write per-seed paired differences of every other spec against "
                           "this one (its spec name), with a shown / not shown verdict")
+    res.add_argument("--curves", nargs="+", default=[], metavar="METRIC",
+                     help="also tabulate and plot these per-epoch metrics (e.g. val/auroc "
+                          "um/ascent_fraction), mean ± std over seeds, to <out>_curves.png")
     add_set(res)
     res.add_argument("--table-only", action="store_true",
                      help="do not run anything; rebuild the table from MLflow")
@@ -61,7 +64,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
     command = "oodlab " + " ".join(a for a in args.argv_echo
                                    if a not in ("--table-only", "--resume"))
     out = write_report(specs, args.name, args.out, command, args.scores, args.per_set,
-                       baseline=args.baseline)
+                       baseline=args.baseline, curves=args.curves)
     print(out.read_text())
     print(f"written to {out}")
     return 0

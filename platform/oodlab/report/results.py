@@ -316,9 +316,59 @@ def flagged_section(specs: Sequence[ExperimentSpec], table: str, score: str,
             + "\n".join(lines) + "\n")
 
 
+def epoch_curves(specs: Sequence[ExperimentSpec], table: str, key: str
+                 ) -> dict[str, list[list[float]]]:
+    """Spec name -> per epoch, the values of the per-epoch metric ``key`` over seeds (from
+    each finished run's MLflow metric history, by step); specs that never logged it are
+    left out."""
+    from oodlab.track import tracking
+
+    out: dict[str, list[list[float]]] = {}
+    for spec in specs:
+        client = tracking.client_for(spec)
+        per_epoch: list[list[float]] = []
+        for run in collect(spec, table).get(spec.name, []):
+            history = sorted(client.get_metric_history(run["_run_id"], key),
+                             key=lambda m: m.step)
+            for epoch, m in enumerate(history):
+                if epoch == len(per_epoch):
+                    per_epoch.append([])
+                per_epoch[epoch].append(m.value)
+        if per_epoch:
+            out[spec.name] = per_epoch
+    return out
+
+
+def curves_section(specs: Sequence[ExperimentSpec], table: str, keys: Sequence[str],
+                   figure: Path) -> str:
+    """Per-epoch metrics (mean ± std over seeds): one Markdown table per key and one figure
+    with a panel per key, a line per spec; empty when no run logged any of them."""
+    data = {k: c for k in keys if (c := epoch_curves(specs, table, k))}
+    if not data:
+        return ""
+    from oodlab.track import plots
+
+    fig = plots.epoch_curves_figure(data, title=f"{table}: per epoch, mean ± std over seeds")
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110, bbox_inches="tight")
+    plots.close(fig)
+    text = (f"\n### Per epoch\n\nMean ± sample std over seeds of each epoch's value. Figure: "
+            f"[{figure.name}]({figure.name}).\n")
+    for key, per_spec in data.items():
+        n = max(len(v) for v in per_spec.values())
+        text += (f"\n`{key}`\n\n| spec | " + " | ".join(f"ep {e + 1}" for e in range(n))
+                 + " |\n|" + "---|" * (n + 1) + "\n")
+        text += "\n".join(f"| {name} | " + " | ".join(
+            f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0.0:.3f}" if v else "–"
+            for v in per_epoch + [[]] * (n - len(per_epoch))) + " |"
+            for name, per_epoch in per_spec.items()) + "\n"
+    return text
+
+
 def write_report(specs: Sequence[ExperimentSpec], table: str, out: str | Path,
                  command: str, scores: Sequence[str] = (),
-                 per_set: Sequence[str] = (), baseline: str | None = None) -> Path:
+                 per_set: Sequence[str] = (), baseline: str | None = None,
+                 curves: Sequence[str] = ()) -> Path:
     """Write the table (one per-OOD-set table per metric in ``per_set``, and with ``baseline``
     the per-seed paired differences against that spec) with the command, date and hardware it
     came from, atomically. Whatever an existing file holds from :data:`NOTES_MARKER` on (the
@@ -339,6 +389,8 @@ def write_report(specs: Sequence[ExperimentSpec], table: str, out: str | Path,
     for score in scores or specs[0].eval.scores[:1]:
         body += flagged_section(specs, table, score,
                                 out.with_name(f"{out.stem}_flagged_{score}.png"))
+    if curves:
+        body += curves_section(specs, table, curves, out.with_name(f"{out.stem}_curves.png"))
     body += ("\n### Provenance\n\nEvery run behind the table: hashes of the served weights, "
              "of each split's content and of the spec, and the code version "
              "(`oodlab.provenance.*` tags).\n\n" + provenance_table(specs, table) + "\n")

@@ -158,5 +158,28 @@ def class_flagged_figure(rates: dict[str, list[list[float]]], title: str = ""):
     return fig
 
 
+def epoch_curves_figure(data: dict[str, dict[str, list[list[float]]]], title: str = ""):
+    """One panel per metric, one line per spec (one colour per spec in every panel): the mean
+    over seeds per epoch, a band of ± one sample std."""
+    names = list(dict.fromkeys(n for per_spec in data.values() for n in per_spec))
+    colour = {n: f"C{i}" for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, len(data), figsize=(4.2 * len(data), 3.6), squeeze=False)
+    for ax, (key, per_spec) in zip(axes[0], data.items(), strict=True):
+        for name, per_epoch in per_spec.items():
+            x = [e + 1 for e, v in enumerate(per_epoch) if v]
+            mean = np.array([np.mean(per_epoch[e - 1]) for e in x])
+            std = np.array([np.std(per_epoch[e - 1], ddof=1) if len(per_epoch[e - 1]) > 1
+                            else 0.0 for e in x])
+            ax.plot(x, mean, marker=".", color=colour[name])
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=colour[name])
+        ax.set(xlabel="epoch", title=key)
+        ax.title.set_fontsize(9)
+    handles = [plt.Line2D([], [], color=colour[n], marker=".") for n in names]
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)
