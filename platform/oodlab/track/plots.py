@@ -77,7 +77,8 @@ def epoch_figure(history: dict[str, list[tuple[int, float]]], title: str = "Per-
             steps, values = zip(*points, strict=True)
             ax.plot(np.array(steps) + 1, values, marker="o", label=key)
     ax.set(xlabel="epoch", ylabel="value", title=title)
-    ax.legend(fontsize=8)
+    if ax.lines:  # a run without per-epoch history (an evaluation-only run) draws none
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
