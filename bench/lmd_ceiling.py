@@ -32,12 +32,12 @@ from oodlab.detect.diffusion.sampler import network_calls
 from oodlab.detect.diffusion.schedule import alphas_cumprod
 from oodlab.detect.diffusion.scoring import reconstruct
 from oodlab.detect.metrics import ood_metrics
+from oodlab.report.results import write_keeping_notes
 
 GROUPS = {"near": ["mnist", "letters"], "far": ["photos", "synth_textures", "blobs"],
           "sanity": ["gaussian", "rademacher"]}  # the Fashion-MNIST benchmark's test groups
 DISTANCES = ("mse", "ssim")
 INPAINTERS = ("exact", "mean-fill")
-NOTES = "<!-- notes: kept when this file is regenerated -->"
 
 
 def load(name: str, split: str, n: int, seed: int, cache_dir: str | None) -> Tensor:
@@ -176,10 +176,7 @@ def write_markdown(path: Path, args: argparse.Namespace, command: str, rows: lis
                   "(gray = inpainted), and the exact denoiser's reconstructions of attempts 0 "
                   f"and 1 of the first setting ({rows[0]['steps']} × {rows[0]['attempts']}).",
                   ""]
-    notes = ""
-    if path.exists() and NOTES in path.read_text():
-        notes = path.read_text().split(NOTES, 1)[1]
-    path.write_text("\n".join(lines) + NOTES + (notes or "\n"))
+    write_keeping_notes(path, "\n".join(lines), marker=True)
 
 
 def main(argv: list[str] | None = None) -> None:

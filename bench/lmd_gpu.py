@@ -432,6 +432,7 @@ def fmt(v: float) -> str:
 
 def report(args: argparse.Namespace) -> None:
     from oodlab.report.published import counterparts
+    from oodlab.report.results import write_keeping_notes
 
     src = Path(args.dirs[0])
     facts, scores = load_runs(args.dirs)
@@ -565,11 +566,7 @@ def report(args: argparse.Namespace) -> None:
                      f"{p['unet_calls_per_s']:,.0f} |")
         elif key(p) not in done:
             L.append(head + f"skipped (deadline) | {p['calls_per_image']} | — | — |")
-    out = Path(args.out)
-    old = out.read_text() if out.is_file() else ""
-    marker = "<!-- notes: kept when this file is regenerated -->"
-    notes = old[old.index(marker):] if marker in old else marker + "\n"
-    out.write_text("\n".join(L) + "\n\n" + notes)
+    out = write_keeping_notes(Path(args.out), "\n".join(L) + "\n", marker=True)
     for name in ("loss", "samples"):
         if (src / f"{name}.png").is_file():
             out.with_name(f"{out.stem}_{name}.png").write_bytes((src / f"{name}.png").read_bytes())

@@ -156,7 +156,7 @@ def evaluate(spec: ExperimentSpec, model: nn.Module, bundle: DataBundle, *, supe
              ) -> EvalReport:
     """Score every set with every score in ``spec.eval.scores``; the first one is served.
 
-    ``supervised``: the model was trained with ID label (its method's ``kind`` is not
+    ``supervised``: the model was trained with ID labels (its method's ``kind`` is not
     ``unsupervised``), so ID accuracy/mAP is reported.
 
     Streamed, one OOD set at a time: the model runs once over each set, every score reads that
@@ -212,13 +212,13 @@ def evaluate(spec: ExperimentSpec, model: nn.Module, bundle: DataBundle, *, supe
             for name, score in scores.items():
                 res = results[name]
                 s = score_loader(model, score, loader, out, device)
+                m = per_score[name] = ood_metrics(res.id_test if kind == "test" else res.id_val,
+                                                  s)
                 if kind == "test":
-                    res.ood[set_name] = s
-                    res.per_set[set_name] = per_score[name] = ood_metrics(res.id_test, s)
-                    metrics.update({f"test/{name}/{set_name}/{k}": v
-                                    for k, v in per_score[name].items()})
+                    res.ood[set_name], res.per_set[set_name] = s, m
+                    metrics.update({f"test/{name}/{set_name}/{k}": v for k, v in m.items()})
                 else:
-                    val_sets[name].append(per_score.setdefault(name, ood_metrics(res.id_val, s)))
+                    val_sets[name].append(m)
             del out
             if on_set is not None:
                 on_set(f"{kind}:{set_name}", per_score)

@@ -397,12 +397,17 @@ def write_report(specs: Sequence[ExperimentSpec], table: str, out: str | Path,
     return write_keeping_notes(out, body)
 
 
-def write_keeping_notes(out: Path, body: str) -> Path:
+def write_keeping_notes(out: Path, body: str, *, marker: bool = False) -> Path:
     """Write ``body`` to ``out`` atomically; whatever the old file holds from
-    :data:`NOTES_MARKER` on (the analysis written by hand) is appended unchanged."""
+    :data:`NOTES_MARKER` on (the analysis written by hand) is appended unchanged. ``marker``:
+    a file without notes yet gets the marker at its end, so notes written below it survive
+    the next rewrite."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.is_file() and NOTES_MARKER in (old := out.read_text()):
+    old = out.read_text() if out.is_file() else ""
+    if NOTES_MARKER in old:
         body += "\n" + old[old.index(NOTES_MARKER):]
+    elif marker:
+        body += "\n" + NOTES_MARKER + "\n"
     tmp = out.with_suffix(".tmp")
     tmp.write_text(body)
     tmp.replace(out)
