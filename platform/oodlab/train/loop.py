@@ -145,6 +145,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         state.epoch = epoch
         set_epoch(id_sampler, spec.seed, epoch)
         model.train()
+        if world > 1:  # start the clock together: rank 0's validation is not training time
+            dist.all_reduce(torch.zeros(1, device=device))  # a barrier on gloo and NCCL alike
         t0, total, seen = time.perf_counter(), 0.0, 0
         for batch in id_loader:
             oe_batch = next(oe_stream) if oe_stream is not None else None
