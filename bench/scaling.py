@@ -41,19 +41,12 @@ import time
 from pathlib import Path
 
 import ray
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel
 
-from benchlib import fit_rates, header, write_result
+from benchlib import fit_rates, header, plain_rates, write_result
 from oodlab.cluster.ray_local import free_port, init_ray
-from oodlab.data.bundle import load_bundle, set_epoch, train_loader
-from oodlab.methods import build_method
-from oodlab.methods.base import TrainState
 from oodlab.spec import validate_spec
-from oodlab.train.loop import epoch_stats
-from oodlab.train.optim import make_optimizer
 
 GOAL = 0.8
 
@@ -151,36 +144,11 @@ def measure(label: str, spec: dict) -> dict:
 
 
 def _plain_process(rank: int, world: int, port: int, spec_raw: dict, out: str) -> None:
-    """One process of the no-Ray ceiling: the loop's data, model, training step and optimizer,
-    nothing else (no validation, checkpoints or reports)."""
-    torch.set_num_threads(1)
-    spec = validate_spec(spec_raw)
+    """One process of the no-Ray ceiling (:func:`benchlib.plain_rates`)."""
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world)
-    torch.manual_seed(spec.seed)
-    bundle = load_bundle(spec, include_test=False)
-    method = build_method(spec)
-    model = method.build(bundle.num_classes)
-    if world > 1:
-        model = DistributedDataParallel(model)
-    loader, sampler = train_loader(bundle.id_train, spec.data.batch_size, spec.seed, rank, world)
-    opt = make_optimizer(spec.train, model.parameters())
-    state = TrainState(num_classes=bundle.num_classes, rank=rank, world_size=world)
-    rates = []
-    for epoch in range(spec.train.epochs):
-        set_epoch(sampler, spec.seed, epoch)
-        if world > 1:
-            dist.barrier()
-        t0, total, seen = time.perf_counter(), 0.0, 0
-        for batch in loader:
-            loss = method.training_step(model, batch, None, state)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(batch[0])
-            seen += len(batch[0])
-        rates.append(epoch_stats(total, seen, time.perf_counter() - t0)[1])
+    rates = plain_rates(validate_spec(spec_raw), rank, world)
     if rank == 0:
         Path(out).write_text(json.dumps(rates))
     if world > 1:

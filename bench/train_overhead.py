@@ -22,14 +22,10 @@ import sys
 import tempfile
 import time
 
-import torch
-
-from benchlib import fit_rates, header, write_result
+from benchlib import fit_rates, header, plain_rates, write_result
 from oodlab.cluster.ray_local import init_ray
-from oodlab.data.bundle import load_bundle, set_epoch, train_loader
-from oodlab.methods import TrainState, build_method
+from oodlab.data.bundle import load_bundle
 from oodlab.spec import validate_spec
-from oodlab.train.optim import make_optimizer, make_scheduler
 
 
 def bench_spec(workdir: str, epochs: int, threads: int) -> dict:
@@ -43,32 +39,6 @@ def bench_spec(workdir: str, epochs: int, threads: int) -> dict:
         "eval": {"scores": ["energy"], "epoch_val_limit": 256},
         "resources": {"num_workers": 1, "cpus_per_worker": threads},
     }
-
-
-def plain_loop(spec) -> list[float]:
-    """The same training, as the shortest PyTorch loop: images/s per epoch."""
-    torch.set_num_threads(int(spec.resources.cpus_per_worker))
-    torch.manual_seed(spec.seed)
-    bundle = load_bundle(spec, include_test=False)
-    method = build_method(spec)
-    model = method.build(bundle.num_classes)
-    loader, sampler = train_loader(bundle.id_train, spec.data.batch_size, spec.seed)
-    opt = make_optimizer(spec.train, model.parameters())
-    sched = make_scheduler(spec.train, opt, spec.train.epochs * len(loader))
-    state, rates = TrainState(num_classes=bundle.num_classes), []
-    for epoch in range(spec.train.epochs):
-        set_epoch(sampler, spec.seed, epoch)
-        model.train()
-        t0, seen = time.perf_counter(), 0
-        for x, y in loader:
-            loss = method.training_step(model, (x, y), None, state)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen += len(x)
-        rates.append(seen / (time.perf_counter() - t0))
-    return rates
 
 
 def ray_loop(spec) -> tuple[list[float], float, int]:
@@ -89,7 +59,7 @@ def measure(epochs: int, threads: int) -> dict:
         spec = validate_spec(bench_spec(tmp, epochs, threads))
         print(f"plain PyTorch loop, {threads} thread(s), {epochs} epochs ...", flush=True)
         t0 = time.perf_counter()
-        plain = plain_loop(spec)
+        plain = plain_rates(spec)
         plain_wall = time.perf_counter() - t0
         print(f"Ray Train loop, 1 worker with {threads} CPU(s), {epochs} epochs ...", flush=True)
         ray_rates, ray_wall, images = ray_loop(spec)
