@@ -61,19 +61,19 @@ def fit_rates(spec: Any, num_classes: int | None = None) -> tuple[list[float], f
 
 
 def plain_rates(spec: Any, rank: int = 0, world: int = 1) -> list[float]:
-    """oodlab's training as the shortest PyTorch loop (same data order, model, training step,
-    optimizer and schedule; no validation, checkpoints or reports): images/s per epoch.
+    """oodlab's training without Ray: the loop's data order, model, optimizer, schedule and
+    epoch (:func:`oodlab.train.epoch.train_epoch`; no validation, checkpoints or reports),
+    images/s per epoch.
 
     With ``world`` > 1 the caller has initialised the process group: the model is wrapped in
     DDP, each rank reads its shard, and images/s is every rank's images over the slowest rank's
     epoch (the ranks start each epoch's clock together).
     """
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from oodlab.data.bundle import load_bundle, set_epoch, train_loader
     from oodlab.methods import TrainState, build_method
-    from oodlab.train.loop import epoch_stats
+    from oodlab.train.epoch import train_epoch
     from oodlab.train.optim import make_optimizer, make_scheduler
 
     torch.set_num_threads(int(spec.resources.cpus_per_worker))
@@ -89,17 +89,7 @@ def plain_rates(spec: Any, rank: int = 0, world: int = 1) -> list[float]:
     state = TrainState(num_classes=bundle.num_classes, rank=rank, world_size=world)
     rates = []
     for epoch in range(spec.train.epochs):
+        state.epoch = epoch
         set_epoch(sampler, spec.seed, epoch)
-        model.train()
-        if world > 1:
-            dist.barrier()
-        t0, seen = time.perf_counter(), 0
-        for x, y in loader:
-            loss = method.training_step(model, (x, y), None, state)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen += len(x)
-        rates.append(epoch_stats(0.0, seen, time.perf_counter() - t0)[1])
+        rates.append(train_epoch(model, method, loader, None, opt, sched, state)[1])
     return rates

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.multiprocessing as mp
 
-from oodlab.train.loop import epoch_stats
+from oodlab.train.epoch import epoch_stats
 
 # rank: (loss sum, images, seconds)
 SHARDS = {0: (10.0, 100, 2.0), 1: (60.0, 200, 5.0)}

@@ -3,7 +3,7 @@
 Per worker::
 
     restore the latest checkpoint (if Ray restarted us)
-    for epoch: for (batch, oe_batch): loss = method.training_step(...); step
+    for epoch: train_epoch(...)     # oodlab.train.epoch: the same epoch, without Ray
                method.on_epoch_end(...)
                rank 0: validation metrics; everyone: ray.train.report(metrics, checkpoint)
 
@@ -14,8 +14,6 @@ a worker killed mid-run resumes at the next epoch, not at 0 (FailureConfig.max_f
 from __future__ import annotations
 
 import tempfile
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +21,7 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 
 from oodlab.cluster.storage import checkpoint_uri, ray_storage
 from oodlab.console import progress
@@ -34,23 +30,10 @@ from oodlab.detect.evaluate import validation_metrics
 from oodlab.methods import Loaders, Method, TrainState, build_method
 from oodlab.spec import ExperimentSpec, validate_spec
 from oodlab.track import tracking
+from oodlab.train.epoch import endless, train_epoch, unwrap
 from oodlab.train.optim import make_optimizer, make_scheduler
 
 CHECKPOINT_FILE = "state.pt"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside a DDP wrapper (what gets checkpointed and evaluated)."""
-    return model.module if hasattr(model, "module") else model
-
-
-def _cycle(loader: DataLoader, sampler, seed: int) -> Iterator:
-    """Endless OE stream: OE never truncates the ID epoch (unlike zip(ID, OE) in EDGE)."""
-    epoch = 0
-    while True:
-        set_epoch(sampler, seed + 1, epoch)
-        yield from loader
-        epoch += 1
 
 
 def save_checkpoint(path: Path, model: nn.Module, opt, sched, state: TrainState) -> None:
@@ -60,24 +43,6 @@ def save_checkpoint(path: Path, model: nn.Module, opt, sched, state: TrainState)
         "extra": state.extra, "torch_rng": torch.get_rng_state(),
         "num_classes": state.num_classes,  # so no driver loads data to rebuild the model
     }, path / CHECKPOINT_FILE)
-
-
-def epoch_stats(loss_sum: float, seen: int, elapsed: float, device: torch.device | str = "cpu"
-                ) -> tuple[float, float]:
-    """(mean training loss, images/s) of one epoch over every rank.
-
-    Loss sums and image counts are all-reduced with SUM, so the loss is the mean over all
-    images the ranks saw (not rank 0's shard); the epoch takes as long as its slowest rank
-    (elapsed all-reduced with MAX), so throughput = all images / slowest rank's time, never
-    rank 0's count times the world size. Without a process group these are the local values.
-    """
-    sums = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=device)
-    slowest = torch.tensor([elapsed], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    total_loss, images = sums.tolist()
-    return total_loss / max(images, 1.0), images / max(slowest.item(), 1e-9)
 
 
 def load_checkpoint_payload(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
@@ -138,31 +103,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     oe_stream = None
     if oe_loader is not None:
         oe_loader = ray.train.torch.prepare_data_loader(oe_loader, add_dist_sampler=False)
-        oe_stream = _cycle(oe_loader, oe_sampler, spec.seed)
+        oe_stream = endless(oe_loader, oe_sampler, spec.seed)
     loaders = Loaders(id_train=id_loader, oe=oe_loader)
 
     for epoch in range(start_epoch, spec.train.epochs):
         state.epoch = epoch
         set_epoch(id_sampler, spec.seed, epoch)
-        model.train()
-        if world > 1:  # start the clock together: rank 0's validation is not training time
-            dist.all_reduce(torch.zeros(1, device=device))  # a barrier on gloo and NCCL alike
-        t0, total, seen = time.perf_counter(), 0.0, 0
-        for batch in id_loader:
-            oe_batch = next(oe_stream) if oe_stream is not None else None
-            loss = method.training_step(model, batch, oe_batch, state)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} "
-                                         f"step {state.step}; lower train.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            state.step += 1
-            total += loss.item() * len(batch[0])
-            seen += len(batch[0])
-        elapsed = time.perf_counter() - t0
-        mean_loss, images_per_s = epoch_stats(total, seen, elapsed, device)
+        mean_loss, images_per_s = train_epoch(model, method, id_loader, oe_stream, opt, sched,
+                                              state)
         method.on_epoch_end(model, loaders, state)
 
         metrics = {"epoch": epoch, "run/start_epoch": start_epoch,
