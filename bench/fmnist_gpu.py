@@ -173,6 +173,9 @@ def train_run(spec, bundle, init_state: dict | None, device: torch.device
     model = method.wrap(model).to(device)
     opt = make_optimizer(spec.train, [p for p in model.parameters() if p.requires_grad])
     steps_per_epoch = len(id_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"data.batch_size={bs} exceeds the {len(bundle.id_train)} ID training "
+                         "images; lower it")
     sched = make_scheduler(spec.train, opt, spec.train.epochs * steps_per_epoch)
     x, y = on_device(bundle.id_train, device)
     oe = None

@@ -29,11 +29,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def endless(batches: Iterable, sampler: Any, seed: int) -> Iterator:
     """Endless OE stream: OE never truncates the ID epoch (unlike zip(ID, OE) in EDGE); each
-    pass over the OE set is reshuffled as a function of (``seed`` + 1, pass)."""
+    pass over the OE set is reshuffled as a function of (``seed`` + 1, pass). A pass that
+    gives no batch (an OE set smaller than one batch, with drop_last) is an error, not an
+    endless wait."""
     epoch = 0
     while True:
         set_epoch(sampler, seed + 1, epoch)
-        yield from batches
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("data.oe_batch_size is larger than the OE sets (not one full OE "
+                             "batch per pass); lower data.oe_batch_size or add OE data")
         epoch += 1
 
 
