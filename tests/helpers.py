@@ -119,6 +119,25 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     proc.wait()
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port gave this test process
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now that this process has not handed out before.
+
+    Binding port 0 twice in a row can return the same port (the first socket is closed at
+    once), and a port chosen for a server that is still starting is not listened on yet: a Ray
+    node's several ports, or Ray's and a not-yet-listening MLflow server's, would collide."""
+    from oodlab.cluster.ray_local import free_port as unused_port
+
+    for _ in range(1000):
+        port = unused_port()
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free loopback port not handed out already")
+
+
 RAY_NODE_PORTS = ("node-manager-port", "object-manager-port", "metrics-export-port",
                   "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                   "runtime-env-agent-port")
@@ -130,8 +149,6 @@ def ray_start(*args: str, num_cpus: int, temp_dir: Path, env: dict[str, str], lo
     """``ray start --block`` on 127.0.0.1 with free ports and its own temp dir (so it never
     reads or cleans another Ray's files). ``args``: ``--head``, or ``--address=<gcs>`` for one
     more node. Returns the process (stop it with :func:`stop_tree`) and its ports by flag."""
-    from oodlab.cluster.ray_local import free_port
-
     head = "--head" in args
     ports = {flag: free_port() for flag in (RAY_HEAD_PORTS if head else RAY_NODE_PORTS)}
     cmd = [str(Path(sys.executable).parent / "ray"), "start", *args, "--block",

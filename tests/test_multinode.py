@@ -30,9 +30,8 @@ import pytest
 import yaml
 
 from oodlab.cluster import jobs
-from oodlab.cluster.ray_local import free_port
 from oodlab.search.tune import ROLE_TAG
-from tests.helpers import FAKE_AWS, moto_s3, ray_start, stop_tree, tiny_spec
+from tests.helpers import FAKE_AWS, free_port, moto_s3, ray_start, stop_tree, tiny_spec
 
 pytestmark = pytest.mark.ray
 BIN = Path(sys.executable).parent
@@ -170,8 +169,9 @@ def cluster() -> Iterator[Cluster]:
             c.add_node("node2")
             yield c
         finally:
-            for name in list(procs)[::-1]:
-                stop_tree(procs[name])
+            for name in list(procs)[::-1]:  # nothing is read from them any more: a Ray
+                # node and the MLflow server outlast a longer wait on SIGTERM, then get SIGKILL
+                stop_tree(procs[name], grace_s=1)
             if (pgdata / "PG_VERSION").exists():
                 subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(pgdata), "-m",
                                              "immediate", "stop"]), capture_output=True)
