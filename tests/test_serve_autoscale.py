@@ -75,7 +75,6 @@ def _scorer(monkeypatch, seen: list[int], fail: bool = False) -> serve_app.Score
     scorer.args = SimpleNamespace(max_images=8, max_pixels=64)
     scorer.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0}
     scorer.images_in_flight = 0
-    scorer.max_batch_size = 2  # three images: chunks of 2 and 1
     scorer.current = SimpleNamespace(detector=_Detector(), ref=SimpleNamespace(
         name="m", version="1", alias=None))
     raws = [RawImage(label=f"images[{i}]", array=[[0.0, 1.0], [0.5, 0.5]]) for i in range(3)]
@@ -83,11 +82,11 @@ def _scorer(monkeypatch, seen: list[int], fail: bool = False) -> serve_app.Score
     async def read_images(request, max_images):
         return raws
 
-    async def score_batch(chunk):
+    async def score_batch(item):
         seen.append(scorer.images_in_flight)
         if fail:
             raise RuntimeError("forward failed")
-        return [(0.5, False)] * len(chunk[1])
+        return 0.5, False
 
     monkeypatch.setattr(serve_app, "read_images", read_images)
     scorer._score_batch = score_batch
@@ -99,7 +98,7 @@ def test_replica_counts_a_requests_images_in_and_out(monkeypatch):
     scorer = _scorer(monkeypatch, seen)
     out = asyncio.run(scorer.score(None))
     assert [r.score for r in out.results] == [0.5] * 3
-    assert seen == [3, 3]  # both chunks (2 + 1 images) scored with all three in flight
+    assert seen == [3, 3, 3]  # all three images in flight while they are scored
     assert scorer.images_in_flight == 0
     assert asyncio.run(scorer.record_autoscaling_stats()) == {METRIC: 0.0}
 
@@ -124,30 +123,3 @@ def test_an_undecodable_image_is_a_4xx_and_counted_out(monkeypatch):
         asyncio.run(scorer.score(None))
     assert err.value.status_code == 422 and "images[0]" in err.value.detail
     assert scorer.images_in_flight == 0
-
-
-class _Sum:
-    """A detector whose score is the image's pixel sum plus an offset (tells models apart)."""
-
-    def __init__(self, offset: float) -> None:
-        self.offset, self.calls = offset, []
-
-    def predict(self, x):
-        self.calls.append(len(x))
-        s = x.flatten(1).sum(1) + self.offset
-        return s, s > 100
-
-
-def test_forward_scores_each_chunk_in_order_with_its_own_model():
-    """Chunks of two model versions interleaved: one forward pass per version over all its
-    images, and every chunk gets its own images' scores back, in order."""
-    import torch
-
-    old, new = SimpleNamespace(detector=_Sum(0.0)), SimpleNamespace(detector=_Sum(1000.0))
-    chunks = [(old, torch.full((2, 1, 2, 2), 1.0)), (new, torch.full((1, 1, 2, 2), 2.0)),
-              (old, torch.full((3, 1, 2, 2), 3.0))]
-    out = serve_app.forward(chunks)
-    assert serve_app.images_in(chunks) == 6
-    assert [[s for s, _ in c] for c in out] == [[4.0, 4.0], [1008.0], [12.0, 12.0, 12.0]]
-    assert [[o for _, o in c] for c in out] == [[False] * 2, [True], [False] * 3]
-    assert old.detector.calls == [5] and new.detector.calls == [1]

@@ -6,17 +6,14 @@ constructor (Serve's late-bound ingress, ``__serve_build_asgi_app__``, see
 ``ray.serve.ingress``), so the replica's own settings become plain FastAPI features: the
 token one router-level security dependency, the body limit the route's ``max_body_size``.
 
-Images of all concurrent requests are scored in dynamic batches (``@serve.batch``): one batch
-element per request (split into chunks of at most ``max_batch_size`` images), the batch's size
-counted in images by Serve's ``batch_size_fn``, so a request of 8 images costs one queue
-entry, not 8, and a forward pass still never exceeds ``max_batch_size`` images. Decoding and
-the forward pass run in threads, off the replica's event loop, and torch uses as many threads
-as the replica has CPUs. Each replica reports its images in flight to Serve's autoscaler
-(``record_autoscaling_stats``, see :mod:`oodlab.serve.autoscale`). The model lives in the
-deployment's ``user_config`` (:class:`~oodlab.serve.config.ModelConfig`): ``reconfigure``
-loads the new version off the event loop and swaps it in whole, so requests keep being served
-by the old version until the new one is ready, and a request is always scored by the model it
-was decoded for.
+Images of all concurrent requests are scored in dynamic batches (``@serve.batch``, one batch
+element per image); decoding and the forward pass run in threads, off the replica's event
+loop, and torch uses as many threads as the replica has CPUs. Each replica reports its images
+in flight to Serve's autoscaler (``record_autoscaling_stats``, see
+:mod:`oodlab.serve.autoscale`). The model lives in the deployment's ``user_config``
+(:class:`~oodlab.serve.config.ModelConfig`): ``reconfigure`` loads the new version off the
+event loop and swaps it in whole, so requests keep being served by the old version until the
+new one is ready, and a request is always scored by the model it was decoded for.
 
 Serve config entry point: ``import_path: oodlab.serve.app:build_app`` with ``args`` =
 :class:`~oodlab.serve.config.AppArgs`.
@@ -89,30 +86,17 @@ def to_tensors(raws: list[RawImage], prep: Preprocessing, max_pixels: int
             else array_image(r.array, r.label, prep) for r in raws]
 
 
-Chunk = tuple[LoadedModel, torch.Tensor]  # images [k, C, H, W] of one request, one model
-
-
-def images_in(chunks: list[Chunk]) -> int:
-    """A batch's size for ``@serve.batch``: its images, not its requests."""
-    return sum(len(x) for _, x in chunks)
-
-
-def forward(chunks: list[Chunk]) -> list[list[tuple[float, bool]]]:
-    """Score one batch: one forward pass per model version over every image of its chunks;
-    per chunk, its images' (score, is OOD) in order."""
+def forward(items: list[tuple[LoadedModel, torch.Tensor]]) -> list[tuple[float, bool]]:
+    """Score one batch; items decoded for different model versions go to their own model."""
     groups: dict[int, list[int]] = defaultdict(list)
-    for i, (loaded, _) in enumerate(chunks):
+    for i, (loaded, _) in enumerate(items):
         groups[id(loaded)].append(i)
-    out: list[list[tuple[float, bool]]] = [[] for _ in chunks]
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(items)
     for idx in groups.values():
-        detector = chunks[idx[0]][0].detector
-        scores, is_ood = detector.predict(torch.cat([chunks[i][1] for i in idx]))
-        pairs = list(zip(scores.tolist(), is_ood.tolist(), strict=True))
-        start = 0
-        for i in idx:
-            k = len(chunks[i][1])
-            out[i] = [(float(s), bool(o)) for s, o in pairs[start:start + k]]
-            start += k
+        detector = items[idx[0]][0].detector
+        scores, is_ood = detector.predict(torch.stack([items[i][1] for i in idx]))
+        for i, s, o in zip(idx, scores.tolist(), is_ood.tolist(), strict=True):
+            out[i] = (float(s), bool(o))
     return out
 
 
@@ -135,7 +119,6 @@ class Scorer:
         self.current: LoadedModel | None = None
         self.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0}
         self.images_in_flight = 0  # decoding, queued for a batch or in a forward pass
-        self.max_batch_size = 32  # images per forward pass (the user_config's, once applied)
         self._reload_lock = asyncio.Lock()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -148,7 +131,6 @@ class Scorer:
         except ValidationError as err:
             raise ValueError(f"user_config: {err}") from None
         self._score_batch.set_max_batch_size(cfg.max_batch_size)
-        self.max_batch_size = cfg.max_batch_size
         self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         async with self._reload_lock:
             old = self.config
@@ -173,11 +155,12 @@ class Scorer:
             raise HTTPException(503, "no model loaded yet")
         return self.current
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=images_in)
-    async def _score_batch(self, chunks: list[Chunk]) -> list[list[tuple[float, bool]]]:
-        out = await asyncio.to_thread(forward, chunks)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _score_batch(self, items: list[tuple[LoadedModel, torch.Tensor]]
+                           ) -> list[tuple[float, bool]]:
+        out = await asyncio.to_thread(forward, items)
         self.stats["batches"] += 1
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], images_in(chunks))
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
         return out
 
     async def score(self, request: Request) -> ScoreResponse:
@@ -189,9 +172,7 @@ class Scorer:
             self.images_in_flight += len(raws)
             prep = Preprocessing(**loaded.detector.preprocessing)
             xs = await asyncio.to_thread(to_tensors, raws, prep, self.args.max_pixels)
-            chunks = torch.stack(xs).split(self.max_batch_size)  # no chunk exceeds a batch
-            per_chunk = await asyncio.gather(*(self._score_batch((loaded, c)) for c in chunks))
-            outs = [o for chunk in per_chunk for o in chunk]
+            outs = await asyncio.gather(*(self._score_batch((loaded, x)) for x in xs))
         except InputError as err:
             raise HTTPException(err.status, str(err)) from None
         finally:
