@@ -31,7 +31,6 @@ header.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import itertools
 import json
@@ -203,8 +202,8 @@ def train_run(spec, bundle, init_state: dict | None, device: torch.device
         value = m.get(select) if select else None
         if select is None or best is None or (
                 value is not None and (value > best if mode == "max" else value < best)):
-            best, best_state = value, copy.deepcopy(
-                {k: v.detach().cpu() for k, v in model.state_dict().items()})
+            best, best_state = value, {k: v.detach().to("cpu", copy=True)  # one copy
+                                       for k, v in model.state_dict().items()}
             selected = epoch
     model.load_state_dict(best_state)
     exported = method.export(model).eval()
@@ -268,9 +267,10 @@ def seed_worker(seed: int, args_dict: dict[str, Any], t_start: float) -> None:
         facts["eval_wall_s"] = time.perf_counter() - te
         selected[spec.name] = weights
         took[spec.model.arch] = time.perf_counter() - t
-        record = {"spec_path": path, "spec": spec.model_dump(mode="json"), "seed": seed,
+        dumped = spec.model_dump(mode="json")
+        record = {"spec_path": path, "spec": dumped, "seed": seed,
                   "metrics": report.metrics, "history": history, "facts": facts,
-                  "tags": tags | spec_tags(spec.model_dump(mode="json"))
+                  "tags": tags | spec_tags(dumped)
                   | {"oodlab.provenance.checkpoint": checkpoint_hash(weights),
                      "oodlab.provenance.code": args.code, "oodlab.hardware": args.hardware}
                   | ({"oodlab.init_from": spec.init_from} if spec.init_from else {})}
