@@ -16,6 +16,8 @@ from typing import Any
 
 import ray
 
+from oodlab.cluster.env import user_environment
+
 HARDWARE_TAG = "oodlab.hardware"  # MLflow tag: hardware() of the process that ran the run
 _QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
               "DO_NOT_TRACK": "true"}
@@ -45,9 +47,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     env = _QUIET_ENV | {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
     runtime_env = kwargs.pop("runtime_env", None) or {}
     runtime_env["env_vars"] = env | runtime_env.get("env_vars", {})
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, log_to_driver=log_to_driver, runtime_env=runtime_env,
-             **kwargs)
+    with user_environment():  # Ray's processes inherit this environment
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, log_to_driver=log_to_driver, runtime_env=runtime_env,
+                 **kwargs)
     os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"]
     return True
 
