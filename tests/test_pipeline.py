@@ -22,7 +22,7 @@ from oodlab.spec import validate_spec
 from oodlab.track import tracking
 from oodlab.train.loop import fit
 from oodlab.train.pipeline import EVAL_WHERE_TAG, finish_run, run_experiment
-from tests.helpers import tiny_spec
+from tests.helpers import descendants, tiny_spec
 
 pytestmark = pytest.mark.ray
 
@@ -115,14 +115,16 @@ def test_detector_round_trip_is_exact(ray_session, tmp_path):
 
 
 def _train_worker_pids() -> list[int]:
-    """OS processes of Ray Train workers (Ray titles them ``ray::RayTrainWorker...``)."""
-    import psutil
-
+    """OS processes of this session's Ray Train workers (Ray titles them
+    ``ray::RayTrainWorker...``): below this process, never another Ray's on the machine."""
     pids = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
+    for pid in descendants(os.getpid()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
         if cmd.startswith("ray::RayTrainWorker"):
-            pids.append(p.pid)
+            pids.append(pid)
     return pids
 
 
