@@ -46,8 +46,11 @@ SEARCH_TAG = "oodlab.search"
 ROLE_TAG = "oodlab.role"
 TRIAL_TAG = "oodlab.trial_id"
 # a trial's driver only waits on its Ray Train run: it holds no CPU (a non-zero resource is
-# required, so it asks for a token amount of memory)
-DRIVER_RESOURCES = {"CPU": 0, "memory": 10_000_000}
+# required, so it asks for a token amount of memory). It runs on the head node, as the search
+# driver of a Ray job does: Ray Train puts the run's controller on its caller's node, and a
+# worker node that is lost (a preempted pod) must take Train workers with it, which Ray Train
+# restarts from the last checkpoint, never the trial's driver, which would fail the trial.
+DRIVER_RESOURCES = {"CPU": 0, "memory": 10_000_000, "node:__internal_head__": 0.001}
 
 
 @dataclass
