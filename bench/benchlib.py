@@ -61,9 +61,9 @@ def fit_rates(spec: Any, num_classes: int | None = None) -> tuple[list[float], f
 
 
 def plain_rates(spec: Any, rank: int = 0, world: int = 1) -> list[float]:
-    """oodlab's training without Ray: the loop's data order, model, optimizer, schedule and
-    epoch (:func:`oodlab.train.epoch.train_epoch`; no validation, checkpoints or reports),
-    images/s per epoch.
+    """oodlab's training without Ray: the loop's set-up and epoch
+    (:func:`oodlab.train.epoch.prepare` and ``train_epoch``; no validation, checkpoints or
+    reports), images/s per epoch.
 
     With ``world`` > 1 the caller has initialised the process group: the model is wrapped in
     DDP, each rank reads its shard, and images/s is every rank's images over the slowest rank's
@@ -71,25 +71,18 @@ def plain_rates(spec: Any, rank: int = 0, world: int = 1) -> list[float]:
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    from oodlab.data.bundle import load_bundle, set_epoch, train_loader
-    from oodlab.methods import TrainState, build_method
-    from oodlab.train.epoch import train_epoch
-    from oodlab.train.optim import make_optimizer, make_scheduler
+    from oodlab.data.bundle import load_bundle, set_epoch
+    from oodlab.train.epoch import endless, prepare, train_epoch
 
     torch.set_num_threads(int(spec.resources.cpus_per_worker))
-    torch.manual_seed(spec.seed)
-    bundle = load_bundle(spec, include_test=False)
-    method = build_method(spec)
-    model = method.build(bundle.num_classes)
-    if world > 1:
-        model = DistributedDataParallel(model)
-    loader, sampler = train_loader(bundle.id_train, spec.data.batch_size, spec.seed, rank, world)
-    opt = make_optimizer(spec.train, model.parameters())
-    sched = make_scheduler(spec.train, opt, spec.train.epochs * len(loader))
-    state = TrainState(num_classes=bundle.num_classes, rank=rank, world_size=world)
+    run = prepare(spec, load_bundle(spec, include_test=False), rank, world)
+    model = DistributedDataParallel(run.model) if world > 1 else run.model
+    oe = (endless(run.oe_loader, run.oe_sampler, spec.seed) if run.oe_loader is not None
+          else None)
     rates = []
     for epoch in range(spec.train.epochs):
-        state.epoch = epoch
-        set_epoch(sampler, spec.seed, epoch)
-        rates.append(train_epoch(model, method, loader, None, opt, sched, state)[1])
+        run.state.epoch = epoch
+        set_epoch(run.id_sampler, spec.seed, epoch)
+        rates.append(train_epoch(model, run.method, run.id_loader, oe, run.opt, run.sched,
+                                 run.state)[1])
     return rates

@@ -151,49 +151,32 @@ def train_run(spec, bundle, init_state: dict | None, device: torch.device
               ) -> tuple[torch.nn.Module, dict, list[dict], dict]:
     """Train ``spec`` as the Ray Train loop does with one worker; returns the selected model
     (eval), its state dict (CPU), the per-epoch metrics and the facts of the run."""
-    from oodlab.data.bundle import set_epoch, train_loader
+    from oodlab.data.bundle import set_epoch
     from oodlab.detect.evaluate import validation_metrics
-    from oodlab.methods import Loaders, TrainState, build_method
-    from oodlab.train.epoch import endless, train_epoch
-    from oodlab.train.optim import make_optimizer, make_scheduler
+    from oodlab.train.epoch import endless, prepare, train_epoch
 
-    torch.manual_seed(spec.seed)
-    method = build_method(spec)
-    model = method.build(bundle.num_classes)
-    state = TrainState(num_classes=bundle.num_classes, device=device)
-    bs = spec.data.batch_size
-    id_loader, id_sampler = train_loader(bundle.id_train, bs, spec.seed)
-    oe_loader, oe_sampler = None, None
-    if method.uses_oe:
-        oe_loader, oe_sampler = train_loader(bundle.oe, spec.data.oe_batch_size, spec.seed + 1)
-    if init_state is not None:
-        model.load_state_dict(init_state)
-    method.on_fit_start(model, Loaders(id_train=id_loader, oe=oe_loader), state)
-    model = method.wrap(model).to(device)
-    opt = make_optimizer(spec.train, [p for p in model.parameters() if p.requires_grad])
-    steps_per_epoch = len(id_loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"data.batch_size={bs} exceeds the {len(bundle.id_train)} ID training "
-                         "images; lower it")
-    sched = make_scheduler(spec.train, opt, spec.train.epochs * steps_per_epoch)
+    run = prepare(spec, bundle, device=device, init_state=init_state)
+    method, model, state, opt, sched = run.method, run.model, run.state, run.opt, run.sched
+    bs, steps_per_epoch = spec.data.batch_size, len(run.id_loader)
     x, y = on_device(bundle.id_train, device)
     oe = None
-    if oe_loader is not None:
+    if run.oe_loader is not None:
         ox, oy = on_device(bundle.oe, device)
-        oe = endless(_Batches(ox, oy, oe_sampler, spec.data.oe_batch_size), oe_sampler, spec.seed)
+        oe = endless(_Batches(ox, oy, run.oe_sampler, spec.data.oe_batch_size), run.oe_sampler,
+                     spec.seed)
     select, mode = spec.train.select_metric, spec.train.select_mode
     history, best, best_state, selected = [], None, None, 0
     t0, train_s = time.perf_counter(), 0.0
     for epoch in range(spec.train.epochs):
         state.epoch = epoch
-        set_epoch(id_sampler, spec.seed, epoch)
+        set_epoch(run.id_sampler, spec.seed, epoch)
         t = time.perf_counter()
-        loss, ips = train_epoch(model, method, gpu_batches(x, y, id_sampler, bs), oe, opt, sched,
-                                state)
+        loss, ips = train_epoch(model, method, gpu_batches(x, y, run.id_sampler, bs), oe, opt,
+                                sched, state)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_s += time.perf_counter() - t
-        method.on_epoch_end(model, Loaders(id_train=id_loader, oe=oe_loader), state)
+        method.on_epoch_end(model, run.loaders, state)
         m = {"epoch": epoch, "train/loss": loss, "train/lr": sched.get_last_lr()[0],
              "train/images_per_s": ips, "train/optimizer_steps": state.step}
         m |= method.epoch_metrics(model, state)
@@ -303,29 +286,22 @@ def throughput(args: argparse.Namespace, bundle, device: torch.device, threads: 
     """Images/s of ``steps`` steps of each spec's first epoch through the platform's loader
     (items collated on the CPU, then moved: what a Ray Train worker does without loader
     workers) on ``device`` with ``threads`` CPU threads; the first 3 steps are warm-up."""
-    from oodlab.data.bundle import train_loader
-    from oodlab.methods import TrainState, build_method
     from oodlab.spec import load_spec
-    from oodlab.train.epoch import train_epoch
-    from oodlab.train.optim import make_optimizer, make_scheduler
+    from oodlab.train.epoch import prepare, train_epoch
 
     torch.set_num_threads(threads)
     out = {}
     for path in (SPECS[0], SPECS[-1]):
         spec = load_spec(path, overrides_for(path, args.set))
-        method = build_method(spec)
-        model = method.wrap(method.build(bundle.num_classes)).to(device)
-        loader, _ = train_loader(bundle.id_train, spec.data.batch_size, spec.seed)
-        opt = make_optimizer(spec.train, model.parameters())
-        sched = make_scheduler(spec.train, opt, steps + 3)
-        state = TrainState(num_classes=bundle.num_classes, device=device)
+        run = prepare(spec, bundle, device=device)
 
-        def moved(n: int, loader=loader):
+        def moved(n: int, loader=run.id_loader):
             for xb, yb in itertools.islice(loader, n):
                 yield xb.to(device), yb.to(device)
 
-        train_epoch(model, method, moved(3), None, opt, sched, state)
-        _, ips = train_epoch(model, method, moved(steps), None, opt, sched, state)
+        for n in (3, steps):  # warm-up, then timed
+            _, ips = train_epoch(run.model, run.method, moved(n), None, run.opt, run.sched,
+                                 run.state)
         key = f"{spec.model.arch}_w{spec.model.width}/{device.type}/{threads}t"
         out[key] = ips
         print(f"throughput {key}: {ips:.0f} images/s over {steps} steps", flush=True)

@@ -1,4 +1,5 @@
-"""oodlab.train.epoch: the loop's epoch without Ray (step count, loss check, OE stream)."""
+"""oodlab.train.epoch: the loop's set-up and epoch without Ray (resume, step count, loss check,
+OE stream)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from oodlab.data.bundle import train_loader
+from oodlab.data.bundle import load_bundle, train_loader
 from oodlab.data.types import ImageDataset
 from oodlab.methods import TrainState
-from oodlab.train.epoch import endless, train_epoch
+from oodlab.spec import validate_spec
+from oodlab.train.epoch import checkpoint_payload, endless, prepare, train_epoch
+from tests.helpers import tiny_spec
 
 
 def _toy(n: int) -> ImageDataset:
@@ -72,3 +75,45 @@ def test_train_epoch_stops_on_a_non_finite_loss_with_where():
     batches = [(torch.zeros(2, 1), torch.zeros(2))] * 5
     with pytest.raises(FloatingPointError, match="epoch 3 step 2"):
         train_epoch(model, _Method(nan_at=3), batches, None, opt, sched, state)
+
+
+def _params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_prepare_resumes_exactly_what_a_checkpoint_holds(tmp_path):
+    """A run restarted from a payload goes on at the next epoch with the same weights,
+    momentum, learning rate and step; a fresh one starts from the seed's initial weights,
+    and ``init_state`` (init_from) replaces them."""
+    spec = validate_spec(tiny_spec(tmp_path, method={"name": "supervised"},
+                                   train={"epochs": 3, "lr": 0.05, "momentum": 0.9}))
+    bundle = load_bundle(spec, include_test=False)
+    run = prepare(spec, bundle)
+    initial = _params(run.model)
+    train_epoch(run.model, run.method, run.id_loader, None, run.opt, run.sched, run.state)
+    payload = checkpoint_payload(run.model, run.opt, run.sched, run.state)
+
+    again = prepare(spec, bundle, resume=payload)
+    assert again.start_epoch == 1 and again.state.step == run.state.step == len(run.id_loader)
+    for a, b in zip(_params(again.model), _params(run.model), strict=True):
+        assert torch.equal(a, b)
+    assert again.sched.get_last_lr() == run.sched.get_last_lr()
+    momentum = [s["momentum_buffer"] for s in again.opt.state_dict()["state"].values()]
+    assert momentum and all(m.abs().sum() > 0 for m in momentum)
+
+    fresh = prepare(spec, bundle)
+    assert fresh.start_epoch == 0 and fresh.state.step == 0
+    assert all(torch.equal(a, b) for a, b in zip(_params(fresh.model), initial, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(initial, _params(run.model), strict=True))
+    warm = prepare(spec, bundle, init_state=run.method.export(run.model).state_dict())
+    for a, b in zip(_params(warm.model), _params(run.model), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_prepare_names_the_field_when_a_rank_gets_no_batch(tmp_path):
+    spec = validate_spec(tiny_spec(tmp_path, method={"name": "supervised"},
+                                   data={"batch_size": 200}))
+    bundle = load_bundle(spec, include_test=False)  # 256 images: one batch of 200...
+    assert len(prepare(spec, bundle).id_loader) == 1
+    with pytest.raises(ValueError, match=r"data.batch_size=200 x 2 worker"):
+        prepare(spec, bundle, rank=0, world=2)  # ...but 128 per rank: none

@@ -7,6 +7,7 @@ seed's run, and come back as an ``oodlab results`` table. Run here on the CPU at
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import sys
@@ -65,6 +66,7 @@ def fashion_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fashion(tmp_path_factory.mktemp("fmnist-gpu"))
 
 
+@pytest.mark.slow
 def test_export_run_record_round_trip(tmp_path, fashion_root):
     """Two exports (the second referencing the first's images) rebuild both seeds' bundles
     with the export's split hashes; a run of the supervised spec and its energy-OE fine-tune
@@ -102,6 +104,11 @@ def test_export_run_record_round_trip(tmp_path, fashion_root):
         assert r["facts"]["optimizer_steps"] == r["facts"]["steps_per_epoch"] >= 1
         assert len(r["history"]) == 1 and "val/auroc" in r["history"][0]
         assert 0.0 <= r["metrics"]["test/auroc"] <= 1.0
+    # the 1 GPU vs CPU figure's timing: SmallCNN and ResNet-18 steps through the same set-up
+    rates = bench.throughput(argparse.Namespace(set=["data.batch_size=8"]), bundles[0],
+                             torch.device("cpu"), 1, 2)
+    assert sorted(rates) == ["resnet18_w32/cpu/1t", "small_cnn_w32/cpu/1t"], rates
+    assert all(v > 0 for v in rates.values())
     tuned = {r["seed"]: r for r in runs if r["spec"]["name"] == "fmnist_energy_oe"}
     assert tuned[0]["tags"]["oodlab.init_from"] == "spec:fmnist_supervised"
 

@@ -1,30 +1,118 @@
-"""One training epoch of the one loop, with no Ray in it.
+"""What one rank trains and one training epoch of the one loop, with no Ray in it.
 
-:mod:`oodlab.train.loop` runs it inside Ray Train workers; the benchmarks run it in plain
+:mod:`oodlab.train.loop` runs them inside Ray Train workers; the benchmarks run them in plain
 processes (``bench/benchlib.py``'s ceiling without Ray, ``bench/fmnist_gpu.py`` on a machine
-without Ray), so every driver trains with the same step, loss check and metrics::
+without Ray), so every driver trains the same model, data order, optimizer and step::
 
-    for (batch, oe_batch): loss = method.training_step(...); zero_grad; backward; step
-    -> (mean loss over every rank's images, images/s over the slowest rank)
+    prepare(spec, bundle)  -> Trainee: method, model, loaders, optimizer, schedule, state
+                              (a checkpoint payload resumes all of them)
+    train_epoch(...)       -> for (batch, oe_batch): loss = method.training_step(...);
+                              zero_grad; backward; step
+                           -> (mean loss over every rank's images, images/s over the
+                              slowest rank)
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader
 
-from oodlab.data.bundle import set_epoch
-from oodlab.methods import Method, TrainState
+from oodlab.data.bundle import DataBundle, set_epoch, train_loader
+from oodlab.methods import Loaders, Method, TrainState, build_method
+from oodlab.spec import ExperimentSpec
+from oodlab.train.optim import make_optimizer, make_scheduler
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside a DDP wrapper (what gets checkpointed and evaluated)."""
     return model.module if hasattr(model, "module") else model
+
+
+@dataclass
+class Trainee:
+    """Everything one rank trains with, built by :func:`prepare`."""
+
+    method: Method
+    model: nn.Module  # method.wrap(backbone), on the device; the caller adds DDP
+    state: TrainState
+    id_loader: DataLoader
+    id_sampler: Any
+    oe_loader: DataLoader | None
+    oe_sampler: Any
+    opt: torch.optim.Optimizer
+    sched: Any
+    start_epoch: int = 0  # > 0 when resumed from a checkpoint payload
+
+    @property
+    def loaders(self) -> Loaders:
+        return Loaders(id_train=self.id_loader, oe=self.oe_loader)
+
+
+def checkpoint_payload(model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                       state: TrainState) -> dict[str, Any]:
+    """What a checkpoint holds: model, optimizer, schedule, epoch, step, method state and the
+    RNG, so :func:`prepare` resumes at the next epoch; ``num_classes`` lets a driver rebuild
+    the model without loading data."""
+    return {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "epoch": state.epoch, "step": state.step,
+            "extra": state.extra, "torch_rng": torch.get_rng_state(),
+            "num_classes": state.num_classes}
+
+
+def prepare(spec: ExperimentSpec, bundle: DataBundle, rank: int = 0, world: int = 1,
+            device: torch.device | str = "cpu", init_state: dict | None = None,
+            resume: dict[str, Any] | None = None) -> Trainee:
+    """Build what rank ``rank`` of ``world`` trains on ``bundle``.
+
+    The model starts from ``spec.seed`` (the same on every rank), or from ``init_state``
+    (``init_from``); the loaders' order is a function of (seed, epoch, rank). The method sets
+    itself up on the plain backbone (``on_fit_start``), then wraps it; the optimizer covers
+    the trainable parameters, the schedule ``train.epochs`` x steps per epoch. ``resume``
+    (a :func:`checkpoint_payload`) restores method state and step before ``on_fit_start``,
+    and model, optimizer, schedule and RNG after, so training goes on at its next epoch.
+    """
+    device = torch.device(device)
+    torch.manual_seed(spec.seed)
+    method = build_method(spec)
+    model = method.build(bundle.num_classes)
+    state = TrainState(num_classes=bundle.num_classes, rank=rank, world_size=world,
+                       device=device)
+    workers = spec.resources.loader_workers
+    id_loader, id_sampler = train_loader(bundle.id_train, spec.data.batch_size, spec.seed,
+                                         rank, world, workers=workers)
+    if len(id_loader) == 0:
+        raise ValueError(f"data.batch_size={spec.data.batch_size} x {world} worker(s) exceeds "
+                         f"the {len(bundle.id_train)} ID training images; lower it or add data")
+    oe_loader, oe_sampler = None, None
+    if method.uses_oe:
+        if bundle.oe is None:
+            raise ValueError(f"method {spec.method.name!r} needs OE data: set data.oe")
+        oe_loader, oe_sampler = train_loader(bundle.oe, spec.data.oe_batch_size, spec.seed + 1,
+                                             rank, world, workers=workers)
+    if resume is not None:
+        state.extra, state.step = resume["extra"], resume["step"]
+    elif init_state is not None:
+        model.load_state_dict(init_state)
+    method.on_fit_start(model, Loaders(id_train=id_loader, oe=oe_loader), state)
+    model = method.wrap(model).to(device)
+    opt = make_optimizer(spec.train, [p for p in model.parameters() if p.requires_grad])
+    sched = make_scheduler(spec.train, opt, spec.train.epochs * len(id_loader))
+    start_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["torch_rng"])
+        start_epoch = resume["epoch"] + 1
+    return Trainee(method, model, state, id_loader, id_sampler, oe_loader, oe_sampler, opt,
+                   sched, start_epoch)
 
 
 def endless(batches: Iterable, sampler: Any, seed: int) -> Iterator:

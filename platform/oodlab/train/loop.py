@@ -2,8 +2,8 @@
 
 Per worker::
 
-    restore the latest checkpoint (if Ray restarted us)
-    for epoch: train_epoch(...)     # oodlab.train.epoch: the same epoch, without Ray
+    prepare(spec, bundle, resume=<latest checkpoint, if Ray restarted us>)
+    for epoch: train_epoch(...)     # oodlab.train.epoch: the same set-up and epoch, no Ray
                method.on_epoch_end(...)
                rank 0: validation metrics; everyone: ray.train.report(metrics, checkpoint)
 
@@ -25,24 +25,18 @@ from torch import nn
 
 from oodlab.cluster.storage import checkpoint_uri, ray_storage
 from oodlab.console import progress
-from oodlab.data.bundle import load_bundle, set_epoch, train_loader
+from oodlab.data.bundle import load_bundle, set_epoch
 from oodlab.detect.evaluate import validation_metrics
 from oodlab.methods import Loaders, Method, TrainState, build_method
 from oodlab.spec import ExperimentSpec, validate_spec
 from oodlab.track import tracking
-from oodlab.train.epoch import endless, train_epoch, unwrap
-from oodlab.train.optim import make_optimizer, make_scheduler
+from oodlab.train.epoch import checkpoint_payload, endless, prepare, train_epoch, unwrap
 
 CHECKPOINT_FILE = "state.pt"
 
 
 def save_checkpoint(path: Path, model: nn.Module, opt, sched, state: TrainState) -> None:
-    torch.save({
-        "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(), "epoch": state.epoch, "step": state.step,
-        "extra": state.extra, "torch_rng": torch.get_rng_state(),
-        "num_classes": state.num_classes,  # so no driver loads data to rebuild the model
-    }, path / CHECKPOINT_FILE)
+    torch.save(checkpoint_payload(model, opt, sched, state), path / CHECKPOINT_FILE)
 
 
 def load_checkpoint_payload(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
@@ -55,71 +49,37 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     spec = validate_spec(config["spec"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(spec.seed)  # identical init on every rank (DDP also broadcasts)
-    device = ray.train.torch.get_device()
-
     bundle = load_bundle(spec, include_test=False)
-    method = build_method(spec)
-    model = method.build(bundle.num_classes)
-    state = TrainState(num_classes=bundle.num_classes, rank=rank, world_size=world, device=device)
-    workers = spec.resources.loader_workers
-    id_loader, id_sampler = train_loader(bundle.id_train, spec.data.batch_size, spec.seed,
-                                         rank, world, workers=workers)
-    steps_per_epoch = len(id_loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"data.batch_size={spec.data.batch_size} x {world} workers exceeds the "
-                         f"{len(bundle.id_train)} ID training images; lower it or add data")
-    oe_loader, oe_sampler = None, None
-    if method.uses_oe:
-        if bundle.oe is None:
-            raise ValueError(f"method {spec.method.name!r} needs OE data: set data.oe")
-        oe_loader, oe_sampler = train_loader(bundle.oe, spec.data.oe_batch_size, spec.seed + 1,
-                                             rank, world, workers=workers)
-
     checkpoint = ray.train.get_checkpoint()
     payload = load_checkpoint_payload(checkpoint) if checkpoint is not None else None
-    if payload is None and config.get("init_state") is not None:
-        model.load_state_dict(config["init_state"])  # init_from, checked on the driver
-    if payload is not None:
-        state.extra, state.step = payload["extra"], payload["step"]
-    # method set-up on the plain backbone (e.g. UM's loss constraint), then the trained module
-    method.on_fit_start(model, Loaders(id_train=id_loader, oe=oe_loader), state)
-    model = method.wrap(model)
-    opt = make_optimizer(spec.train, [p for p in model.parameters() if p.requires_grad])
-    sched = make_scheduler(spec.train, opt, spec.train.epochs * steps_per_epoch)
+    run = prepare(spec, bundle, rank, world, ray.train.torch.get_device(),
+                  init_state=config.get("init_state"), resume=payload)  # init_from: checked
+    method, state = run.method, run.state
+    if payload is not None and rank == 0:
+        progress(f"resumed from checkpoint at epoch {payload['epoch']}")
 
-    start_epoch = 0
-    if payload is not None:
-        model.load_state_dict(payload["model"])
-        opt.load_state_dict(payload["optimizer"])
-        sched.load_state_dict(payload["scheduler"])
-        torch.set_rng_state(payload["torch_rng"])
-        start_epoch = payload["epoch"] + 1
-        if rank == 0:
-            progress(f"resumed from checkpoint at epoch {payload['epoch']}")
-
-    model = ray.train.torch.prepare_model(model)
-    id_loader = ray.train.torch.prepare_data_loader(id_loader, add_dist_sampler=False)
-    oe_stream = None
+    model = ray.train.torch.prepare_model(run.model)
+    id_loader = ray.train.torch.prepare_data_loader(run.id_loader, add_dist_sampler=False)
+    oe_loader, oe_stream = run.oe_loader, None
     if oe_loader is not None:
         oe_loader = ray.train.torch.prepare_data_loader(oe_loader, add_dist_sampler=False)
-        oe_stream = endless(oe_loader, oe_sampler, spec.seed)
+        oe_stream = endless(oe_loader, run.oe_sampler, spec.seed)
     loaders = Loaders(id_train=id_loader, oe=oe_loader)
 
-    for epoch in range(start_epoch, spec.train.epochs):
+    for epoch in range(run.start_epoch, spec.train.epochs):
         state.epoch = epoch
-        set_epoch(id_sampler, spec.seed, epoch)
-        mean_loss, images_per_s = train_epoch(model, method, id_loader, oe_stream, opt, sched,
-                                              state)
+        set_epoch(run.id_sampler, spec.seed, epoch)
+        mean_loss, images_per_s = train_epoch(model, method, id_loader, oe_stream, run.opt,
+                                              run.sched, state)
         method.on_epoch_end(model, loaders, state)
 
-        metrics = {"epoch": epoch, "run/start_epoch": start_epoch,
-                   "train/loss": mean_loss, "train/lr": sched.get_last_lr()[0],
+        metrics = {"epoch": epoch, "run/start_epoch": run.start_epoch,
+                   "train/loss": mean_loss, "train/lr": run.sched.get_last_lr()[0],
                    "train/images_per_s": images_per_s,
                    "train/optimizer_steps": state.step}  # per worker, since step 0
         metrics |= method.epoch_metrics(model, state)
         if rank == 0:
-            metrics |= validation_metrics(unwrap(model), bundle, spec, method, device)
+            metrics |= validation_metrics(unwrap(model), bundle, spec, method, state.device)
             _log_figures(spec, config.get("run_id"), method, unwrap(model), state)
             id_key = "val/id_map" if "val/id_map" in metrics else "val/id_acc"
             progress(f"epoch {epoch + 1}/{spec.train.epochs} (step {state.step}) "
@@ -128,7 +88,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                      f"val/auroc {metrics.get('val/auroc', float('nan')):.3f} "
                      f"({metrics['train/images_per_s']:.0f} img/s)")
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(Path(tmp), model, opt, sched, state)
+                save_checkpoint(Path(tmp), model, run.opt, run.sched, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
