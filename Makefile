@@ -76,9 +76,13 @@ quickstart: quickstart-packages $(STAMP)
 	$(BIN)/oodlab serve --spec jobs/quickstart.yaml --smoke $(if $(KEEP),--keep)
 
 # the system packages, the architecture (import-linter contracts in pyproject.toml), the suite
+# on TEST_WORKERS pytest-xdist processes, whole modules each (a module's fixtures are built
+# once); the tests mostly wait on process start-up and servers, so 2 workers on 2 cores
+# halve the wall time (TEST_WORKERS=0: one process)
+TEST_WORKERS ?= 2
 test: test-packages $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform tests bench

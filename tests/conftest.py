@@ -18,6 +18,24 @@ os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
 os.environ.pop("AWS_SESSION_TOKEN", None)
 
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow or Ray tests run first (stable otherwise): `make test` hands whole
+    modules to two pytest-xdist workers, and starting the long ones first lets both workers
+    finish together instead of one running the last end-to-end test alone."""
+    heavy = {item.path for item in items
+             if item.get_closest_marker("slow") or item.get_closest_marker("ray")}
+    items.sort(key=lambda item: item.path not in heavy)
+
+
+@pytest.fixture(autouse=True)
+def _forget_mlflows_tracking_uri():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: without this, the processes a
+    later test starts (an `oodlab` CLI, Ray) would track into an earlier test's store."""
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole session (4 logical CPUs: 2 DDP workers + controllers).

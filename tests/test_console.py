@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from oodlab.console import library_logs, stderr
@@ -33,6 +34,7 @@ def _oodlab(*argv: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_run_shows_progress_and_results_and_logs_ray_and_mlflow_to_a_file(tmp_path):
     """The quickstart's path (`oodlab run`), in a process of its own: without -v no Ray or
     MLflow line reaches stdout or stderr, the epoch line and the log file's path do; with -v

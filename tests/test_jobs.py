@@ -121,6 +121,7 @@ def test_build_submission_is_checked_here(project, tmp_path, monkeypatch):
         jobs.job_address("localhost:8265")
 
 
+@pytest.mark.slow
 def test_submit_follow_to_succeeded_and_stop(ray_head, project, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 

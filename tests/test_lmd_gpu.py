@@ -101,6 +101,7 @@ def _tiny_data(path: Path) -> None:
              groups=json.dumps({"near": ["mnist"], "far": ["photos"], "sanity": []}))
 
 
+@pytest.mark.slow
 def test_run_trains_scores_and_a_second_run_scores_its_checkpoint(tmp_path):
     data = tmp_path / "data.npz"
     _tiny_data(data)

@@ -93,6 +93,7 @@ def test_odin_epsilon_is_searched_through_the_network() -> None:
     assert effects["epsilon"] > 1e-6 and effects["temperature"] > 1e-6
 
 
+@pytest.mark.slow
 def test_tune_posthoc_end_to_end(ray_session, tmp_path) -> None:
     """A trained run's checkpoint: features cached once (a second search hits the cache and
     gives the same numbers), one MLflow child run per trial, ODIN searched through the

@@ -148,6 +148,7 @@ def test_data_root_on_s3_is_staged_on_each_node_by_load_bundle(s3, tmp_path):
         shutil.rmtree(staged, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_run_on_s3_checkpoints_artifacts_and_resume(s3, ray_session, tmp_path):
     from mlflow.tracking import MlflowClient
 

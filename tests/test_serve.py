@@ -426,7 +426,15 @@ def test_version_switch_under_load_loses_no_request(served, capsys):
         switched = time.monotonic()
         assert main(["serve", "--reload", "--name", APP]) == 0
         assert "version 1 -> 2" in capsys.readouterr().out
+        # the old replicas drain what they hold: wait (up to 30 s on a loaded machine) until
+        # the last 8 answers, after at least 1.5 s more of load, all come from version 2
         time.sleep(1.5)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with lock:
+                if len(seen) >= 8 and all(row[2] == "2" for row in seen[-8:]):
+                    break
+            time.sleep(0.2)
     finally:
         stop.set()
         for t in threads:
