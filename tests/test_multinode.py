@@ -89,7 +89,8 @@ class Cluster:
     def add_node(self, name: str) -> subprocess.Popen:
         """``ray start --address`` one more node with 1 CPU; waits until the head sees it."""
         before = _alive_nodes(self.dashboard)  # ids: a node just killed may still be listed
-        for attempt in range(3):
+        attempt = 0
+        while True:
             # its own temp dir, as on a real node: two raylets sharing one would share (and
             # garbage-collect) each other's runtime_env working dirs
             log = self.tmp / f"{name}-{attempt}.log"
@@ -103,10 +104,10 @@ class Cluster:
                 return proc
             except AssertionError:
                 # `ray start` gives up when the head answers too slowly ("Failed to get node
-                # info ... Deadline Exceeded" on a loaded machine): start it again
-                if proc.poll() is None or attempt == 2:
+                # info ... Deadline Exceeded" on a loaded machine): start it again, twice
+                attempt += 1
+                if proc.poll() is None or attempt == 3:
                     raise
-        return proc  # not reached: the last attempt returned or raised
 
 
 def _alive_nodes(dashboard: str) -> set[str]:
