@@ -5,8 +5,9 @@ Started here, all on 127.0.0.1: an S3 server (moto), a PostgreSQL server (``init
 writes artifacts to S3, a Ray head and a second Ray node (``ray start --address``) with one CPU
 each. ``oodlab submit --tune`` then runs a search whose 2-worker DDP trials must span both nodes
 (a worker needs the one CPU of a node). Mid-search the second node is killed and a new one
-joins: the trial resumes from its last checkpoint on S3. Everything recorded must be in the
-tracking server and on S3, and ``oodlab serve`` serves the champion from its registry.
+joins: the trial resumes from its last checkpoint on S3, and the search's second trial runs on
+the head and the new node. Everything recorded must be in the tracking server and on S3, and
+``oodlab serve`` serves the champion, chosen from both trials, from its registry.
 
 Every process is stopped at the end by killing exactly what this module started.
 """
@@ -85,6 +86,7 @@ class Cluster:
     gcs: str
     dashboard: str
     procs: dict[str, subprocess.Popen]
+    node_ids: dict[str, str]  # node name -> Ray node id, for the nodes started by add_node
 
     def add_node(self, name: str) -> subprocess.Popen:
         """``ray start --address`` one more node with 1 CPU; waits until the head sees it."""
@@ -101,6 +103,7 @@ class Cluster:
             try:
                 _wait(f"ray node {name}", lambda: _alive_nodes(self.dashboard) - before, proc,
                       log)
+                (self.node_ids[name],) = _alive_nodes(self.dashboard) - before
                 return proc
             except AssertionError:
                 # `ray start` gives up when the head answers too slowly ("Failed to get node
@@ -175,7 +178,7 @@ def cluster() -> Iterator[Cluster]:
                   tmp / "head.log")
             env |= {"MLFLOW_TRACKING_URI": tracking_uri}
             c = Cluster(tmp, env, tracking_uri, client, f"127.0.0.1:{ports['port']}", dashboard,
-                        procs)
+                        procs, {})
             c.add_node("node2")
             yield c
         finally:
@@ -203,7 +206,7 @@ def test_search_spans_two_nodes_survives_losing_one_and_is_served(cluster, tmp_p
     (project / "space.yaml").write_text(yaml.safe_dump({
         "method": "energy_oe", "objectives": [{"metric": "val/auroc", "mode": "max"}],
         "params": {"method.m_in": {"type": "uniform", "low": -30, "high": -10}},
-        "num_samples": 1, "max_concurrent": 1,
+        "num_samples": 2, "max_concurrent": 1,
         "resources": {"num_workers": 2, "cpus_per_worker": 1},
         "scheduler": {"name": "fifo"}, "searcher": {"name": "tpe", "seed": 0}}))
     env = cluster.env
@@ -239,7 +242,7 @@ def test_search_spans_two_nodes_survives_losing_one_and_is_served(cluster, tmp_p
     exp = client.get_experiment_by_name("multinode")
     runs = client.search_runs([exp.experiment_id])
     trials = [r for r in runs if r.data.tags.get(ROLE_TAG) == "trial"]
-    if len(trials) != 1 or any(r.info.status != "FINISHED" for r in trials):
+    if len(trials) != 2 or any(r.info.status != "FINISHED" for r in trials):
         pytest.fail(f"{[(r.info.run_name, r.info.status) for r in runs]}\n{text[-8000:]}")
     # the interrupted trial restarted from its checkpoint, not from epoch 0
     starts = {r.info.run_id: [m.value for m in client.get_metric_history(
@@ -269,10 +272,12 @@ def test_search_spans_two_nodes_survives_losing_one_and_is_served(cluster, tmp_p
         return json.loads(urllib.request.urlopen(req, timeout=30).read())["data"]["result"][
             "result"]
 
-    workers = state("actors", "RayTrainWorker")
-    assert len({a["node_id"] for a in workers}) >= 2, [(a["node_id"], a["state"])
-                                                       for a in workers]
     head = {n["node_id"] for n in state("nodes") if n["is_head_node"]}
+    # both nodes of every trial: the lost node2 and its replacement node3 each ran workers
+    workers = state("actors", "RayTrainWorker")
+    assert {a["node_id"] for a in workers} == head | {cluster.node_ids["node2"],
+                                                      cluster.node_ids["node3"]}, [
+        (a["node_id"], a["state"]) for a in workers]
     drivers = state("actors", "ImplicitFunc")
     assert drivers and {a["node_id"] for a in drivers} == head, (head, drivers)
 
