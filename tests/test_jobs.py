@@ -98,6 +98,7 @@ def test_build_submission_is_checked_here(project, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////another/spec/mlflow.db")
     leaked = jobs.build_submission(project / "jobs" / "tiny.yaml", working_dir=project)
     assert "MLFLOW_TRACKING_URI" not in leaked.runtime_env["env_vars"]
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////another/spec/mlflow.db"  # restored
     monkeypatch.setattr(user_env, "_ENV_TRACKING_URI", "http://mlflow:5000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-forwarded")
     sub = jobs.build_submission(project / "jobs" / "tiny.yaml", working_dir=project,

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from oodlab.cluster.env import user_environment
 from oodlab.errors import JobError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -169,13 +170,9 @@ def build_submission(spec_path: str | Path, *, space: str | Path | None = None,
         args += ["run", rel_spec]
     for item in overrides or []:
         args += ["--set", item]
-    from oodlab.cluster.env import user_tracking_uri
-
-    env_vars = {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
     # the user's tracking URI, not one that mlflow.set_tracking_uri wrote into this process
-    env_vars.pop("MLFLOW_TRACKING_URI", None)
-    if uri := user_tracking_uri():
-        env_vars["MLFLOW_TRACKING_URI"] = uri
+    with user_environment():
+        env_vars = {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
     if pass_credentials:
         env_vars |= {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}
     env_vars |= dict(_env_pair(item) for item in env or [])
