@@ -51,3 +51,32 @@ def test_init_from_missing_or_mismatched_is_an_error(source):
                                     init_from=f"runs:/{src.run_id}"))
     with pytest.raises(ModelReferenceError, match="does not fit model"):
         initial_weights(wider, 10)
+
+
+def test_spec_reference_is_this_seeds_run_on_the_same_training_set(tmp_path, monkeypatch):
+    """``spec:<name>`` resolves per seed *and* per ID training set: a newer run of the same
+    spec on other images (a ``data.limit`` table beside a full-size one) is never taken."""
+    from oodlab.track import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = validate_spec(tiny_spec(tmp_path, seed=2, init_from="spec:pre",
+                                   tracking={"experiment": "chain"}))
+    client = tracking.client_for(spec)
+    exp = tracking.ensure_experiment(client, spec)
+    clock = iter(range(1_000, 2_000))  # distinct start times: "newest" is well defined
+
+    def run(seed: int, split: str) -> str:
+        r = client.create_run(exp, start_time=next(clock), run_name="pre", tags={
+            "oodlab.seed": str(seed), "oodlab.provenance.split.id_train": split})
+        client.set_terminated(r.info.run_id, status="FINISHED")
+        return r.info.run_id
+
+    full = run(2, "hash-full")
+    capped = run(2, "hash-capped")  # newer, other images
+    run(3, "hash-full")  # newer, another seed
+    assert tracking.resolve_init_from(spec, "hash-full") == f"runs:/{full}"
+    assert tracking.resolve_init_from(spec, "hash-capped") == f"runs:/{capped}"
+    assert tracking.resolve_init_from(spec) == f"runs:/{capped}"  # no hash: newest of seed 2
+    with pytest.raises(ModelReferenceError, match=r"seed 2 on this ID training set "
+                                                  r"\(split.id_train hash-other\)"):
+        tracking.resolve_init_from(spec, "hash-other")

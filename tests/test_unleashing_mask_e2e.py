@@ -96,6 +96,17 @@ def test_flood_at_the_training_loss_both_ascends_and_descends(pretrained):
     assert client.get_run(um.run_id).data.metrics["um/loss_constraint"] == pytest.approx(ell)
 
 
+def test_spec_reference_needs_a_run_on_the_same_training_images(pretrained):
+    """``pre`` exists for seed 0, but on 256 training images: a fine-tune capped at 128
+    must not start from it (nor would a full-size one), and says why before any run starts."""
+    tmp_path, _ = pretrained
+    capped = validate_spec(tiny_spec(tmp_path, name="um_capped", method={"name": "um"},
+                                     init_from="spec:pre", data={"limit": 128}))
+    with pytest.raises(ModelReferenceError, match="no finished run of spec 'pre' with seed 0 "
+                                                  "on this ID training set"):
+        run_experiment(capped)
+
+
 def test_spec_reference_without_a_matching_run_is_an_error(ray_session, tmp_path):
     spec = validate_spec(tiny_spec(tmp_path, seed=5, method={"name": "um"},
                                    init_from="spec:never_ran"))

@@ -222,7 +222,8 @@ class ExperimentSpec(StrictModel):
     init_from: str | None = Field(
         None, pattern=r"^(runs:/[0-9a-f]+/?|models:/.+|spec:[A-Za-z0-9_.-]+)$",
         description="start from an earlier model: runs:/<run_id>, models:/<name>@<alias>, or "
-                    "spec:<name> (the newest finished run of that spec with the same seed)")
+                    "spec:<name> (the newest finished run of that spec with the same seed, "
+                    "trained on the same ID training images)")
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     method: SerializeAsAny[MethodParams]

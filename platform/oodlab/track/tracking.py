@@ -226,28 +226,39 @@ def newest_finished_run(spec: ExperimentSpec, tags: dict[str, str]) -> str | Non
     return f"runs:/{runs[0].info.run_id}" if runs else None
 
 
-def run_of_spec(spec: ExperimentSpec, ref: str, field: str) -> str:
+def run_of_spec(spec: ExperimentSpec, ref: str, field: str,
+                id_train_hash: str | None = None) -> str:
     """``spec:<name>`` as ``runs:/<id>``: the newest finished run of the spec called ``<name>``
-    with this spec's seed, in this spec's experiment; an error naming ``field`` if none."""
+    with this spec's seed (and, given ``id_train_hash``, trained on that very ID training set:
+    its ``oodlab.provenance.split.id_train`` tag), in this spec's experiment; an error naming
+    ``field`` if none."""
     name = ref.removeprefix("spec:")
-    found = newest_finished_run(spec, {"mlflow.runName": name, "oodlab.seed": str(spec.seed)})
+    tags = {"mlflow.runName": name, "oodlab.seed": str(spec.seed)}
+    on = ""
+    if id_train_hash is not None:
+        tags[PROVENANCE_PREFIX + "split.id_train"] = id_train_hash
+        on = f" on this ID training set (split.id_train {id_train_hash[:12]})"
+    found = newest_finished_run(spec, tags)
     if found is None:
         raise ModelReferenceError(
-            f"{field} {ref!r}: no finished run of spec {name!r} with seed {spec.seed} in "
+            f"{field} {ref!r}: no finished run of spec {name!r} with seed {spec.seed}{on} in "
             f"experiment {spec.tracking.experiment!r}; run that spec first")
     return found
 
 
-def resolve_init_from(spec: ExperimentSpec) -> str | None:
+def resolve_init_from(spec: ExperimentSpec, id_train_hash: str | None = None) -> str | None:
     """``spec.init_from`` as a ``runs:/`` or ``models:/`` reference.
 
     ``spec:<name>`` means the newest finished run of the spec called ``<name>`` with this
     spec's seed, in this spec's experiment: how a pretrain -> finetune chain runs per seed.
+    Given ``id_train_hash`` (:func:`oodlab.detect.provenance.dataset_hash` of the ID training
+    split), only a run trained on the same images counts: a chain run at full size never
+    starts from a pretraining capped by ``data.limit``, or the other way round.
     """
     ref = spec.init_from
     if ref is None or not ref.startswith("spec:"):
         return ref
-    return run_of_spec(spec, ref, "init_from")
+    return run_of_spec(spec, ref, "init_from", id_train_hash)
 
 
 def resolve_oe_backbone(spec: ExperimentSpec, id_train_hash: str) -> str:
@@ -256,12 +267,13 @@ def resolve_oe_backbone(spec: ExperimentSpec, id_train_hash: str) -> str:
     ``method:<m>`` (the default, ``method:bce``) is the newest finished run of method ``<m>``
     with this spec's seed trained on this very ID training set (its
     ``oodlab.provenance.split.id_train`` tag equals ``id_train_hash``), in this spec's
-    experiment; ``spec:<name>`` the newest finished run of that spec with this seed.
+    experiment; ``spec:<name>`` the newest finished run of that spec with this seed on the
+    same training set.
     """
     ref = spec.data.oe_select.backbone if spec.data.oe_select else "random"
     field = "data.oe_select.backbone"
     if ref.startswith("spec:"):
-        return run_of_spec(spec, ref, field)
+        return run_of_spec(spec, ref, field, id_train_hash)
     if not ref.startswith("method:"):
         return ref
     method, seed = ref.removeprefix("method:"), str(spec.seed)

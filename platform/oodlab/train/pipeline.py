@@ -60,11 +60,12 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
                    ) -> RunResult:
     """Train, evaluate and track one experiment. The MLflow run is FAILED if anything raises."""
     bundle = load_bundle(spec)  # build/cache data and fail on a bad root before Ray starts
-    init_ref = tracking.resolve_init_from(spec)
+    id_train_hash = dataset_hash(bundle.id_train)
+    init_ref = tracking.resolve_init_from(spec, id_train_hash)
     init_state = initial_weights(spec, bundle.num_classes, init_ref)  # a bad ref fails here
     oe_ref = None  # a missing OE-selection backbone fails here too, before any run starts
     if spec.data.oe_select is not None:
-        oe_ref = tracking.resolve_oe_backbone(spec, dataset_hash(bundle.id_train))
+        oe_ref = tracking.resolve_oe_backbone(spec, id_train_hash)
     init_ray(spec)
     tags = (tags or {}) | {ray_local.HARDWARE_TAG: ray_local.hardware()}
     tags |= spec_tags(spec.model_dump(mode="json"))  # provenance: spec, data, code
