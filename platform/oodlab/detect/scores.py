@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.covariance import shrunk_covariance
 from torch import Tensor, nn
 
 from oodlab.detect.stats import Chunk, Moments, Reservoir, chunks_of, reiterable
@@ -249,13 +250,23 @@ class KNN(PostHocScore):
 @SCORES.register
 class Mahalanobis(PostHocScore):
     """Lee et al. 2018 (Eq. 2, penultimate layer, no input noise): class means and one tied
-    covariance from ID train; score = -min_c (f - mu_c)^T Sigma^+ (f - mu_c)."""
+    covariance from ID train; score = -min_c (f - mu_c)^T Sigma^+ (f - mu_c).
+
+    ``shrinkage`` a in [0, 1] replaces Sigma by (1 - a) Sigma + a (tr Sigma / D) I, the
+    shrunk covariance of Ledoit & Wolf 2004 (scikit-learn's ``shrunk_covariance``). a = 0,
+    the default, is the paper's estimator; a = 1 ranks by Euclidean distance to the nearest
+    class mean. Shrinkage caps the weight of directions in which ID-train features barely
+    vary: the exact precision trusts them fully, so test features that move a little along
+    them (ID test images included) get large distances."""
 
     name = "mahalanobis"
     needs_fit = True
     needs_labels = True
 
-    def __init__(self) -> None:
+    def __init__(self, shrinkage: float = 0.0) -> None:
+        if not 0.0 <= float(shrinkage) <= 1.0:
+            raise ValueError(f"mahalanobis.shrinkage must be in [0, 1], got {shrinkage}")
+        self.shrinkage = float(shrinkage)
         self.means = torch.empty(0)
         self.precision = torch.empty(0)
 
@@ -271,8 +282,11 @@ class Mahalanobis(PostHocScore):
                 raise ValueError("mahalanobis needs class labels of the ID training set")
             moments.update(features, labels)
         _, means = moments.class_means()
+        cov = moments.tied_covariance()
+        if self.shrinkage > 0:
+            cov = torch.from_numpy(shrunk_covariance(cov.numpy(), self.shrinkage))
         self.means = means.float()
-        self.precision = torch.linalg.pinv(moments.tied_covariance(), hermitian=True).float()
+        self.precision = torch.linalg.pinv(cov, hermitian=True).float()
 
     def score(self, logits: Tensor, features: Tensor) -> Tensor:
         if self.means.numel() == 0:
@@ -287,6 +301,9 @@ class Mahalanobis(PostHocScore):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.means, self.precision = state["means"], state["precision"]
+
+    def config(self) -> dict[str, Any]:
+        return {"shrinkage": self.shrinkage}
 
 
 class _ClusterScore(PostHocScore):

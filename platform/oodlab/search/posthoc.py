@@ -47,7 +47,9 @@ from oodlab.spec import ExperimentSpec
 # knob -> (kind, low, high[, log]) ; "C" / "D" stand for the number of classes / feature dim
 Space = dict[str, tuple]
 SPACES: dict[str, Space] = {
-    "msp": {}, "max_logit": {}, "mahalanobis": {},
+    "msp": {}, "max_logit": {},
+    # 0 = Lee et al.'s exact tied covariance, 1 = Euclidean distance to the nearest class mean
+    "mahalanobis": {"shrinkage": ("float", 0.0, 1.0, False)},
     "energy": {"temperature": ("float", 0.05, 100.0, True)},
     # Liang et al. 2018 (Sec. 4) search T in 1..1000 and eps in [0, 0.004]; eps needs the network
     "odin": {"temperature": ("float", 1.0, 1000.0, True), "epsilon": ("float", 0.0, 0.004, False)},

@@ -186,6 +186,21 @@ class EvalSpec(StrictModel):
             raise ValueError(f"unknown score(s) {unknown}; allowed: {sorted(SCORES)}")
         return scores
 
+    @field_validator("score_params")
+    @classmethod
+    def _known_score_params(cls, params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Unknown scores, parameters or values fail at spec load, not after training. Scores
+        that run the network (``needs_model``) check their values when the method builds them."""
+        for name, kwargs in params.items():
+            if name not in SCORES:
+                raise ValueError(f"unknown score {name!r}; allowed: {sorted(SCORES)}")
+            if not SCORES[name].needs_model:
+                try:
+                    SCORES[name](**kwargs)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{name}: {err}") from None
+        return params
+
 
 class ResourcesSpec(StrictModel):
     """Ray Train ScalingConfig and FailureConfig."""
