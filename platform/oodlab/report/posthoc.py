@@ -66,7 +66,10 @@ def posthoc_markdown(summaries: Sequence[dict[str, Any]]) -> str:
                                               for r in rs) + " |")
     rho = [val_test_spearman(s) for s in summaries]
     lines += ["", "Validation vs test over the scores (Spearman of tuned val AUROC and tuned "
-              f"test AUROC, per checkpoint): {', '.join(f'{r:+.2f}' for r in rho)}.", "",
+              "test AUROC, per checkpoint): " + (
+                  ", ".join(f"{r:+.2f}" for r in rho) if not all(np.isnan(rho))
+                  else f"not computed, {len(names)} score(s) searched (it needs 3 or more)")
+              + ".", "",
               "Provenance:", "",
               "| # | source | search run | checkpoint | data | spec | code | champion |",
               "|---" * 8 + "|"]
