@@ -133,6 +133,10 @@ results-fmnist-full-cpu: $(STAMP) quickstart-packages
 	    --scores msp max_logit energy odin knn mahalanobis --per-set auroc fpr95 \
 	    --baseline fmnist_supervised --out docs/results/fmnist_baselines_full.md $(FMNIST_SEEDS) \
 	    --curves train/loss val/id_acc val/auroc
+	# Mahalanobis of those checkpoints against covariance shrinkage (feature caches, no training)
+	.venv/bin/python bench/mahalanobis_shrinkage.py --table fmnist-baselines-full \
+	    jobs/fmnist_supervised.yaml jobs/fmnist_oe.yaml jobs/fmnist_energy_oe.yaml \
+	    jobs/fmnist_supervised_ft.yaml
 
 # ResNet-18 against the SmallCNN at CPU size (10,000 training images, 5 seeds, same steps;
 # about 2 h on 2 CPU cores): docs/results/fmnist_resnet18.md

@@ -103,6 +103,21 @@ def summarise(rows: list[dict], grid: list[float]) -> dict:
     return out
 
 
+def selection(summary: dict, grid: list[float]) -> dict[str, dict[str, float]]:
+    """Per spec: would validation pick the shrinkage test favours? Spearman over the grid of
+    the mean validation AUROC and the mean test AUROC ((near + far) / 2), and the a each picks."""
+    from scipy import stats
+
+    out = {}
+    for spec, per_a in summary.items():
+        val = [per_a[str(a)]["val"][0] for a in grid]
+        test = [(per_a[str(a)]["near"][0] + per_a[str(a)]["far"][0]) / 2 for a in grid]
+        out[spec] = {"spearman": float(stats.spearmanr(val, test).statistic),
+                     "a_by_val": grid[int(np.argmax(val))],
+                     "a_by_test": grid[int(np.argmax(test))]}
+    return out
+
+
 def figure(summary: dict, grid: list[float], path: str) -> None:
     import matplotlib
 
@@ -154,6 +169,11 @@ def markdown(result: dict) -> str:
                     for k in (f"near_minus_{ref}", f"far_minus_{ref}")]
             lines.append(f"| {spec} | {a:g} | {ms(e['near'])} | {ms(e['far'])} | "
                          f"{ms(e['val'])} | {diff[0]} | {diff[1]} |")
+    lines += ["", "Would validation pick the shrinkage? Spearman over the grid of mean "
+              "validation AUROC and mean test AUROC ((near + far) / 2), and the a each favours:",
+              "", "| spec | Spearman | a by validation | a by test |", "|---|---|---|---|"]
+    lines += [f"| {spec} | {v['spearman']:+.2f} | {v['a_by_val']:g} | {v['a_by_test']:g} |"
+              for spec, v in result["selection"].items()]
     lines += ["", "Mean penultimate-feature norm and the condition number of the exact tied "
               "covariance, per checkpoint:", "",
               "| spec | seed | run | ID test norm | near-OOD norm | far-OOD norm | condition |",
@@ -187,8 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     figure(summary, grid, args.figure)
     result = header("mahalanobis_shrinkage", "bench/mahalanobis_shrinkage.py", argv) | {
         "table": args.table, "grid": grid, "rows": rows, "summary": summary,
+        "selection": selection(summary, grid),
         "figure": args.figure}
-    Path(args.md).write_text(markdown(result))
+    from oodlab.report.results import write_keeping_notes
+
+    write_keeping_notes(Path(args.md), markdown(result), marker=True)  # notes below survive
     print(f"wrote {write_result(args.out, result)}, {args.figure} and {args.md}")
 
 

@@ -36,11 +36,15 @@ def test_paired_differences_are_per_seed_against_the_first_spec() -> None:
     assert d[0] == pytest.approx(-0.18) and d[1] == pytest.approx(0.02828, abs=1e-4) and d[2] == 2
     assert summary["oe"]["1"]["near_minus_base"][0] == pytest.approx(0.02)
     assert "near_minus_base" not in summary["base"]["0"]
+    sel = bench.selection(summary, [0, 1])
+    assert sel["oe"]["a_by_val"] == 1 and sel["oe"]["a_by_test"] == 1
     md = bench.markdown({"table": "t", "grid": [0, 1], "summary": summary, "rows": rows,
+                         "selection": sel,
                          "command": "python bench/mahalanobis_shrinkage.py", "date": "d",
                          "host": "h", "figure": "docs/results/m.png"})
     assert "| oe | 0 | 0.560 ± 0.398 | 0.900 ± 0.000 | 0.800 ± 0.000 | -0.180 ± 0.028 (n=2) |" in md
     assert "| oe | 2 | `oe2oe2oe2oe2` | 14.00 | 6.00 | 3.00 | 900 |" in md
+    assert "| oe | +1.00 | 1 | 1 |" in md
 
 
 def test_the_grid_must_hold_the_exact_estimator(capsys) -> None:
