@@ -255,9 +255,11 @@ class Mahalanobis(PostHocScore):
     ``shrinkage`` a in [0, 1] replaces Sigma by (1 - a) Sigma + a (tr Sigma / D) I, the
     shrunk covariance of Ledoit & Wolf 2004 (scikit-learn's ``shrunk_covariance``). a = 0,
     the default, is the paper's estimator; a = 1 ranks by Euclidean distance to the nearest
-    class mean. Shrinkage caps the weight of directions in which ID-train features barely
-    vary: the exact precision trusts them fully, so test features that move a little along
-    them (ID test images included) get large distances."""
+    class mean. Shrinkage pulls the eigenvalues towards their mean. The exact estimator fails
+    in two ways it repairs: it over-weights directions in which ID-train features barely vary
+    (ID test features that move a little along them look far), and when ID features vary most
+    along their class means, i.e. in norm, it calls a feature near the origin (where outlier
+    exposure puts OOD features) a weak member of the nearest class."""
 
     name = "mahalanobis"
     needs_fit = True
