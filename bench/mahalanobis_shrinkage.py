@@ -11,10 +11,12 @@ checkpoint's outputs come from the feature cache of ``oodlab tune-posthoc`` (bui
 same Ray tasks when missing). At each shrinkage a of ``--grid`` the score is fitted on ID train
 (tied covariance (1 - a) Sigma + a tr(Sigma)/D I; a = 0 is the paper's estimator) and scored
 on ID test, every test OOD set and every validation OOD set. Beside the AUROCs it records what
-explains them: the mean penultimate-feature norm of ID test and of each OOD group, and the
-condition number of the exact tied covariance. Paired differences are taken per seed against
-the first spec. Writes the JSON, the tables as markdown and one figure (test near, test far
-and validation AUROC against a, mean ± std over seeds, one line per spec).
+explains them: the mean penultimate-feature norm of ID test and of each OOD group, the share
+of the tied covariance inside the span of the class means, its condition number, and how far
+the origin (the zero feature) is from the nearest class mean compared with ID test features.
+Paired differences are taken per seed against the first spec. Writes the JSON, the tables as
+markdown and one figure (test near, test far and validation AUROC against a, mean ± std over
+seeds, one line per spec).
 """
 
 from __future__ import annotations
@@ -58,9 +60,15 @@ def checkpoint_rows(spec_path: str, table: str, grid: list[float]) -> list[dict]
         val = [k for k in out if k.startswith("val_ood:")]
         moments = Moments()
         moments.update(out["id_train"].features, out["id_train"].labels)
-        eig = torch.linalg.eigvalsh(moments.tied_covariance())
+        cov = moments.tied_covariance()
+        eig = torch.linalg.eigvalsh(cov)
+        span = torch.linalg.qr(moments.class_means()[1].T).Q  # basis of the class means
         row = {"spec": spec.name, "seed": seed, "run": run_id, "cache_hit": hit,
                "condition_number": float(eig.max() / eig.min()),
+               "variance_in_class_mean_span": float(torch.trace(span.T @ cov @ span)
+                                                    / torch.trace(cov)),
+               "class_mean_span_dims": [span.shape[1], cov.shape[0]],
+               "origin_vs_id_test": {},
                "feature_norm": {"id_test": float(out["id_test"].features.norm(dim=1).mean())}
                | {g: float(torch.cat([out[k].features for k in keys]).norm(dim=1).mean())
                   for g, keys in groups.items()},
@@ -69,6 +77,8 @@ def checkpoint_rows(spec_path: str, table: str, grid: list[float]) -> list[dict]
             score = build_score("mahalanobis", shrinkage=a)
             score.fit_chunks(cache.chunks("id_train"))
             sc = {k: score.score(o.logits, o.features) for k, o in out.items() if k != "id_train"}
+            origin = -score.score(None, torch.zeros(1, cov.shape[0]))
+            row["origin_vs_id_test"][str(a)] = float(origin / (-sc["id_test"]).median())
             per = {k: auroc(sc["id_test"], sc[k]) for keys in groups.values() for k in keys}
             row["auroc"][str(a)] = {g: float(np.mean([per[k] for k in keys]))
                                     for g, keys in groups.items()} | {
@@ -174,15 +184,22 @@ def markdown(result: dict) -> str:
               "", "| spec | Spearman | a by validation | a by test |", "|---|---|---|---|"]
     lines += [f"| {spec} | {v['spearman']:+.2f} | {v['a_by_val']:g} | {v['a_by_test']:g} |"
               for spec, v in result["selection"].items()]
-    lines += ["", "Mean penultimate-feature norm and the condition number of the exact tied "
-              "covariance, per checkpoint:", "",
-              "| spec | seed | run | ID test norm | near-OOD norm | far-OOD norm | condition |",
-              "|---|---|---|---|---|---|---|"]
+    lo, hi = str(grid[0]), str(grid[-1])
+    lines += ["", "Per checkpoint: mean penultimate-feature norm; the share of the tied "
+              "covariance's trace inside the span of the class means (C of D dimensions); its "
+              "condition number; and the distance of the origin (the zero feature) to the "
+              "nearest class mean divided by the median distance of ID test features, exact "
+              f"(a = {lo}) and at a = {hi}:", "",
+              "| spec | seed | run | ID test norm | near-OOD norm | far-OOD norm | variance in "
+              f"class-mean span | condition | origin ÷ ID test, a = {lo} | a = {hi} |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        n = r["feature_norm"]
+        n, o = r["feature_norm"], r["origin_vs_id_test"]
+        c, d = r["class_mean_span_dims"]
         lines.append(f"| {r['spec']} | {r['seed']} | `{r['run'][:12]}` | {n['id_test']:.2f} | "
                      f"{n.get('near', float('nan')):.2f} | {n.get('far', float('nan')):.2f} | "
-                     f"{r['condition_number']:.0f} |")
+                     f"{r['variance_in_class_mean_span']:.2f} ({c} of {d}) | "
+                     f"{r['condition_number']:.0f} | {o[lo]:.1f} | {o[hi]:.1f} |")
     return "\n".join(lines) + "\n"
 
 

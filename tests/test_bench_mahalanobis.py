@@ -19,7 +19,8 @@ def _bench():
 
 def _row(spec: str, seed: int, near0: float, near1: float) -> dict:
     return {"spec": spec, "seed": seed, "run": f"{spec}{seed}" * 4, "cache_hit": True,
-            "condition_number": 900.0,
+            "condition_number": 900.0, "variance_in_class_mean_span": 0.7,
+            "class_mean_span_dims": [10, 128], "origin_vs_id_test": {"0": 1.8, "1": 11.0},
             "feature_norm": {"id_test": 14.0, "near": 6.0, "far": 3.0},
             "auroc": {"0": {"near": near0, "far": 0.9, "val": 0.8},
                       "1": {"near": near1, "far": 0.95, "val": 0.85}}}
@@ -43,7 +44,8 @@ def test_paired_differences_are_per_seed_against_the_first_spec() -> None:
                          "command": "python bench/mahalanobis_shrinkage.py", "date": "d",
                          "host": "h", "figure": "docs/results/m.png"})
     assert "| oe | 0 | 0.560 ± 0.398 | 0.900 ± 0.000 | 0.800 ± 0.000 | -0.180 ± 0.028 (n=2) |" in md
-    assert "| oe | 2 | `oe2oe2oe2oe2` | 14.00 | 6.00 | 3.00 | 900 |" in md
+    assert ("| oe | 2 | `oe2oe2oe2oe2` | 14.00 | 6.00 | 3.00 | 0.70 (10 of 128) | 900 | 1.8 | "
+            "11.0 |") in md
     assert "| oe | +1.00 | 1 | 1 |" in md
 
 
