@@ -54,12 +54,13 @@ def checkpoint_rows(spec_path: str, table: str, grid: list[float]) -> list[dict]
         bundle = load_bundle(run_spec, include_test=True)
         cache, hit = extract(state, run_spec, bundle,
                              Path(run_spec.storage or run_spec.workdir_path) / "feature_cache")
-        out = {name: cache.outputs(name) for name in cache.sets}
+        out = {name: cache.outputs(name) for name in cache.sets if name != "id_train"}
         groups = {g: [f"ood:{n}" for n in names]
                   for g, names in test_ood_groups(run_spec.data).items() if g in ("near", "far")}
         val = [k for k in out if k.startswith("val_ood:")]
         moments = Moments()
-        moments.update(out["id_train"].features, out["id_train"].labels)
+        for features, _, labels in cache.chunks("id_train"):
+            moments.update(features, labels)
         cov = moments.tied_covariance()
         eig = torch.linalg.eigvalsh(cov)
         span = torch.linalg.qr(moments.class_means()[1].T).Q  # basis of the class means
@@ -75,8 +76,8 @@ def checkpoint_rows(spec_path: str, table: str, grid: list[float]) -> list[dict]
                "auroc": {}}
         for a in grid:
             score = build_score("mahalanobis", shrinkage=a)
-            score.fit_chunks(cache.chunks("id_train"))
-            sc = {k: score.score(o.logits, o.features) for k, o in out.items() if k != "id_train"}
+            score.fit_moments(moments)  # the ID-train pass above, shared by the whole grid
+            sc = {k: score.score(o.logits, o.features) for k, o in out.items()}
             origin = -score.score(None, torch.zeros(1, cov.shape[0]))
             row["origin_vs_id_test"][str(a)] = float(origin / (-sc["id_test"]).median())
             per = {k: auroc(sc["id_test"], sc[k]) for keys in groups.values() for k in keys}
@@ -97,13 +98,13 @@ def summarise(rows: list[dict], grid: list[float]) -> dict:
     out: dict = {}
     for s in specs:
         out[s] = {}
+        paired = sorted(set(by[s]) & set(by[specs[0]])) if s != specs[0] else []
         for a in grid:
             entry = {}
             for g in ("near", "far", "val"):
                 v = [r["auroc"][str(a)][g] for r in by[s].values()]
                 entry[g] = [float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0]
-                paired = sorted(set(by[s]) & set(by[specs[0]]))
-                if s != specs[0] and paired:
+                if paired:
                     d = [by[s][k]["auroc"][str(a)][g] - by[specs[0]][k]["auroc"][str(a)][g]
                          for k in paired]
                     entry[f"{g}_minus_{specs[0]}"] = [

@@ -283,6 +283,11 @@ class Mahalanobis(PostHocScore):
             if labels is None:
                 raise ValueError("mahalanobis needs class labels of the ID training set")
             moments.update(features, labels)
+        self.fit_moments(moments)
+
+    def fit_moments(self, moments: Moments) -> None:
+        """Fit from class-labelled running moments (one pass over ID train serves any number
+        of shrinkage values)."""
         _, means = moments.class_means()
         cov = moments.tied_covariance()
         if self.shrinkage > 0:
