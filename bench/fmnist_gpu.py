@@ -147,13 +147,15 @@ def on_device(ds, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def train_run(spec, bundle, init_state: dict | None, device: torch.device
+def train_run(spec, bundle, init_state: dict | None, device: torch.device,
+              every_epoch: list[dict] | None = None
               ) -> tuple[torch.nn.Module, dict, list[dict], dict]:
     """Train ``spec`` as the Ray Train loop does with one worker; returns the selected model
-    (eval), its state dict (CPU), the per-epoch metrics and the facts of the run."""
+    (eval), its state dict (CPU), the per-epoch metrics and the facts of the run.
+    ``every_epoch``: when given, each epoch's state dict (CPU) is appended to it."""
     from oodlab.data.bundle import set_epoch
     from oodlab.detect.evaluate import validation_metrics
-    from oodlab.train.epoch import endless, prepare, train_epoch
+    from oodlab.train.epoch import endless, prepare, selection_metrics, train_epoch
 
     run = prepare(spec, bundle, device=device, init_state=init_state)
     method, model, state, opt, sched = run.method, run.model, run.state, run.opt, run.sched
@@ -164,7 +166,9 @@ def train_run(spec, bundle, init_state: dict | None, device: torch.device
         ox, oy = on_device(bundle.oe, device)
         oe = endless(_Batches(ox, oy, run.oe_sampler, spec.data.oe_batch_size), run.oe_sampler,
                      spec.seed)
-    select, mode = spec.train.select_metric, spec.train.select_mode
+    select = spec.train.score_attribute  # as the Ray loop: select_metric under constraints
+    init = (validation_metrics(model, bundle, spec, method, device)
+            if any(c.relative_to == "init" for c in spec.train.select_constraints) else None)
     history, best, best_state, selected = [], None, None, 0
     t0, train_s = time.perf_counter(), 0.0
     for epoch in range(spec.train.epochs):
@@ -181,10 +185,13 @@ def train_run(spec, bundle, init_state: dict | None, device: torch.device
              "train/images_per_s": ips, "train/optimizer_steps": state.step}
         m |= method.epoch_metrics(model, state)
         m |= validation_metrics(model, bundle, spec, method, device)
+        m |= selection_metrics(spec.train, m, init)
         history.append(m)
+        if every_epoch is not None:
+            every_epoch.append({k: v.detach().to("cpu", copy=True)
+                                for k, v in model.state_dict().items()})
         value = m.get(select) if select else None
-        if select is None or best is None or (
-                value is not None and (value > best if mode == "max" else value < best)):
+        if spec.train.replaces(value, best):
             best, best_state = value, {k: v.detach().to("cpu", copy=True)  # one copy
                                        for k, v in model.state_dict().items()}
             selected = epoch
@@ -192,7 +199,7 @@ def train_run(spec, bundle, init_state: dict | None, device: torch.device
     exported = method.export(model).eval()
     facts = {"optimizer_steps": state.step, "steps_per_epoch": steps_per_epoch,
              "train_wall_s": train_s, "run_wall_s": time.perf_counter() - t0,
-             "selected_epoch": selected, "select_metric": select,
+             "selected_epoch": selected, "select_metric": select, "init_metrics": init,
              "images_per_s": state.step * bs / max(train_s, 1e-9)}
     return exported, {k: v.detach().cpu() for k, v in exported.state_dict().items()}, history, facts
 

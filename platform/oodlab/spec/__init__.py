@@ -8,12 +8,14 @@ dataset or Ray. Names of methods, scores and datasets are checked against
 from oodlab.errors import SpecError
 from oodlab.spec.base import MethodParams, StrictModel
 from oodlab.spec.experiment import (
+    SELECT_SCORE,
     DataSpec,
     EvalSpec,
     ExperimentSpec,
     ModelSpec,
     OESelectSpec,
     ResourcesSpec,
+    SelectConstraint,
     TrackingSpec,
     TrainSpec,
     load_spec,
@@ -22,7 +24,8 @@ from oodlab.spec.experiment import (
 from oodlab.spec.overrides import apply_overrides, flatten, parse_override, set_path
 
 __all__ = [
-    "DataSpec", "EvalSpec", "ExperimentSpec", "MethodParams", "ModelSpec", "OESelectSpec",
-    "ResourcesSpec", "SpecError", "StrictModel", "TrackingSpec", "TrainSpec", "apply_overrides",
-    "flatten", "load_spec", "parse_override", "set_path", "validate_spec",
+    "SELECT_SCORE", "DataSpec", "EvalSpec", "ExperimentSpec", "MethodParams", "ModelSpec",
+    "OESelectSpec", "ResourcesSpec", "SelectConstraint", "SpecError", "StrictModel",
+    "TrackingSpec", "TrainSpec", "apply_overrides", "flatten", "load_spec", "parse_override",
+    "set_path", "validate_spec",
 ]

@@ -7,6 +7,7 @@ Every section forbids unknown fields, so a typo is an error, not a silent defaul
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, field_validator, mo
 
 from oodlab.errors import SpecError
 from oodlab.registry import DATASETS, METHODS, SCORES
-from oodlab.spec.base import MethodParams, StrictModel
+from oodlab.spec.base import Constraint, MethodParams, StrictModel
 from oodlab.spec.overrides import apply_overrides
 
 
@@ -146,6 +147,31 @@ class ModelSpec(StrictModel):
         return v
 
 
+class SelectConstraint(Constraint):
+    """A bound an epoch must keep to be selected (``train.select_constraints``). With
+    ``relative_to: init`` the bounds are offsets from the value the metric has on the
+    ``init_from`` model, measured on the same validation data before the first step:
+    ``{metric: val/id_acc, min: -0.01, relative_to: init}`` serves no epoch of a fine-tune
+    that classifies worse than the model it started from, minus 0.01."""
+
+    relative_to: Literal["init"] | None = None
+
+    def bounds(self, init: dict[str, float]) -> Constraint:
+        """The absolute bound (``init``: the init model's metrics, read when relative)."""
+        if self.relative_to is None:
+            return Constraint(metric=self.metric, min=self.min, max=self.max)
+        ref = init[self.metric]
+        return Constraint(metric=self.metric,
+                          min=None if self.min is None else ref + self.min,
+                          max=None if self.max is None else ref + self.max)
+
+    def describe(self) -> str:
+        return super().describe() + (" relative to the init model" if self.relative_to else "")
+
+
+SELECT_SCORE = "select/score"  # the checkpoint score when train.select_constraints is set
+
+
 class TrainSpec(StrictModel):
     """Optimisation settings for the one training loop."""
 
@@ -162,6 +188,29 @@ class TrainSpec(StrictModel):
         "this per-epoch validation metric (Ray Train's checkpoint score); null = the last "
         "epoch. Left at its default, a spec without validation OOD sets uses the last epoch")
     select_mode: Literal["max", "min"] = "max"
+    select_constraints: list[SelectConstraint] = Field(
+        default_factory=list, description="bounds an epoch must keep to be selected, e.g. "
+        "{metric: val/id_acc, min: -0.01, relative_to: init}; the epoch served is the best on "
+        "select_metric among those that keep them, else the last epoch (select/feasible = 0)")
+
+    @property
+    def score_attribute(self) -> str | None:
+        """What Ray Train scores checkpoints by: ``select_metric``, or ``select/score`` (the
+        metric where the epoch keeps ``select_constraints``, else the worst value)."""
+        if self.select_metric is None:
+            return None
+        return SELECT_SCORE if self.select_constraints else self.select_metric
+
+    def replaces(self, value: float | None, best: float | None) -> bool:
+        """Whether an epoch scoring ``value`` on :attr:`score_attribute` replaces the one
+        selected so far (``best``; None before the first). Without a score every epoch does
+        (the last is served); an infeasible best (non-finite) is replaced by any later epoch,
+        so with no feasible epoch the last is served."""
+        if self.score_attribute is None or best is None or not math.isfinite(best):
+            return True
+        if value is None:
+            return False
+        return value > best if self.select_mode == "max" else value < best
 
 
 class EvalSpec(StrictModel):
@@ -326,6 +375,17 @@ class ExperimentSpec(StrictModel):
                 raise ValueError(f"train.select_metric: {metric!r} is never reported by "
                                  f"{self.method.name!r} runs of this spec")
             self.train.select_metric = None  # the default needs validation OOD sets
+        for i, c in enumerate(self.train.select_constraints):
+            where = f"train.select_constraints.{i}"
+            if self.train.select_metric is None:
+                raise ValueError(f"{where}: constraints choose among epochs by "
+                                 "train.select_metric; set it (this spec selects the last epoch)")
+            if c.metric not in method.reported_metrics(self):
+                raise ValueError(f"{where}.metric: {c.metric!r} is never reported by "
+                                 f"{self.method.name!r} runs of this spec")
+            if c.relative_to == "init" and self.init_from is None:
+                raise ValueError(f"{where}.relative_to: 'init' needs init_from (the model the "
+                                 "run starts from)")
         return self
 
 

@@ -7,7 +7,6 @@ and gives each a distribution; the objective is one or two per-epoch metrics.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,7 +21,7 @@ from oodlab.spec import (
     apply_overrides,
     validate_spec,
 )
-from oodlab.spec.base import StrictModel
+from oodlab.spec.base import Constraint, StrictModel
 
 
 class _Range(StrictModel):
@@ -75,39 +74,6 @@ Param = Annotated[Uniform | LogUniform | IntRange | Categorical, Field(discrimin
 class Objective(StrictModel):
     metric: str = Field(description="a per-epoch metric, e.g. val/auroc, val/id_acc")
     mode: Literal["max", "min"] = "max"
-
-
-class Constraint(StrictModel):
-    """A bound a trial must keep to be selected, on a metric it reports (its last value),
-    e.g. ``{metric: val/id_acc, min: 0.96}``: the best OOD detector that still classifies.
-
-    Infeasible trials are never selected or promoted; TPE also learns them (Optuna's
-    ``Trial.set_constraint``: a value <= 0 is feasible)."""
-
-    metric: str = Field(description="a per-epoch metric, e.g. val/id_acc")
-    min: float | None = None
-    max: float | None = None
-
-    @model_validator(mode="after")
-    def _has_a_bound(self) -> Constraint:
-        if self.min is None and self.max is None:
-            raise ValueError(f"constraint on {self.metric!r} needs min and/or max")
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"constraint on {self.metric!r}: min {self.min} > max {self.max}")
-        return self
-
-    def violation(self, value: float | None) -> float:
-        """How far ``value`` lies outside the bounds (0 when inside; inf when missing)."""
-        if value is None or math.isnan(value):
-            return math.inf
-        low = 0.0 if self.min is None else self.min - value
-        high = 0.0 if self.max is None else value - self.max
-        return max(low, high, 0.0)
-
-    def describe(self) -> str:
-        parts = ([f">= {self.min:g}"] if self.min is not None else []) + (
-            [f"<= {self.max:g}"] if self.max is not None else [])
-        return f"{self.metric} {' and '.join(parts)}"
 
 
 class Scheduler(StrictModel):

@@ -27,7 +27,7 @@ from oodlab.detect.detector import Detector
 from oodlab.detect.provenance import PREFIX as PROVENANCE_PREFIX
 from oodlab.errors import ModelReferenceError
 from oodlab.methods import load_detector_file
-from oodlab.spec import ExperimentSpec, flatten
+from oodlab.spec import ExperimentSpec, TrainSpec, flatten
 
 CHECKPOINT_TAG = "oodlab.checkpoint"  # the latest checkpoint (what a restart resumes)
 SELECTED_CHECKPOINT_TAG = "oodlab.selected_checkpoint"  # best on train.select_metric so far
@@ -124,12 +124,11 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any],
 class EpochMetricsCallback(UserCallback):
     """Ray Train callback (runs on the Train controller) that logs rank 0's epoch metrics,
     tags the latest checkpoint, and the best one so far on ``select_metric`` (the epoch that
-    is evaluated and served; Ray keeps it by the same checkpoint score)."""
+    is evaluated and served; Ray keeps it by the same checkpoint score: ``train.select_metric``
+    or, with ``train.select_constraints``, ``select/score``)."""
 
-    def __init__(self, tracking_uri: str, run_id: str, select_metric: str | None = None,
-                 select_mode: str = "max") -> None:
-        self.tracking_uri, self.run_id = tracking_uri, run_id
-        self.select_metric, self.select_mode = select_metric, select_mode
+    def __init__(self, tracking_uri: str, run_id: str, train: TrainSpec) -> None:
+        self.tracking_uri, self.run_id, self.train = tracking_uri, run_id, train
         self.best: float | None = None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -143,21 +142,16 @@ class EpochMetricsCallback(UserCallback):
 
             uri = checkpoint_uri(checkpoint)
             client.set_tag(self.run_id, CHECKPOINT_TAG, uri)
-            value = m.get(self.select_metric) if self.select_metric else None
-            if self.select_metric is None or (value is not None and self._better(value)):
+            attribute = self.train.score_attribute
+            value = m.get(attribute) if attribute else None
+            if self.train.replaces(value, self.best):
                 self.best = value
                 client.set_tag(self.run_id, SELECTED_CHECKPOINT_TAG, uri)
                 log_metrics(client, self.run_id, {"train/selected_epoch": m.get("epoch", 0)})
 
-    def _better(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return value > self.best if self.select_mode == "max" else value < self.best
-
 
 def epoch_callback(spec: ExperimentSpec, run_id: str) -> EpochMetricsCallback:
-    return EpochMetricsCallback(tracking_uri(spec), run_id, spec.train.select_metric,
-                                spec.train.select_mode)
+    return EpochMetricsCallback(tracking_uri(spec), run_id, spec.train)
 
 
 def metric_history(spec: ExperimentSpec, run_id: str, key: str) -> list[tuple[int, float]]:

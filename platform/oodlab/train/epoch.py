@@ -10,10 +10,13 @@ without Ray), so every driver trains the same model, data order, optimizer and s
                               zero_grad; backward; step
                            -> (mean loss over every rank's images, images/s over the
                               slowest rank)
+    selection_metrics(...) -> select/score, select/feasible: the epoch's checkpoint score
+                              under train.select_constraints
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,8 +29,31 @@ from torch.utils.data import DataLoader
 
 from oodlab.data.bundle import DataBundle, set_epoch, train_loader
 from oodlab.methods import Loaders, Method, TrainState, build_method
-from oodlab.spec import ExperimentSpec
+from oodlab.spec import SELECT_SCORE, ExperimentSpec, TrainSpec
 from oodlab.train.optim import make_optimizer, make_scheduler
+
+INIT_METRICS = "select/init"  # state.extra key: the init model's validation metrics
+
+
+def selection_metrics(train: TrainSpec, metrics: dict[str, float],
+                      init: dict[str, float] | None = None) -> dict[str, float]:
+    """The epoch's checkpoint score under ``train.select_constraints`` (empty without them):
+    ``select/score`` is ``select_metric`` when the epoch keeps every constraint and the worst
+    value (-inf for max, +inf for min) when it does not, so Ray Train's checkpoint scoring keeps
+    the best feasible epoch; ``select/feasible`` is 1 or 0. ``init``: the init model's
+    validation metrics, for constraints ``relative_to: init``."""
+    if not train.select_constraints or train.select_metric is None:
+        return {}
+    feasible = all(c.bounds(init or {}).violation(metrics.get(c.metric)) == 0
+                   for c in train.select_constraints)
+    worst = -math.inf if train.select_mode == "max" else math.inf
+    value = metrics.get(train.select_metric)
+    score = float(value) if feasible and value is not None else worst
+    out = {SELECT_SCORE: score, "select/feasible": float(feasible)}
+    for c in train.select_constraints:
+        if c.relative_to == "init":
+            out[f"select/init/{c.metric}"] = float(init[c.metric])
+    return out
 
 
 def unwrap(model: nn.Module) -> nn.Module:

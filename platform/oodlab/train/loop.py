@@ -13,6 +13,7 @@ a worker killed mid-run resumes at the next epoch, not at 0 (FailureConfig.max_f
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,15 @@ from oodlab.detect.evaluate import validation_metrics
 from oodlab.methods import Loaders, Method, TrainState, build_method
 from oodlab.spec import ExperimentSpec, validate_spec
 from oodlab.track import tracking
-from oodlab.train.epoch import checkpoint_payload, endless, prepare, train_epoch, unwrap
+from oodlab.train.epoch import (
+    INIT_METRICS,
+    checkpoint_payload,
+    endless,
+    prepare,
+    selection_metrics,
+    train_epoch,
+    unwrap,
+)
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -65,6 +74,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         oe_loader = ray.train.torch.prepare_data_loader(oe_loader, add_dist_sampler=False)
         oe_stream = endless(oe_loader, run.oe_sampler, spec.seed)
     loaders = Loaders(id_train=id_loader, oe=oe_loader)
+    relative = any(c.relative_to == "init" for c in spec.train.select_constraints)
+    if relative and rank == 0 and INIT_METRICS not in state.extra:  # kept by checkpoints
+        state.extra[INIT_METRICS] = validation_metrics(unwrap(model), bundle, spec, method,
+                                                       state.device)
 
     for epoch in range(run.start_epoch, spec.train.epochs):
         state.epoch = epoch
@@ -80,6 +93,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         metrics |= method.epoch_metrics(model, state)
         if rank == 0:
             metrics |= validation_metrics(unwrap(model), bundle, spec, method, state.device)
+            metrics |= selection_metrics(spec.train, metrics, state.extra.get(INIT_METRICS))
             _log_figures(spec, config.get("run_id"), method, unwrap(model), state)
             id_key = "val/id_map" if "val/id_map" in metrics else "val/id_acc"
             progress(f"epoch {epoch + 1}/{spec.train.epochs} (step {state.step}) "
@@ -147,7 +161,7 @@ def fit(spec: ExperimentSpec, *, run_name: str, num_classes: int | None = None,
     key). Workers log the method's figures to the MLflow run ``run_id`` when given."""
     r = spec.resources
     spec = spec.pinned()  # workers run in Ray's directories: same workdir, caches, store
-    select = spec.train.select_metric  # None: the last epoch is the one evaluated
+    select = spec.train.score_attribute  # None: the last epoch is the one evaluated
     trainer = ray.train.torch.TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "init_state": init_state,
@@ -171,9 +185,20 @@ def fit(spec: ExperimentSpec, *, run_name: str, num_classes: int | None = None,
         raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
     chosen = result.checkpoint
     if select is not None:
-        chosen = result.get_best_checkpoint(select, spec.train.select_mode) or chosen
+        chosen = _best_checkpoint(result, select, spec.train.select_mode) or chosen
     model, num_classes = _restore(spec, load_checkpoint_payload(chosen), num_classes)
     return TrainOutcome(model=model, num_classes=num_classes,
                         checkpoint_path=checkpoint_uri(chosen),
                         metrics=dict(result.metrics or {}))
 
+
+def _best_checkpoint(result: ray.train.Result, attribute: str, mode: str
+                     ) -> ray.train.Checkpoint | None:
+    """The kept checkpoint best on ``attribute``; None (the caller takes the latest) when no
+    kept checkpoint has a finite score, i.e. no epoch kept ``train.select_constraints``."""
+    scored = [(c, m.get(attribute)) for c, m in result.best_checkpoints or []]
+    scored = [(c, float(v)) for c, v in scored if v is not None and math.isfinite(v)]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda cv: cv[1])[0]
