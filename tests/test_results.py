@@ -34,6 +34,9 @@ def _store_with_runs(tmp_path):
                      "test/energy/gaussian/auroc": auroc_gauss,
                      "test/energy/mean/auroc": (auroc_letters + auroc_gauss) / 2}.items():
             client.log_metric(run.info.run_id, k, v)
+        if seed == 1:  # the steps and the served epoch (0-based in MLflow) of one run
+            client.log_metric(run.info.run_id, "train/optimizer_steps", 2145)
+            client.log_metric(run.info.run_id, "train/selected_epoch", 0)
         client.set_terminated(run.info.run_id, "FINISHED")
     return spec
 
@@ -51,8 +54,8 @@ def test_per_set_table_and_hand_notes_survive_a_rewrite(tmp_path):
         in first
     assert "AUROC ↑ per test OOD set" in first
     provenance = first.split("### Provenance")[1]  # every run, its weights; '–' where untagged
-    assert "| tiny | 0 |" in provenance and "| ckpt0 | – |" in provenance
-    assert "| tiny | 1 |" in provenance and "| ckpt1 | – |" in provenance
+    assert "| tiny | 0 |" in provenance and "| – | – | ckpt0 | – |" in provenance
+    assert "| tiny | 1 |" in provenance and "| 2,145 | 1 of 1 | ckpt1 | – |" in provenance
     out.write_text(first + f"\n{NOTES_MARKER}\n\nPlainly: written by hand.\n")
     write_report([spec], "t", out, "oodlab results x")  # regenerated, without per-set now
     second = out.read_text()

@@ -107,18 +107,21 @@ PROVENANCE_COLUMNS = ("checkpoint", "split.id_train", "split.id_val", "split.id_
 
 
 def provenance_table(specs: Sequence[ExperimentSpec], table: str) -> str:
-    """One line per run of the table: its seed, run id and provenance hashes (weights of the
-    served checkpoint, content of each split, spec) and code version; '–' where a run
-    predates a tag."""
-    lines = ["| spec | seed | run | " + " | ".join(PROVENANCE_COLUMNS) + " |",
-             "|---" * (len(PROVENANCE_COLUMNS) + 3) + "|"]
+    """One line per run of the table: its seed, run id, optimizer steps, the epoch it serves
+    (1-based, of ``train.epochs``) and provenance hashes (weights of the served checkpoint,
+    content of each split, spec) and code version; '–' where a run predates a tag."""
+    lines = ["| spec | seed | run | steps | epoch served | " + " | ".join(PROVENANCE_COLUMNS)
+             + " |", "|---" * (len(PROVENANCE_COLUMNS) + 5) + "|"]
     grouped: dict[str, list[dict]] = {}
     for spec in specs:
         grouped.update(collect(spec, table))
     for spec in specs:
         for m in sorted(grouped.get(spec.name, []), key=lambda m: (str(m["_seed"]), m["_start"])):
             prov = m["_provenance"]
-            lines.append(f"| {spec.name} | {m['_seed']} | `{m['_run_id']}` | "
+            steps = f"{int(m['train/optimizer_steps']):,}" if "train/optimizer_steps" in m else "–"
+            served = (f"{int(m['train/selected_epoch']) + 1} of {spec.train.epochs}"
+                      if "train/selected_epoch" in m else "–")
+            lines.append(f"| {spec.name} | {m['_seed']} | `{m['_run_id']}` | {steps} | {served} | "
                          + " | ".join(prov.get(c, "–") for c in PROVENANCE_COLUMNS) + " |")
     return "\n".join(lines)
 

@@ -30,7 +30,7 @@ from oodlab.methods import load_detector_file
 from oodlab.spec import ExperimentSpec, TrainSpec, flatten
 
 CHECKPOINT_TAG = "oodlab.checkpoint"  # the latest checkpoint (what a restart resumes)
-SELECTED_CHECKPOINT_TAG = "oodlab.selected_checkpoint"  # best on train.select_metric so far
+SELECTED_CHECKPOINT_TAG = "oodlab.selected_checkpoint"  # the epoch served, so far (train.select_*)
 MODEL_URI_TAG = "oodlab.model_uri"
 DETECTOR_ARTIFACT = "detector"
 DETECTOR_STATE = "detector_state"
