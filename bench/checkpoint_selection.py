@@ -172,6 +172,8 @@ def figure(result: dict, path: str) -> None:
                 title="ID accuracy (dotted: init − 0.01)")
     axes[1].set(xlabel="fine-tune epoch", ylabel="validation AUROC",
                 title="val AUROC (square: best, star: constrained)")
+    for ax in axes:
+        ax.set_xticks(range(1, len(recs[0]["history"]) + 1))
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
