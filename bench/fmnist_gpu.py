@@ -168,7 +168,7 @@ def train_run(spec, bundle, init_state: dict | None, device: torch.device,
                      spec.seed)
     select = spec.train.score_attribute  # as the Ray loop: select_metric under constraints
     init = (validation_metrics(model, bundle, spec, method, device)
-            if any(c.relative_to == "init" for c in spec.train.select_constraints) else None)
+            if spec.train.needs_init_metrics else None)
     history, best, best_state, selected = [], None, None, 0
     t0, train_s = time.perf_counter(), 0.0
     for epoch in range(spec.train.epochs):

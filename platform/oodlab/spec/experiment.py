@@ -201,6 +201,12 @@ class TrainSpec(StrictModel):
             return None
         return SELECT_SCORE if self.select_constraints else self.select_metric
 
+    @property
+    def needs_init_metrics(self) -> bool:
+        """A constraint is relative to the init model: its validation metrics are measured
+        once before the first step."""
+        return any(c.relative_to == "init" for c in self.select_constraints)
+
     def replaces(self, value: float | None, best: float | None) -> bool:
         """Whether an epoch scoring ``value`` on :attr:`score_attribute` replaces the one
         selected so far (``best``; None before the first). Without a score every epoch does

@@ -74,8 +74,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         oe_loader = ray.train.torch.prepare_data_loader(oe_loader, add_dist_sampler=False)
         oe_stream = endless(oe_loader, run.oe_sampler, spec.seed)
     loaders = Loaders(id_train=id_loader, oe=oe_loader)
-    relative = any(c.relative_to == "init" for c in spec.train.select_constraints)
-    if relative and rank == 0 and INIT_METRICS not in state.extra:  # kept by checkpoints
+    if spec.train.needs_init_metrics and rank == 0 and INIT_METRICS not in state.extra:
+        # measured once; checkpoints keep it (state.extra), so a resumed run reuses it
         state.extra[INIT_METRICS] = validation_metrics(unwrap(model), bundle, spec, method,
                                                        state.device)
 
