@@ -54,8 +54,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
     from fmnist_gpu import train_run
     from oodlab.data.bundle import load_bundle
     from oodlab.detect.evaluate import evaluate
-    from oodlab.methods import build_method
     from oodlab.spec import load_spec
+    from oodlab.train.epoch import servable_model
 
     base = load_spec(args.base, [*args.set, f"seed={seed}"])
     ft = load_spec(args.spec, [*args.set, f"seed={seed}"])
@@ -69,15 +69,12 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
     _, _, hist, facts = train_run(ft, bundle, base_weights, device, every_epoch=states)
     train_s = time.perf_counter() - t0
     epochs = pick_epochs(hist, facts["selected_epoch"])
-    method = build_method(ft)
     scores = list(ft.eval.scores)
     test: dict[str, dict] = {}
     for name, weights in [("base", base_weights)] + [
             (f"epoch{e}", states[e]) for e in sorted(set(epochs.values()))]:
-        model = method.wrap(method.build(bundle.num_classes))
-        model.load_state_dict(weights)
-        report = evaluate(ft, method.export(model).eval(), bundle, supervised=True,
-                          device=device)
+        model = servable_model(ft, weights, bundle.num_classes)
+        report = evaluate(ft, model, bundle, supervised=True, device=device)
         test[name] = test_metrics(report.metrics, scores)
         first = test[name][scores[0]]
         print(f"  seed {seed} {name} (epochs are 0-based): ID acc {first['id_acc']:.3f} "

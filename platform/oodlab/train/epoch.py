@@ -81,6 +81,16 @@ class Trainee:
         return Loaders(id_train=self.id_loader, oe=self.oe_loader)
 
 
+def servable_model(spec: ExperimentSpec, weights: dict[str, Any], num_classes: int
+                   ) -> nn.Module:
+    """The exported, eval-mode model of ``weights`` (a state dict of the wrapped model, as
+    :func:`checkpoint_payload` stores it under ``model``)."""
+    method = build_method(spec)
+    model = method.wrap(method.build(num_classes))
+    model.load_state_dict(weights)
+    return method.export(model).eval()
+
+
 def checkpoint_payload(model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
                        state: TrainState) -> dict[str, Any]:
     """What a checkpoint holds: model, optimizer, schedule, epoch, step, method state and the

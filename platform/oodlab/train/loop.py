@@ -28,7 +28,7 @@ from oodlab.cluster.storage import checkpoint_uri, ray_storage
 from oodlab.console import progress
 from oodlab.data.bundle import load_bundle, set_epoch
 from oodlab.detect.evaluate import validation_metrics
-from oodlab.methods import Loaders, Method, TrainState, build_method
+from oodlab.methods import Loaders, Method, TrainState
 from oodlab.spec import ExperimentSpec, validate_spec
 from oodlab.track import tracking
 from oodlab.train.epoch import (
@@ -37,6 +37,7 @@ from oodlab.train.epoch import (
     endless,
     prepare,
     selection_metrics,
+    servable_model,
     train_epoch,
     unwrap,
 )
@@ -132,10 +133,7 @@ def model_from_checkpoint(spec: ExperimentSpec, checkpoint: ray.train.Checkpoint
 def _restore(spec: ExperimentSpec, payload: dict[str, Any], num_classes: int | None
              ) -> tuple[nn.Module, int]:
     num_classes = num_classes if num_classes is not None else int(payload["num_classes"])
-    method = build_method(spec)
-    model = method.wrap(method.build(num_classes))
-    model.load_state_dict(payload["model"])
-    return method.export(model).eval(), num_classes
+    return servable_model(spec, payload["model"], num_classes), num_classes
 
 
 @dataclass
