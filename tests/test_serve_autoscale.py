@@ -6,6 +6,7 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+import torch
 from fastapi import HTTPException
 
 from oodlab.serve import app as serve_app
@@ -68,6 +69,9 @@ class _Detector:
     preprocessing = {"channels": 1, "image_size": 2}
     threshold = 0.0
 
+    def predict(self, x):
+        return torch.full((len(x),), 0.5), torch.zeros(len(x), dtype=torch.bool)
+
 
 def _scorer(monkeypatch, seen: list[int], fail: bool = False) -> serve_app.Scorer:
     """A Scorer without Ray: the request reader and the batcher replaced by fakes."""
@@ -82,11 +86,11 @@ def _scorer(monkeypatch, seen: list[int], fail: bool = False) -> serve_app.Score
     async def read_images(request, max_images):
         return raws
 
-    async def score_batch(item):
+    async def score_batch(item):  # the real batch stage, on a batch of one, without Serve
         seen.append(scorer.images_in_flight)
         if fail:
             raise RuntimeError("forward failed")
-        return 0.5, False
+        return serve_app.decode_and_forward([item], scorer.args.max_pixels)[0]
 
     monkeypatch.setattr(serve_app, "read_images", read_images)
     scorer._score_batch = score_batch
@@ -123,3 +127,26 @@ def test_an_undecodable_image_is_a_4xx_and_counted_out(monkeypatch):
         asyncio.run(scorer.score(None))
     assert err.value.status_code == 422 and "images[0]" in err.value.detail
     assert scorer.images_in_flight == 0
+
+
+def test_batch_stage_fails_only_the_undecodable_image():
+    """One batch holds images of several requests: a bad one gets its error, the others
+    their own scores, in batch order, from one forward pass."""
+    calls: list[int] = []
+
+    class Scored(_Detector):
+        def predict(self, x):
+            calls.append(len(x))
+            return x.flatten(1).sum(1), x.flatten(1).sum(1) < 1.0
+
+    loaded = SimpleNamespace(detector=Scored())
+    items = [(loaded, RawImage("images[0]", array=[[1.0, 1.0], [0.0, 0.0]])),
+             (loaded, RawImage("images[1]", array=[[2.0, 0.0], [0.0, 0.0]])),  # out of [0, 1]
+             (loaded, RawImage("images[0]", array=[[0.5, 0.0], [0.0, 0.0]]))]
+    out = serve_app.decode_and_forward(items, max_pixels=64)
+    assert out[0] == (2.0, False) and out[2] == (0.5, True)
+    assert isinstance(out[1], serve_app.InputError) and "images[1]" in str(out[1])
+    assert calls == [2]
+    # nothing decodable: no forward pass at all
+    assert isinstance(serve_app.decode_and_forward(items[1:2], 64)[0], serve_app.InputError)
+    assert calls == [2]

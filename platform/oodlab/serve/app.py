@@ -6,9 +6,10 @@ constructor (Serve's late-bound ingress, ``__serve_build_asgi_app__``, see
 ``ray.serve.ingress``), so the replica's own settings become plain FastAPI features: the
 token one router-level security dependency, the body limit the route's ``max_body_size``.
 
-Images of all concurrent requests are scored in dynamic batches (``@serve.batch``, one batch
-element per image); decoding and the forward pass run in threads, off the replica's event
-loop, and torch uses as many threads as the replica has CPUs. Each replica reports its images
+Images of all concurrent requests are decoded and scored in dynamic batches (``@serve.batch``,
+one batch element per image): the batch stage decodes its images and runs the forward pass in
+one thread, off the replica's event loop, so a request costs the event loop no thread hop of
+its own; torch uses as many threads as the replica has CPUs. Each replica reports its images
 in flight to Serve's autoscaler (``record_autoscaling_stats``, see
 :mod:`oodlab.serve.autoscale`). The model lives in the deployment's ``user_config``
 (:class:`~oodlab.serve.config.ModelConfig`): ``reconfigure`` loads the new version off the
@@ -79,11 +80,10 @@ class ScoreResponse(BaseModel):
     results: list[ImageScore]
 
 
-def to_tensors(raws: list[RawImage], prep: Preprocessing, max_pixels: int
-               ) -> list[torch.Tensor]:
-    """Decode a request's images (CPU work: the caller runs it off the event loop)."""
-    return [decode_image(r.data, r.label, prep, max_pixels) if r.data is not None
-            else array_image(r.array, r.label, prep) for r in raws]
+def to_tensor(raw: RawImage, prep: Preprocessing, max_pixels: int) -> torch.Tensor:
+    """Decode one client image into the model's input (CPU work, off the event loop)."""
+    return (decode_image(raw.data, raw.label, prep, max_pixels) if raw.data is not None
+            else array_image(raw.array, raw.label, prep))
 
 
 def forward(items: list[tuple[LoadedModel, torch.Tensor]]) -> list[tuple[float, bool]]:
@@ -97,6 +97,30 @@ def forward(items: list[tuple[LoadedModel, torch.Tensor]]) -> list[tuple[float, 
         scores, is_ood = detector.predict(torch.stack([items[i][1] for i in idx]))
         for i, s, o in zip(idx, scores.tolist(), is_ood.tolist(), strict=True):
             out[i] = (float(s), bool(o))
+    return out
+
+
+Outcome = tuple[float, bool] | InputError
+
+
+def decode_and_forward(items: list[tuple[LoadedModel, RawImage]], max_pixels: int
+                       ) -> list[Outcome]:
+    """The batch stage: decode every image with its model's preprocessing, then score the
+    decoded ones in one :func:`forward`. An image that cannot be decoded gets its
+    :class:`InputError` in place of a score, so only its own request fails."""
+    out: list[Outcome] = [(0.0, False)] * len(items)
+    good: list[int] = []
+    decoded: list[tuple[LoadedModel, torch.Tensor]] = []
+    for i, (loaded, raw) in enumerate(items):
+        try:
+            x = to_tensor(raw, Preprocessing(**loaded.detector.preprocessing), max_pixels)
+        except InputError as err:
+            out[i] = err
+            continue
+        good.append(i)
+        decoded.append((loaded, x))
+    for i, result in zip(good, forward(decoded) if decoded else [], strict=True):
+        out[i] = result
     return out
 
 
@@ -156,9 +180,8 @@ class Scorer:
         return self.current
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _score_batch(self, items: list[tuple[LoadedModel, torch.Tensor]]
-                           ) -> list[tuple[float, bool]]:
-        out = await asyncio.to_thread(forward, items)
+    async def _score_batch(self, items: list[tuple[LoadedModel, RawImage]]) -> list[Outcome]:
+        out = await asyncio.to_thread(decode_and_forward, items, self.args.max_pixels)
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
         return out
@@ -170,15 +193,15 @@ class Scorer:
         try:
             raws = await read_images(request, self.args.max_images)
             self.images_in_flight += len(raws)
-            prep = Preprocessing(**loaded.detector.preprocessing)
-            xs = await asyncio.to_thread(to_tensors, raws, prep, self.args.max_pixels)
-            outs = await asyncio.gather(*(self._score_batch((loaded, x)) for x in xs))
+            outs = await asyncio.gather(*(self._score_batch((loaded, r)) for r in raws))
+            if bad := next((o for o in outs if isinstance(o, InputError)), None):
+                raise bad  # the first image that could not be decoded, in request order
         except InputError as err:
             raise HTTPException(err.status, str(err)) from None
         finally:
             self.images_in_flight -= len(raws)
         self.stats["requests"] += 1
-        self.stats["images"] += len(xs)
+        self.stats["images"] += len(outs)
         ref = loaded.ref
         return ScoreResponse(
             model=ModelId(name=ref.name, version=ref.version, alias=ref.alias),
