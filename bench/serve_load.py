@@ -3,9 +3,9 @@
 Run:  .venv/bin/python bench/serve_load.py [--requests 400] [--concurrency 32]
       [--images-per-request 1 8 32] [--out bench/results/serve_load.json]
 
-Three things are measured in one run, each for every request shape (images per request),
-with the same fixed number of requests sent by ``--concurrency`` concurrent HTTP clients
-(aiohttp, JSON with base64 PNGs), throughput beside p50/p99 latency:
+Four things are measured in one run, each for every request shape (images per request),
+with the same fixed number of requests sent by ``--concurrency`` concurrent clients (JSON
+with base64 PNGs), throughput beside p50/p99 latency:
 
 * the HTTP floor: an echo deployment (1 replica, ``--replica-cpus`` CPUs) that parses the
   same JSON body and answers a result list of the same length without decoding or scoring:
@@ -14,7 +14,10 @@ with the same fixed number of requests sent by ``--concurrency`` concurrent HTTP
   serving a registered detector, batched (``max_batch_size`` = ``--max-batch-size``), then
   reconfigured in place to ``max_batch_size=1`` (unbatched);
 * the raw forward: ``Detector.score`` on ``--max-batch-size`` images (and on 1) in this
-  process with as many torch threads as the replica has.
+  process with as many torch threads as the replica has;
+* the replica alone: the service's replica class driven in this process through ASGI, batched
+  and unbatched, with no proxy, socket or Ray call (:func:`replica_alone`): where the
+  service's batched/unbatched ratio is lost, in the replica or around it.
 
 Goals, reported and not asserted: at 1 image per request the batched service reaches
 >= 0.8x the floor's requests/s; at 8 images per request >= 0.7x the raw forward's images/s
@@ -107,45 +110,105 @@ def raw_throughput(detector, shape: tuple[int, int, int], batch: int, threads: i
     return n / (time.perf_counter() - t0)
 
 
-async def load(url: str, bodies: list[bytes], concurrency: int, warmup: int = 20,
-               path: str = "/v1/score") -> dict:
-    """POST every (JSON) body once with ``concurrency`` workers on keep-alive connections;
-    throughput and latency. aiohttp, not httpx: the client shares the CPUs with the server,
-    so it should be the cheapest one available."""
+async def drive(post, bodies: list[bytes], concurrency: int, warmup: int = 20) -> dict:
+    """Send every body once through ``post`` (a coroutine: body -> HTTP status) from
+    ``concurrency`` workers, after ``warmup`` bodies sent one by one; throughput and latency."""
+    for body in bodies[:warmup]:
+        if (status := await post(body)) != 200:
+            raise RuntimeError(f"warm-up request answered {status}")
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    latencies: list[float] = []
+    failures = 0
+
+    async def worker() -> None:
+        nonlocal failures
+        while not queue.empty():
+            body = queue.get_nowait()
+            t = time.perf_counter()
+            failures += await post(body) != 200
+            latencies.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    images = sum(len(json.loads(b)["images"]) for b in bodies)
+    lat = np.asarray(latencies) * 1000
+    return {"requests": len(bodies), "images": images, "failures": failures,
+            "seconds": wall, "requests_per_s": len(bodies) / wall, "images_per_s": images / wall,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+async def load(url: str, bodies: list[bytes], concurrency: int, path: str = "/v1/score"
+               ) -> dict:
+    """POST every (JSON) body once with ``concurrency`` workers on keep-alive connections.
+    aiohttp, not httpx: the client shares the CPUs with the server, so it should be the
+    cheapest one available."""
     import aiohttp
 
     headers = {"Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
-        for body in bodies[:warmup]:
+        async def post(body: bytes) -> int:
             async with client.post(path, data=body, headers=headers) as r:
-                r.raise_for_status()
                 await r.read()
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
-        for body in bodies:
-            queue.put_nowait(body)
-        latencies: list[float] = []
-        failures = 0
+                return r.status
 
-        async def worker() -> None:
-            nonlocal failures
-            while not queue.empty():
-                body = queue.get_nowait()
-                t = time.perf_counter()
-                async with client.post(path, data=body, headers=headers) as r:
-                    await r.read()
-                    failures += r.status != 200
-                latencies.append(time.perf_counter() - t)
+        return await drive(post, bodies, concurrency)
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    images = sum(len(json.loads(b)["images"]) for b in bodies)
-    lat = np.asarray(latencies) * 1000
-    return {"requests": len(bodies), "images": images, "failures": failures,
-            "seconds": wall, "requests_per_s": len(bodies) / wall, "images_per_s": images / wall,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+
+def replica_alone(ref: str, version: str, uri: str, shapes: dict[int, list[bytes]],
+                  concurrency: int, max_batch_size: int, batch_wait_s: float, cpus: int
+                  ) -> dict[int, dict]:
+    """The service's replica class (:class:`oodlab.serve.app.Scorer`, its FastAPI app,
+    ``@serve.batch`` queue and decode/forward threads) driven in this process through ASGI
+    (httpx's ``ASGITransport``): no Serve proxy, no sockets, no Ray actor call, only the
+    client in the same process. Batched and unbatched images/s per request shape: what
+    batching gives a replica when the proxy and the load client do not take its core.
+
+    Outside a Serve replica two Serve lookups have no answer, so they are stubbed: the
+    replica's CPU count (``cpus``) and ``@serve.batch``'s warning about
+    ``max_ongoing_requests``."""
+    from unittest import mock
+
+    import httpx
+    from ray.serve import batching
+
+    from oodlab.serve import app
+    from oodlab.serve.config import ModelConfig
+
+    async def run() -> dict[int, dict]:
+        scorer = app.Scorer({})
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app.build_api(scorer)),
+                                   base_url="http://replica", timeout=120)
+        headers = {"content-type": "application/json"}
+
+        async def post(body: bytes) -> int:
+            return (await client.post("/v1/score", content=body, headers=headers)).status_code
+
+        out: dict[int, dict] = {}
+        async with client:
+            for k, bodies in shapes.items():
+                out[k] = {}
+                for mode, size in (("batched", max_batch_size), ("unbatched", 1)):
+                    await scorer.reconfigure(ModelConfig(
+                        model=ref, version=version, tracking_uri=uri, max_batch_size=size,
+                        batch_wait_timeout_s=batch_wait_s).model_dump())
+                    before = dict(scorer.stats)
+                    out[k][mode] = await drive(post, bodies, concurrency)
+                    batches = scorer.stats["batches"] - before["batches"]
+                    out[k][mode]["mean_batch"] = (
+                        (scorer.stats["images"] - before["images"]) / max(batches, 1))
+                out[k]["batched_vs_unbatched"] = (out[k]["batched"]["images_per_s"]
+                                                  / out[k]["unbatched"]["images_per_s"])
+        return out
+
+    warn = "_warn_if_max_batch_size_exceeds_max_ongoing_requests"
+    with mock.patch.object(app, "replica_cpus", return_value=cpus), \
+            mock.patch.object(batching._BatchQueue, warn):
+        return asyncio.run(run())
 
 
 ECHO_ROUTE = "/echo"
@@ -235,12 +298,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raw forward, {args.replica_cpus} thread(s): {raw:.0f} images/s at batch "
               f"{args.max_batch_size}, {raw_single:.0f} at batch 1", flush=True)
 
-        init_ray(num_cpus=args.replica_cpus + 2, log_to_driver=False)
-        port = int(os.environ.get("BENCH_PORT", "8765"))
         b64 = [base64.b64encode(png).decode() for png in sample_pngs(64, shape)]
         shapes = {k: [json.dumps({"images": [b64[(i * k + j) % len(b64)] for j in range(k)]})
                       .encode() for i in range(args.requests)]
                   for k in args.images_per_request}
+        alone = replica_alone(ref, version, uri, shapes, args.concurrency, args.max_batch_size,
+                              args.batch_wait_ms / 1000, args.replica_cpus)
+        for k, a in alone.items():
+            print(f"replica alone (in process, ASGI), {k} image(s)/request: batched "
+                  f"{a['batched']['images_per_s']:.0f} images/s (mean batch "
+                  f"{a['batched']['mean_batch']:.1f}), unbatched "
+                  f"{a['unbatched']['images_per_s']:.0f}: "
+                  f"{a['batched_vs_unbatched']:.2f}x", flush=True)
+
+        init_ray(num_cpus=args.replica_cpus + 2, log_to_driver=False)
+        port = int(os.environ.get("BENCH_PORT", "8765"))
         floors = echo_floor(port, args.replica_cpus, shapes, args.concurrency)
         for k, f in floors.items():
             print(f"HTTP floor (echo), {k} image(s)/request: {f['requests_per_s']:.0f} "
@@ -257,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for k, bodies in shapes.items():
                 row: dict = {"images_per_request": k, "concurrency": args.concurrency,
-                             "echo": floors[k]}
+                             "echo": floors[k], "replica_alone": alone[k]}
                 for mode, size in (("batched", args.max_batch_size), ("unbatched", 1)):
                     opts.model.max_batch_size = size
                     deploy(opts)  # user_config only: the replica reconfigures in place

@@ -52,6 +52,11 @@ def serve_load(d: dict) -> Iterator[Row]:
             yield (f"serving: {label}, {k} image(s)/request ({_latency(r, other)})",
                    f"{r[name]:.2f}", "–" if goal is None else f"≥ {goal}",
                    "–" if goal is None else _met(r[name] >= goal))
+        if alone := r.get("replica_alone"):  # diagnostic: the replica without Serve's proxy
+            yield (f"serving, replica alone (in process, no proxy): batched ÷ unbatched, "
+                   f"images/s, {k} image(s)/request (mean batch "
+                   f"{alone['batched']['mean_batch']:.1f})",
+                   f"{alone['batched_vs_unbatched']:.2f}", "–", "–")
 
 
 def search_efficiency(d: dict) -> Iterator[Row]:
@@ -80,8 +85,10 @@ def lmd_cost(d: dict) -> Iterator[Row]:
 
 
 def generic(d: dict) -> Iterator[Row]:
-    """A benchmark that lists its own headline rows under ``summary``."""
-    for r in d.get("summary", []):
+    """A benchmark that lists its own headline rows under ``summary`` (a list of rows; a
+    benchmark whose ``summary`` is its own table has no headline ratio here)."""
+    rows = d.get("summary")
+    for r in rows if isinstance(rows, list) else []:
         yield (r["figure"], str(r["value"]), str(r.get("goal", "–")), _met(r.get("met")))
 
 

@@ -21,3 +21,33 @@ def test_plain_rates_trains_every_epoch_of_an_oe_method(tmp_path):
     spec = validate_spec(tiny_spec(tmp_path, train={"epochs": 2}))  # energy_oe
     rates = plain_rates(spec)
     assert len(rates) == 2 and all(r > 0 for r in rates)
+
+
+def test_summary_table_reads_every_result_file(tmp_path):
+    """bench/summary.py: headline rows from each JSON, a replica-alone row for serving, and
+    no crash on a benchmark whose ``summary`` is its own table (a dict)."""
+    import json
+
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    from summary import render
+
+    run = {"date": "d", "command": "c", "host": "h"}
+    (tmp_path / "a.json").write_text(json.dumps(run | {"benchmark": "a", "summary": [
+        {"figure": "fig a", "value": "0.5", "goal": "≥ 0.4", "met": True}]}))
+    (tmp_path / "b.json").write_text(json.dumps(run | {"benchmark": "b",
+                                                       "summary": {"table": [1, 2]}}))
+    timing = {"p50_ms": 1.0, "p99_ms": 2.0, "images_per_s": 10.0, "mean_batch": 4.0}
+    (tmp_path / "serve.json").write_text(json.dumps(run | {
+        "benchmark": "serve_load", "goals": [["batched_vs_unbatched", 8, 3.0]],
+        "scenarios": [{"images_per_request": 8, "batched": timing, "unbatched": timing,
+                       "echo": timing, "batched_vs_floor": 0.5, "batched_vs_raw": 0.4,
+                       "batched_vs_unbatched": 2.5, "replica_alone": {
+                           "batched": timing, "unbatched": timing,
+                           "batched_vs_unbatched": 3.5}}]}))
+    table = render(tmp_path)
+    assert "| a | fig a | 0.5 | ≥ 0.4 | yes |" in table
+    assert "| b |" not in table
+    assert "batched ÷ unbatched, images/s, 8 image(s)/request" in table
+    assert "| 2.50 | ≥ 3.0 | no |" in table
+    assert "replica alone" in table and "| 3.50 |" in table
