@@ -13,6 +13,7 @@ differences with the platform's "shown / not shown" verdict) and the figure are 
 every seed in the JSON::
 
     python bench/checkpoint_selection.py --seeds 0 1 2 3 4     # about 30 min a seed, 2 cores
+    python bench/checkpoint_selection.py --control jobs/fmnist_supervised_ft.yaml --seeds 0
     python bench/checkpoint_selection.py --report-only
 """
 
@@ -90,6 +91,73 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
             "wall_s": {"train": train_s, "total": time.perf_counter() - t0}}
 
 
+def ms(v: list[float]) -> str:
+    """mean ± sample std (0 for one value)."""
+    return f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}"
+
+
+def run_control(args: argparse.Namespace, seed: int, record: dict) -> dict:
+    """The CE-only control of one recorded seed: retrain its base (same specs, data and code
+    as :func:`run_seed`, so the same weights where training is deterministic; the largest
+    difference from the recorded base's test metrics is kept as ``base_drift``), fine-tune it
+    with ``--control`` and evaluate the epoch the control's own selection serves."""
+    from fmnist_gpu import train_run
+    from oodlab.data.bundle import load_bundle
+    from oodlab.detect.evaluate import evaluate
+    from oodlab.spec import load_spec
+    from oodlab.train.epoch import servable_model
+
+    base, ft, ctl = (load_spec(path, [*args.set, f"seed={seed}"])
+                     for path in (args.base, args.spec, args.control))
+    device = torch.device("cpu")
+    t0 = time.perf_counter()
+    bundle = load_bundle(ft)  # the same bundle as run_seed's, so the same base training
+    _, base_weights, _, _ = train_run(base, bundle, None, device)
+    _, weights, hist, facts = train_run(ctl, bundle, base_weights, device)
+    scores = list(ft.eval.scores)
+    test = {}
+    for name, w in (("base", base_weights), ("control", weights)):
+        report = evaluate(ft, servable_model(ft, w, bundle.num_classes), bundle,
+                          supervised=True, device=device)
+        test[name] = test_metrics(report.metrics, scores)
+    drift = max(abs(test["base"][s][k] - record["test"]["base"][s][k])
+                for s in scores for k in KEYS)
+    print(f"  seed {seed} control epoch {facts['selected_epoch'] + 1}: ID acc "
+          f"{test['control'][scores[0]]['id_acc']:.3f}; base drift {drift:.4f}", flush=True)
+    keep = ("val/id_acc", "val/auroc", "select/feasible", "train/loss")
+    return {"spec": args.control, "epoch": facts["selected_epoch"], "test": test["control"],
+            "base_drift": drift, "optimizer_steps": facts["optimizer_steps"],
+            "history": [{k: h[k] for k in keep if k in h} for h in hist],
+            "wall_s": time.perf_counter() - t0}
+
+
+def control_lines(recs: list[dict], scores: list[str], run: dict | None) -> list[str]:
+    """Markdown: the CE-only control's served model and Energy-OE (constrained) − control,
+    over the seeds that have a control; ``run`` is the last control run's header."""
+    from oodlab.report.results import paired_difference
+
+    ctl = [r for r in recs if "control" in r]
+    if not ctl:
+        return []
+    lines = ["", f"CE-only control (`{ctl[0]['control']['spec']}`: the same fine-tune without "
+             "the OE term, served by its own constrained selection) on "
+             f"{len(ctl)} seed(s) ({', '.join(str(r['seed']) for r in ctl)}); its base "
+             "retrained per seed, whose test metrics differ from the recorded base's by at "
+             f"most {max(r['control']['base_drift'] for r in ctl):.4f}. Epochs served: "
+             f"{', '.join(str(r['control']['epoch'] + 1) for r in ctl)}."
+             + (f" Last control run: `{run['command']}` on {run['date']}." if run else ""), "",
+             "| served model | score | ID acc | AUROC | near AUROC | far AUROC | FPR@95 |",
+             "|---|---|---|---|---|---|---|"]
+    for s in scores:
+        cells = [ms([r["control"]["test"][s][k] for r in ctl]) for k in KEYS]
+        lines.append(f"| CE-only control | {s} | " + " | ".join(cells) + " |")
+    for s in scores:
+        cells = [paired_difference([served(r, "constrained")[s][k] - r["control"]["test"][s][k]
+                                    for r in ctl], k != "fpr95") for k in KEYS]
+        lines.append(f"| constrained − control | {s} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def served(record: dict, rule: str) -> dict[str, dict[str, float]]:
     """The test metrics of the model ``rule`` serves in one seed's record."""
     return record["test"]["base" if rule == "base" else f"epoch{record['epochs'][rule]}"]
@@ -104,9 +172,6 @@ def summary_lines(result: dict) -> list[str]:
     recs = [seeds[k] for k in sorted(seeds, key=int)]
     scores = list(recs[0]["test"]["base"])
     n = len(recs)
-
-    def ms(v: list[float]) -> str:
-        return f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}"
 
     lines = ["| served model | epochs served (1-based, per seed) | score | ID acc | AUROC | "
              "near AUROC | far AUROC | FPR@95 |", "|---|---|---|---|---|---|---|---|"]
@@ -128,6 +193,7 @@ def summary_lines(result: dict) -> list[str]:
             cells = [paired_difference([served(r, a)[s][k] - served(r, b)[s][k] for r in recs],
                                        k != "fpr95") for k in KEYS]
             lines.append(f"| {a} − {b} | {s} | " + " | ".join(cells) + " |")
+    lines += control_lines(recs, scores, result.get("control_run"))
     lines += ["", "Per seed: validation ID accuracy of the init model and the bound it sets, "
               "then validation ID accuracy / validation AUROC per fine-tune epoch (* = breaks "
               "the constraints):", "",
@@ -199,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--spec", default="jobs/fmnist_energy_oe.yaml", help="the fine-tune")
     p.add_argument("--base", default="jobs/fmnist_supervised.yaml", help="what it fine-tunes")
+    p.add_argument("--control", help="also fine-tune this CE-only control from each seed's "
+                   "retrained base (e.g. jobs/fmnist_supervised_ft.yaml; ~30 min a seed)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--set", nargs="*", default=["eval.scores=[energy,msp]"],
                    metavar="KEY=VALUE", help="overrides for both specs")
@@ -212,16 +280,28 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
     if not args.report_only:
-        result |= header("checkpoint_selection", "bench/checkpoint_selection.py", argv) | {
-            "spec": args.spec, "base": args.base, "set": args.set, "figure": args.figure}
+        head = header("checkpoint_selection", "bench/checkpoint_selection.py", argv)
+        if not all(str(seed) in result.get("seeds", {}) for seed in args.seeds):
+            result |= head | {"spec": args.spec, "base": args.base, "set": args.set,
+                              "figure": args.figure}
+        if args.control and result.get("set", args.set) != args.set:
+            raise SystemExit(f"--control: the recorded seeds were trained with --set "
+                             f"{' '.join(result['set'])}; pass the same")
+        if args.control:  # the main table keeps the header of the run that trained it
+            result["control_run"] = {k: head[k] for k in ("date", "host", "command")}
         result.setdefault("seeds", {})
         for seed in args.seeds:
-            if str(seed) in result["seeds"]:
+            if str(seed) not in result["seeds"]:
+                print(f"seed {seed}: training", flush=True)
+                result["seeds"][str(seed)] = run_seed(args, seed)
+                write_result(out, result)  # each finished seed is kept
+            else:
                 print(f"seed {seed}: in {out} already")
-                continue
-            print(f"seed {seed}: training", flush=True)
-            result["seeds"][str(seed)] = run_seed(args, seed)
-            write_result(out, result)  # each finished seed is kept
+            record = result["seeds"][str(seed)]
+            if args.control and "control" not in record:
+                print(f"seed {seed}: control", flush=True)
+                record["control"] = run_control(args, seed, record)
+                write_result(out, result)
     if not result.get("seeds"):
         raise SystemExit(f"{out}: no seed finished yet")
     figure(result, args.figure)
