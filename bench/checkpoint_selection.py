@@ -50,16 +50,38 @@ def test_metrics(metrics: dict[str, float], scores: list[str]) -> dict[str, dict
     return {s: {k: float(metrics[key.format(s=s)]) for k, key in KEYS.items()} for s in scores}
 
 
+HISTORY_KEYS = ("val/id_acc", "val/auroc", "select/feasible", "train/loss")
+
+
+def trimmed(history: list[dict]) -> list[dict]:
+    """The per-epoch metrics the report uses, from a ``train_run`` history."""
+    return [{k: h[k] for k in HISTORY_KEYS if k in h} for h in history]
+
+
+def seed_specs(args: argparse.Namespace, seed: int, *paths: str) -> list:
+    """The specs at ``paths`` with the bench's ``--set`` overrides and ``seed``."""
+    from oodlab.spec import load_spec
+
+    return [load_spec(path, [*args.set, f"seed={seed}"]) for path in paths]
+
+
+def evaluate_weights(spec, weights: dict, bundle, device: torch.device
+                     ) -> dict[str, dict[str, float]]:
+    """Test metrics (per score of ``spec``) of the servable model of ``weights``."""
+    from oodlab.detect.evaluate import evaluate
+    from oodlab.train.epoch import servable_model
+
+    model = servable_model(spec, weights, bundle.num_classes)
+    report = evaluate(spec, model, bundle, supervised=True, device=device)
+    return test_metrics(report.metrics, list(spec.eval.scores))
+
+
 def run_seed(args: argparse.Namespace, seed: int) -> dict:
     """Train base and fine-tune for ``seed``; evaluate the base and each rule's epoch."""
     from fmnist_gpu import train_run
     from oodlab.data.bundle import load_bundle
-    from oodlab.detect.evaluate import evaluate
-    from oodlab.spec import load_spec
-    from oodlab.train.epoch import servable_model
 
-    base = load_spec(args.base, [*args.set, f"seed={seed}"])
-    ft = load_spec(args.spec, [*args.set, f"seed={seed}"])
+    base, ft = seed_specs(args, seed, args.base, args.spec)
     if (base.data.id, base.data.limit) != (ft.data.id, ft.data.limit):
         raise SystemExit("--base and --spec must train on the same ID data")
     device = torch.device("cpu")
@@ -74,18 +96,14 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
     test: dict[str, dict] = {}
     for name, weights in [("base", base_weights)] + [
             (f"epoch{e}", states[e]) for e in sorted(set(epochs.values()))]:
-        model = servable_model(ft, weights, bundle.num_classes)
-        report = evaluate(ft, model, bundle, supervised=True, device=device)
-        test[name] = test_metrics(report.metrics, scores)
+        test[name] = evaluate_weights(ft, weights, bundle, device)
         first = test[name][scores[0]]
         print(f"  seed {seed} {name} (epochs are 0-based): ID acc {first['id_acc']:.3f} "
               f"{scores[0]} AUROC {first['auroc']:.3f}", flush=True)
-    keep = ("val/id_acc", "val/auroc", "select/feasible", "train/loss")
     return {"seed": seed, "epochs": epochs, "test": test,
             "init_val": facts.get("init_metrics") or {},
             "constraints": [c.describe() for c in ft.train.select_constraints],
-            "history": [{k: h[k] for k in keep if k in h} for h in hist],
-            "base_history": [{k: h[k] for k in keep if k in h} for h in base_hist],
+            "history": trimmed(hist), "base_history": trimmed(base_hist),
             "optimizer_steps": {"base": base_facts["optimizer_steps"],
                                 "fine_tune": facts["optimizer_steps"]},
             "wall_s": {"train": train_s, "total": time.perf_counter() - t0}}
@@ -103,31 +121,23 @@ def run_control(args: argparse.Namespace, seed: int, record: dict) -> dict:
     with ``--control`` and evaluate the epoch the control's own selection serves."""
     from fmnist_gpu import train_run
     from oodlab.data.bundle import load_bundle
-    from oodlab.detect.evaluate import evaluate
-    from oodlab.spec import load_spec
-    from oodlab.train.epoch import servable_model
 
-    base, ft, ctl = (load_spec(path, [*args.set, f"seed={seed}"])
-                     for path in (args.base, args.spec, args.control))
+    base, ft, ctl = seed_specs(args, seed, args.base, args.spec, args.control)
     device = torch.device("cpu")
     t0 = time.perf_counter()
     bundle = load_bundle(ft)  # the same bundle as run_seed's, so the same base training
     _, base_weights, _, _ = train_run(base, bundle, None, device)
     _, weights, hist, facts = train_run(ctl, bundle, base_weights, device)
     scores = list(ft.eval.scores)
-    test = {}
-    for name, w in (("base", base_weights), ("control", weights)):
-        report = evaluate(ft, servable_model(ft, w, bundle.num_classes), bundle,
-                          supervised=True, device=device)
-        test[name] = test_metrics(report.metrics, scores)
+    test = {name: evaluate_weights(ft, w, bundle, device)
+            for name, w in (("base", base_weights), ("control", weights))}
     drift = max(abs(test["base"][s][k] - record["test"]["base"][s][k])
                 for s in scores for k in KEYS)
     print(f"  seed {seed} control epoch {facts['selected_epoch'] + 1}: ID acc "
           f"{test['control'][scores[0]]['id_acc']:.3f}; base drift {drift:.4f}", flush=True)
-    keep = ("val/id_acc", "val/auroc", "select/feasible", "train/loss")
     return {"spec": args.control, "epoch": facts["selected_epoch"], "test": test["control"],
             "base_drift": drift, "optimizer_steps": facts["optimizer_steps"],
-            "history": [{k: h[k] for k in keep if k in h} for h in hist],
+            "history": trimmed(hist),
             "wall_s": time.perf_counter() - t0}
 
 
@@ -280,13 +290,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
     if not args.report_only:
+        if args.control and result.get("set", args.set) != args.set:
+            raise SystemExit(f"--control: the recorded seeds were trained with --set "
+                             f"{' '.join(result['set'])}; pass the same")
         head = header("checkpoint_selection", "bench/checkpoint_selection.py", argv)
         if not all(str(seed) in result.get("seeds", {}) for seed in args.seeds):
             result |= head | {"spec": args.spec, "base": args.base, "set": args.set,
                               "figure": args.figure}
-        if args.control and result.get("set", args.set) != args.set:
-            raise SystemExit(f"--control: the recorded seeds were trained with --set "
-                             f"{' '.join(result['set'])}; pass the same")
         if args.control:  # the main table keeps the header of the run that trained it
             result["control_run"] = {k: head[k] for k in ("date", "host", "command")}
         result.setdefault("seeds", {})
