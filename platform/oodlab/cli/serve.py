@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 
 from oodlab.cli.main import local_tracking_uri
 from oodlab.console import stderr
-from oodlab.serve.config import DEFAULT_ALIAS, TOKEN_ENV, ServeOptions
+from oodlab.serve.config import (
+    DEFAULT_ALIAS,
+    HAPROXY_INGRESS_ENV,
+    INGRESS_MODES,
+    TOKEN_ENV,
+    ServeOptions,
+)
 
 if TYPE_CHECKING:
     from oodlab.serve.deploy import Deployment
@@ -77,6 +83,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lim.add_argument("--token-file", help=f"bearer token file (else ${TOKEN_ENV})")
     lim.add_argument("--require-token", action="store_true",
                      help="replicas refuse to start without a token")
+    app.add_argument("--ingress", choices=INGRESS_MODES, default="proxy",
+                     help="HTTP front of the Ray this command starts: Serve's Python proxy "
+                          "(default) or HAProxy forwarding to the replicas' own ports "
+                          "(Serve's throughput-optimized mode; see docs/serving.md)")
     act = p.add_argument_group("actions")
     act.add_argument("--smoke", action="store_true",
                      help="score one rendered image over HTTP, print it, then stop")
@@ -192,6 +202,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):
         raise SpecError("--detach needs a Ray cluster that outlives this command: give "
                         "--address or set RAY_ADDRESS")
+    if args.ingress == "haproxy":
+        _use_haproxy(args, build)
     ref, tracking = _model_source(args, ref, build)
     opts = options(args, ref, tracking, build)
     if build:
@@ -207,6 +219,23 @@ def _run(args: argparse.Namespace) -> int:
                                      address=args.address)
         return _block(smoke.deployment) if args.keep else 0
     return _serve(args, opts)
+
+
+def _use_haproxy(args: argparse.Namespace, build: bool) -> None:
+    """Put Serve's HAProxy mode into the environment of the Ray this command will start."""
+    from oodlab.spec import SpecError
+
+    where = ("is not part of a Serve config" if build
+             else "applies to the Ray this command starts" if args.address
+             or os.environ.get("RAY_ADDRESS") else "")
+    if where:
+        env = " ".join(f"{k}={v}" for k, v in HAPROXY_INGRESS_ENV.items())
+        raise SpecError(f"--ingress haproxy {where}: set {env} in the environment of the "
+                        "cluster's nodes (the RayService's containers; docs/serving.md)")
+    os.environ.update(HAPROXY_INGRESS_ENV)
+    # a stopping replica stays reachable this long for load balancers on other nodes to drop
+    # it (Serve's default 30 s); with one local node and Serve's own HAProxy, 5 s will do
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
 
 
 def _serve(args: argparse.Namespace, opts: ServeOptions) -> int:

@@ -25,6 +25,13 @@ DEPLOYMENT_NAME = "OODScorer"
 IMPORT_PATH = "oodlab.serve.app:build_app"
 TOKEN_ENV = "OODLAB_SERVE_TOKEN"
 DEFAULT_ALIAS = "champion"
+# Serve's throughput-optimized mode with HAProxy (Ray >= 2.56; the binary comes with
+# ray[serve]): HAProxy listens on the HTTP port in place of Serve's Python proxy actor and
+# forwards to each ingress replica's own HTTP port (direct ingress). Every Serve process
+# reads these at import, so they must be in the environment of the Ray that runs Serve
+# (docs.ray.io, "Enable High Throughput on Ray Serve with KubeRay").
+HAPROXY_INGRESS_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+INGRESS_MODES = ("proxy", "haproxy")
 _MODEL_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
