@@ -1,7 +1,8 @@
 """Serving under a bounded load on loopback: the service against its HTTP floor and its model.
 
 Run:  .venv/bin/python bench/serve_load.py [--requests 400] [--concurrency 32]
-      [--images-per-request 1 8 32] [--out bench/results/serve_load.json]
+      [--images-per-request 1 8 32] [--ingress proxy haproxy [direct optimized]]
+      [--out bench/results/serve_load.json]
 
 Four things are measured in one run, each for every request shape (images per request),
 with the same fixed number of requests sent by ``--concurrency`` concurrent clients (JSON
@@ -9,7 +10,7 @@ with base64 PNGs), throughput beside p50/p99 latency:
 
 * the HTTP floor: an echo deployment (1 replica, ``--replica-cpus`` CPUs) that parses the
   same JSON body and answers a result list of the same length without decoding or scoring:
-  the cost of Serve's proxy, the replica and the JSON alone;
+  the cost of the front end, the replica and the JSON alone;
 * the service: ``oodlab serve``'s own deploy path (1 replica, ``--replica-cpus`` CPUs)
   serving a registered detector, batched (``max_batch_size`` = ``--max-batch-size``), then
   reconfigured in place to ``max_batch_size=1`` (unbatched);
@@ -23,6 +24,17 @@ Goals, reported and not asserted: at 1 image per request the batched service rea
 >= 0.8x the floor's requests/s; at 8 images per request >= 0.7x the raw forward's images/s
 and >= 3x the unbatched service. The compute ceiling of batched/unbatched (raw forward at
 the batch size / at batch 1) is written beside them.
+
+``--ingress`` lists the front ends to measure (default ``proxy haproxy``), each in a Ray
+started for it, the same front for the floor and the service: ``proxy`` is Serve's HTTP
+proxy actor in front of the replica; ``optimized`` starts Ray with
+``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (Ray >= 2.56: user code on the replica's main event loop,
+gRPC between proxy and replica, buffered request logs, a frozen garbage collector) and still
+sends the load through the proxy; ``direct`` does the same and sends the load to the port
+the ingress replica itself listens on (Serve's *direct ingress*); ``haproxy`` also sets
+``RAY_SERVE_ENABLE_HA_PROXY=1``, so Serve runs HAProxy (bundled with ``ray[serve]``) on the
+HTTP port in place of its Python proxy, forwarding to the replicas' own ports: what
+``oodlab serve --ingress haproxy`` runs.
 
 By default the detector is the quickstart architecture (small_cnn, width 16, energy score),
 registered untrained in a temporary MLflow store: throughput does not depend on weight
@@ -150,9 +162,9 @@ async def load(url: str, bodies: list[bytes], concurrency: int, path: str = "/v1
     headers = {"Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         async def post(body: bytes) -> int:
-            async with client.post(path, data=body, headers=headers) as r:
+            async with client.post(url + path, data=body, headers=headers) as r:
                 await r.read()
                 return r.status
 
@@ -212,10 +224,28 @@ def replica_alone(ref: str, version: str, uri: str, shapes: dict[int, list[bytes
 
 
 ECHO_ROUTE = "/echo"
+INGRESS_MODES = ("proxy", "optimized", "direct", "haproxy")
 
 
-def echo_floor(port: int, cpus: int, shapes: dict[int, list[bytes]], concurrency: int
-               ) -> dict[int, dict]:
+def direct_url(app_name: str, host: str = "127.0.0.1") -> str:
+    """The URL at which ``app_name``'s ingress replica answers by itself (direct ingress):
+    its own HTTP port, from the Serve controller's target groups (what HAProxy reads)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    for group in ray.get(controller.get_target_groups.remote(app_name)):
+        if group.app_name == app_name and group.targets and group.protocol == "HTTP":
+            ports = {t.port for t in group.targets}
+            if len(ports) != 1:
+                raise RuntimeError(f"{app_name}: expected one replica port, got {ports}")
+            return f"http://{host}:{ports.pop()}{group.route_prefix.rstrip('/')}"
+    raise RuntimeError(f"{app_name}: no direct-ingress target (is "
+                       "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 set for the Ray instance?)")
+
+
+def echo_floor(port: int, cpus: int, shapes: dict[int, list[bytes]], concurrency: int,
+               direct: bool = False) -> dict[int, dict]:
     """The HTTP floor per request shape: an echo deployment with the service's CPUs that
     parses the JSON body and answers as many results, scoring nothing."""
     from ray import serve
@@ -238,11 +268,24 @@ def echo_floor(port: int, cpus: int, shapes: dict[int, list[bytes]], concurrency
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(Echo.bind(), name="echo", route_prefix=ECHO_ROUTE)
     try:
-        url = f"http://127.0.0.1:{port}"
-        return {k: asyncio.run(load(url, bodies, concurrency, path=f"{ECHO_ROUTE}/v1/score"))
+        url = direct_url("echo") if direct else f"http://127.0.0.1:{port}{ECHO_ROUTE}"
+        return {k: asyncio.run(load(url, bodies, concurrency))
                 for k, bodies in shapes.items()}
     finally:
         serve.shutdown()  # the service is deployed afresh, through oodlab's REST path
+        wait_port_free(port)
+
+
+def wait_port_free(port: int, timeout_s: float = 30.0) -> None:
+    """Until nothing answers on ``port`` (an HAProxy being stopped can hold it a moment)."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.2)
 
 
 def model_stats(url: str) -> dict:
@@ -260,6 +303,75 @@ def measure_service(url: str, bodies: list[bytes], concurrency: int) -> dict:
     return out
 
 
+def set_ingress_env(ingress: str) -> None:
+    """Serve's settings for ``ingress``, in this process's environment, before Ray starts."""
+    from oodlab.serve.config import HAPROXY_INGRESS_ENV
+
+    for key in HAPROXY_INGRESS_ENV:
+        os.environ.pop(key, None)
+    if ingress != "proxy":
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    if ingress == "haproxy":
+        os.environ.update(HAPROXY_INGRESS_ENV)
+
+
+def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: str, uri: str,
+                    shapes: dict[int, list[bytes]], alone: dict[int, dict], raw: float
+                    ) -> tuple[list[dict], int]:
+    """Floor and service (batched, unbatched) per request shape behind one front end, in a
+    Ray started for it; (one row per shape, the replica's torch threads)."""
+    import ray
+    from ray import serve
+
+    from oodlab.serve.config import DeploymentOptions, ModelConfig, ServeOptions
+    from oodlab.serve.deploy import deploy
+
+    set_ingress_env(ingress)
+    init_ray(num_cpus=args.replica_cpus + 2, log_to_driver=False)
+    port = int(os.environ.get("BENCH_PORT", "8765"))
+    rows = []
+    try:
+        floors = echo_floor(port, args.replica_cpus, shapes, args.concurrency,
+                            direct=ingress == "direct")
+        for k, f in floors.items():
+            print(f"[{ingress}] HTTP floor (echo), {k} image(s)/request: "
+                  f"{f['requests_per_s']:.0f} requests/s, p50 {f['p50_ms']:.1f} ms, "
+                  f"p99 {f['p99_ms']:.1f} ms", flush=True)
+        opts = ServeOptions(
+            app_name="bench", port=port,
+            model=ModelConfig(model=ref, version=version, tracking_uri=uri,
+                              max_batch_size=args.max_batch_size,
+                              batch_wait_timeout_s=args.batch_wait_ms / 1000),
+            deployment=DeploymentOptions(num_cpus=args.replica_cpus, max_ongoing_requests=256))
+        dep = deploy(opts)
+        url = direct_url(opts.app_name) if ingress == "direct" else dep.url
+        threads = model_stats(url)["torch_threads"]
+        for k, bodies in shapes.items():
+            row: dict = {"ingress": ingress, "images_per_request": k,
+                         "concurrency": args.concurrency, "echo": floors[k],
+                         "replica_alone": alone[k]}
+            for mode, size in (("batched", args.max_batch_size), ("unbatched", 1)):
+                opts.model.max_batch_size = size
+                deploy(opts)  # user_config only: the replica reconfigures in place
+                row[mode] = measure_service(url, bodies, args.concurrency)
+                print(f"[{ingress}] {k} image(s)/request, {mode:>9}: "
+                      f"{row[mode]['requests_per_s']:.0f} requests/s, "
+                      f"{row[mode]['images_per_s']:.0f} images/s, "
+                      f"p50 {row[mode]['p50_ms']:.1f} ms, p99 {row[mode]['p99_ms']:.1f} ms, "
+                      f"mean batch {row[mode]['mean_batch']:.1f}", flush=True)
+            assert row["batched"]["failures"] == row["unbatched"]["failures"] == 0, row
+            assert floors[k]["failures"] == 0, floors[k]
+            row["batched_vs_floor"] = row["batched"]["requests_per_s"] / floors[k]["requests_per_s"]
+            row["batched_vs_raw"] = row["batched"]["images_per_s"] / raw
+            row["batched_vs_unbatched"] = (row["batched"]["images_per_s"]
+                                           / row["unbatched"]["images_per_s"])
+            rows.append(row)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return rows, threads
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="registered model to serve (default: an untrained "
@@ -273,16 +385,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--replica-cpus", type=int, default=1)
+    parser.add_argument("--ingress", choices=INGRESS_MODES, nargs="+",
+                        default=["proxy", "haproxy"],
+                        help="front ends to measure, each in a Ray of its own (default proxy "
+                             "haproxy): Serve's proxy; the proxy with "
+                             "RAY_SERVE_THROUGHPUT_OPTIMIZED=1; the replica's own port "
+                             "(direct ingress); HAProxy in front of the replicas' own ports")
     parser.add_argument("--out", default="bench/results/serve_load.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     head = header("serve_load", "bench/serve_load.py", argv)  # load average before we start
 
-    import ray
-    from ray import serve
 
-    from oodlab.serve.config import DeploymentOptions, ModelConfig, ServeOptions, split_ref
-    from oodlab.serve.deploy import deploy
+    from oodlab.serve.config import split_ref
     from oodlab.serve.registry import resolve
     from oodlab.track.tracking import load_detector
 
@@ -311,50 +426,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{a['unbatched']['images_per_s']:.0f}: "
                   f"{a['batched_vs_unbatched']:.2f}x", flush=True)
 
-        init_ray(num_cpus=args.replica_cpus + 2, log_to_driver=False)
-        port = int(os.environ.get("BENCH_PORT", "8765"))
-        floors = echo_floor(port, args.replica_cpus, shapes, args.concurrency)
-        for k, f in floors.items():
-            print(f"HTTP floor (echo), {k} image(s)/request: {f['requests_per_s']:.0f} "
-                  f"requests/s, p50 {f['p50_ms']:.1f} ms, p99 {f['p99_ms']:.1f} ms", flush=True)
-        opts = ServeOptions(
-            app_name="bench", port=port,
-            model=ModelConfig(model=ref, version=version, tracking_uri=uri,
-                              max_batch_size=args.max_batch_size,
-                              batch_wait_timeout_s=args.batch_wait_ms / 1000),
-            deployment=DeploymentOptions(num_cpus=args.replica_cpus, max_ongoing_requests=256))
-        dep = deploy(opts)
-        threads = model_stats(dep.url)["torch_threads"]
-        scenarios = []
-        try:
-            for k, bodies in shapes.items():
-                row: dict = {"images_per_request": k, "concurrency": args.concurrency,
-                             "echo": floors[k], "replica_alone": alone[k]}
-                for mode, size in (("batched", args.max_batch_size), ("unbatched", 1)):
-                    opts.model.max_batch_size = size
-                    deploy(opts)  # user_config only: the replica reconfigures in place
-                    row[mode] = measure_service(dep.url, bodies, args.concurrency)
-                    print(f"{k} image(s)/request, {mode:>9}: "
-                          f"{row[mode]['requests_per_s']:.0f} requests/s, "
-                          f"{row[mode]['images_per_s']:.0f} images/s, "
-                          f"p50 {row[mode]['p50_ms']:.1f} ms, p99 {row[mode]['p99_ms']:.1f} ms, "
-                          f"mean batch {row[mode]['mean_batch']:.1f}", flush=True)
-                assert row["batched"]["failures"] == row["unbatched"]["failures"] == 0, row
-                assert floors[k]["failures"] == 0, floors[k]
-                row["batched_vs_floor"] = (row["batched"]["requests_per_s"]
-                                           / floors[k]["requests_per_s"])
-                row["batched_vs_raw"] = row["batched"]["images_per_s"] / raw
-                row["batched_vs_unbatched"] = (row["batched"]["images_per_s"]
-                                               / row["unbatched"]["images_per_s"])
-                scenarios.append(row)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+        scenarios: list[dict] = []
+        threads = None
+        for ingress in args.ingress:
+            rows, threads = measure_ingress(ingress, args, ref, version, uri, shapes, alone, raw)
+            scenarios += rows
 
     result = head | {
         "model": {"ref": ref, "version": version, "preprocessing": p,
                   "arch": detector.spec["model"]["arch"], "width": detector.spec["model"]["width"],
                   "trained": bool(args.model)},
+        "ingress": args.ingress,  # front ends measured, in order (rows name theirs)
         "replica": {"num_cpus": args.replica_cpus, "torch_threads": threads,
                     "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms},
         "raw_images_per_s": {"batch": args.max_batch_size, "batched": raw, "batch_1": raw_single},
@@ -367,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = write_result(args.out, result)
     for row in scenarios:
-        print(f"{row['images_per_request']} image(s)/request: batched/floor "
+        print(f"[{row['ingress']}] {row['images_per_request']} image(s)/request: batched/floor "
               f"{row['batched_vs_floor']:.2f}, batched/raw {row['batched_vs_raw']:.2f}, "
               f"batched/unbatched {row['batched_vs_unbatched']:.2f}")
     print("goals: batched/floor >= 0.8 at 1 image/request; batched/raw >= 0.7 and "

@@ -45,14 +45,17 @@ def _latency(r: dict, other: str | None) -> str:
 
 def serve_load(d: dict) -> Iterator[Row]:
     goals = {(name, k): goal for name, k, goal in d["goals"]}
+    first = d["scenarios"][0].get("ingress") if d["scenarios"] else None
     for r in d["scenarios"]:
-        k = r["images_per_request"]
+        k, ingress = r["images_per_request"], r.get("ingress", "proxy")
         for name, (label, other) in SERVE_FIGURES.items():
             goal = goals.get((name, k))
-            yield (f"serving: {label}, {k} image(s)/request ({_latency(r, other)})",
+            yield (f"serving ({ingress}): {label}, {k} image(s)/request "
+                   f"({_latency(r, other)})",
                    f"{r[name]:.2f}", "–" if goal is None else f"≥ {goal}",
                    "–" if goal is None else _met(r[name] >= goal))
-        if alone := r.get("replica_alone"):  # diagnostic: the replica without Serve's proxy
+        alone = r.get("replica_alone") if r.get("ingress") == first else None
+        if alone:  # diagnostic, once per shape: the replica without Serve's proxy
             yield (f"serving, replica alone (in process, no proxy): batched ÷ unbatched, "
                    f"images/s, {k} image(s)/request (mean batch "
                    f"{alone['batched']['mean_batch']:.1f})",

@@ -40,14 +40,16 @@ def test_summary_table_reads_every_result_file(tmp_path):
     timing = {"p50_ms": 1.0, "p99_ms": 2.0, "images_per_s": 10.0, "mean_batch": 4.0}
     (tmp_path / "serve.json").write_text(json.dumps(run | {
         "benchmark": "serve_load", "goals": [["batched_vs_unbatched", 8, 3.0]],
-        "scenarios": [{"images_per_request": 8, "batched": timing, "unbatched": timing,
-                       "echo": timing, "batched_vs_floor": 0.5, "batched_vs_raw": 0.4,
-                       "batched_vs_unbatched": 2.5, "replica_alone": {
+        "scenarios": [{"ingress": ingress, "images_per_request": 8, "batched": timing,
+                       "unbatched": timing, "echo": timing, "batched_vs_floor": 0.5,
+                       "batched_vs_raw": 0.4, "batched_vs_unbatched": ratio, "replica_alone": {
                            "batched": timing, "unbatched": timing,
-                           "batched_vs_unbatched": 3.5}}]}))
+                           "batched_vs_unbatched": 3.5}}
+                      for ingress, ratio in (("proxy", 2.5), ("haproxy", 3.25))]}))
     table = render(tmp_path)
     assert "| a | fig a | 0.5 | ≥ 0.4 | yes |" in table
     assert "| b |" not in table
-    assert "batched ÷ unbatched, images/s, 8 image(s)/request" in table
-    assert "| 2.50 | ≥ 3.0 | no |" in table
-    assert "replica alone" in table and "| 3.50 |" in table
+    assert "serving (proxy): batched ÷ unbatched, images/s, 8 image(s)/request" in table
+    assert "| 2.50 | ≥ 3.0 | no |" in table and "| 3.25 | ≥ 3.0 | yes |" in table
+    assert "(haproxy): batched ÷ unbatched" in table
+    assert table.count("replica alone") == 1 and "| 3.50 |" in table  # once per shape
