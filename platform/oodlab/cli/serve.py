@@ -64,6 +64,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     app.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
     app.add_argument("--port", type=int, default=8000)
     app.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    app.add_argument("--ingress", choices=INGRESS_MODES, default="proxy",
+                     help="HTTP front of the Ray this command starts: Serve's Python proxy "
+                          "(default) or HAProxy forwarding to the replicas' own ports "
+                          "(Serve's throughput-optimized mode; see docs/serving.md)")
     bat = p.add_argument_group("batching and scaling")
     bat.add_argument("--max-batch-size", type=int, default=32, help="images per forward pass")
     bat.add_argument("--batch-wait-ms", type=float, default=5.0,
@@ -83,10 +87,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lim.add_argument("--token-file", help=f"bearer token file (else ${TOKEN_ENV})")
     lim.add_argument("--require-token", action="store_true",
                      help="replicas refuse to start without a token")
-    app.add_argument("--ingress", choices=INGRESS_MODES, default="proxy",
-                     help="HTTP front of the Ray this command starts: Serve's Python proxy "
-                          "(default) or HAProxy forwarding to the replicas' own ports "
-                          "(Serve's throughput-optimized mode; see docs/serving.md)")
     act = p.add_argument_group("actions")
     act.add_argument("--smoke", action="store_true",
                      help="score one rendered image over HTTP, print it, then stop")
@@ -225,13 +225,12 @@ def _use_haproxy(args: argparse.Namespace, build: bool) -> None:
     """Put Serve's HAProxy mode into the environment of the Ray this command will start."""
     from oodlab.spec import SpecError
 
-    where = ("is not part of a Serve config" if build
-             else "applies to the Ray this command starts" if args.address
-             or os.environ.get("RAY_ADDRESS") else "")
-    if where:
-        env = " ".join(f"{k}={v}" for k, v in HAPROXY_INGRESS_ENV.items())
-        raise SpecError(f"--ingress haproxy {where}: set {env} in the environment of the "
-                        "cluster's nodes (the RayService's containers; docs/serving.md)")
+    env = " ".join(f"{k}={v}" for k, v in HAPROXY_INGRESS_ENV.items())
+    hint = f"set {env} in the environment of the cluster's nodes (docs/serving.md)"
+    if build:
+        raise SpecError(f"--ingress haproxy is not part of a Serve config: {hint}")
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        raise SpecError(f"--ingress haproxy applies to the Ray this command starts: {hint}")
     os.environ.update(HAPROXY_INGRESS_ENV)
     # a stopping replica stays reachable this long for load balancers on other nodes to drop
     # it (Serve's default 30 s); with one local node and Serve's own HAProxy, 5 s will do
