@@ -34,7 +34,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
-OVERLAYS = ["base", "overlays/local", "overlays/gpu"]
+OVERLAYS = ["base", "overlays/local", "overlays/gpu", "overlays/haproxy"]
 CRD_DIR = Path(os.environ.get("OODLAB_KUBERAY_CRDS", K8S / "crds"))
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")
 KUBECTL = shutil.which("kubectl")
@@ -391,6 +391,33 @@ def test_gpu_group_autoscaling_and_dashboard_service():
     local = cluster("overlays/local")["spec"]
     assert [g["groupName"] for g in local["workerGroupSpecs"]] == ["cpu"]  # one small node
     assert "nvidia.com/gpu" not in yaml.safe_dump(render("overlays/local"))
+
+
+@needs_kubectl
+def test_haproxy_overlay_sets_serve_mode_on_every_rayservice_container_only():
+    """overlays/haproxy: every container of the RayService (head and each worker group) gets
+    exactly the variables `oodlab serve --ingress haproxy` sets; base has none of them, and
+    the training cluster is the same in both."""
+    from oodlab.serve.config import HAPROXY_INGRESS_ENV
+
+    def by_kind(overlay: str) -> dict[str, dict[str, Any]]:
+        return {o["kind"]: o for o in render(overlay)}
+
+    def containers(service: dict[str, Any]) -> list[dict[str, Any]]:
+        spec = service["spec"]["rayClusterConfig"]
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+    def serve_env(container: dict[str, Any]) -> dict[str, str]:
+        return {e["name"]: e["value"] for e in container.get("env", [])
+                if e["name"] in HAPROXY_INGRESS_ENV}
+
+    haproxy, base = by_kind("overlays/haproxy"), by_kind("base")
+    assert len(containers(haproxy["RayService"])) >= 2
+    for container in containers(haproxy["RayService"]):
+        assert serve_env(container) == HAPROXY_INGRESS_ENV, container["name"]
+    assert all(serve_env(c) == {} for c in containers(base["RayService"]))
+    assert haproxy["RayCluster"] == base["RayCluster"]
 
 
 def _build_command(kustomization: Path) -> list[str]:
