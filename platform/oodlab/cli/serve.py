@@ -226,7 +226,7 @@ def _use_haproxy(args: argparse.Namespace, build: bool) -> None:
     from oodlab.spec import SpecError
 
     env = " ".join(f"{k}={v}" for k, v in HAPROXY_INGRESS_ENV.items())
-    hint = f"set {env} in the environment of the cluster's nodes (docs/serving.md)"
+    hint = f"set {env} in the environment of the cluster's nodes (k8s/overlays/haproxy)"
     if build:
         raise SpecError(f"--ingress haproxy is not part of a Serve config: {hint}")
     if args.address or os.environ.get("RAY_ADDRESS"):
