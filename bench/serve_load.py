@@ -306,13 +306,14 @@ def measure_service(url: str, bodies: list[bytes], concurrency: int) -> dict:
 def set_ingress_env(ingress: str) -> None:
     """Serve's settings for ``ingress``, in this process's environment, before Ray starts."""
     from oodlab.serve.config import HAPROXY_INGRESS_ENV
+    from oodlab.serve.deploy import use_haproxy_ingress
 
     for key in HAPROXY_INGRESS_ENV:
         os.environ.pop(key, None)
     if ingress != "proxy":
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     if ingress == "haproxy":
-        os.environ.update(HAPROXY_INGRESS_ENV)
+        use_haproxy_ingress()  # what `oodlab serve --ingress haproxy` sets
 
 
 def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: str, uri: str,

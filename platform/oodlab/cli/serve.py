@@ -231,10 +231,9 @@ def _use_haproxy(args: argparse.Namespace, build: bool) -> None:
         raise SpecError(f"--ingress haproxy is not part of a Serve config: {hint}")
     if args.address or os.environ.get("RAY_ADDRESS"):
         raise SpecError(f"--ingress haproxy applies to the Ray this command starts: {hint}")
-    os.environ.update(HAPROXY_INGRESS_ENV)
-    # a stopping replica stays reachable this long for load balancers on other nodes to drop
-    # it (Serve's default 30 s); with one local node and Serve's own HAProxy, 5 s will do
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
+    from oodlab.serve.deploy import use_haproxy_ingress
+
+    use_haproxy_ingress()
 
 
 def _serve(args: argparse.Namespace, opts: ServeOptions) -> int:

@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from oodlab.serve.build import app_config, serve_config
-from oodlab.serve.config import DEPLOYMENT_NAME, ModelConfig, ServeOptions, split_ref
+from oodlab.serve.config import (
+    DEPLOYMENT_NAME,
+    HAPROXY_INGRESS_ENV,
+    ModelConfig,
+    ServeOptions,
+    split_ref,
+)
 from oodlab.serve.registry import resolve
 
 SERVE_API = "/api/serve/applications/"
@@ -52,6 +58,15 @@ def token_auth_hint() -> str:
     (Ray >= 2.59 local clusters require it; Ray reads the mode once, at import)."""
     has_token = Path("~/.ray/auth_token").expanduser().exists() or "RAY_AUTH_TOKEN" in os.environ
     return "RAY_AUTH_MODE=token " if has_token and "RAY_AUTH_MODE" not in os.environ else ""
+
+
+def use_haproxy_ingress() -> None:
+    """Serve's HAProxy front (:data:`~oodlab.serve.config.HAPROXY_INGRESS_ENV`) in this
+    process's environment, for the one-node Ray it is about to start."""
+    os.environ.update(HAPROXY_INGRESS_ENV)
+    # a stopping replica stays reachable this long for load balancers on other nodes to drop
+    # it (Serve's default 30 s); with one local node and Serve's own HAProxy, 5 s will do
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
 
 
 def connect(address: str | None = None, existing: bool = False) -> bool:
