@@ -48,6 +48,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -110,7 +111,9 @@ def sample_pngs(n: int, shape: tuple[int, int, int], seed: int = 0) -> list[byte
 
 def raw_throughput(detector, shape: tuple[int, int, int], batch: int, threads: int,
                    seconds: float = 3.0) -> float:
-    """Images/s of ``detector.score`` on fixed batches, in process, ``threads`` torch threads."""
+    """Images/s of ``detector.score`` on fixed batches, in process, ``threads`` torch threads.
+    The batch starts on the CPU, as a decoded request's does; on a GPU detector the time
+    includes the copy there and the scores' copy back (which waits for the GPU)."""
     torch.set_num_threads(threads)
     x = torch.rand(batch, *shape)
     for _ in range(5):
@@ -172,8 +175,8 @@ async def load(url: str, bodies: list[bytes], concurrency: int, path: str = "/v1
 
 
 def replica_alone(ref: str, version: str, uri: str, shapes: dict[int, list[bytes]],
-                  concurrency: int, max_batch_size: int, batch_wait_s: float, cpus: int
-                  ) -> dict[int, dict]:
+                  concurrency: int, max_batch_size: int, batch_wait_s: float, cpus: int,
+                  device: str = "cpu") -> dict[int, dict]:
     """The service's replica class (:class:`oodlab.serve.app.Scorer`, its FastAPI app,
     ``@serve.batch`` queue and decode/forward threads) driven in this process through ASGI
     (httpx's ``ASGITransport``): no Serve proxy, no sockets, no Ray actor call, only the
@@ -192,7 +195,7 @@ def replica_alone(ref: str, version: str, uri: str, shapes: dict[int, list[bytes
     from oodlab.serve.config import ModelConfig
 
     async def run() -> dict[int, dict]:
-        scorer = app.Scorer({})
+        scorer = app.Scorer({"device": device})
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app.build_api(scorer)),
                                    base_url="http://replica", timeout=120)
         headers = {"content-type": "application/json"}
@@ -316,6 +319,11 @@ def set_ingress_env(ingress: str) -> None:
         use_haproxy_ingress()  # what `oodlab serve --ingress haproxy` sets
 
 
+def device(args: argparse.Namespace) -> str:
+    """Where the replica (and the raw forward) runs: ``cuda`` with ``--replica-gpus``."""
+    return "cuda" if args.replica_gpus > 0 else "cpu"
+
+
 def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: str, uri: str,
                     shapes: dict[int, list[bytes]], alone: dict[int, dict], raw: float
                     ) -> tuple[list[dict], int]:
@@ -324,11 +332,12 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
     import ray
     from ray import serve
 
-    from oodlab.serve.config import DeploymentOptions, ModelConfig, ServeOptions
+    from oodlab.serve.config import AppArgs, DeploymentOptions, ModelConfig, ServeOptions
     from oodlab.serve.deploy import deploy
 
     set_ingress_env(ingress)
-    init_ray(num_cpus=args.replica_cpus + 2, log_to_driver=False)
+    init_ray(num_cpus=args.replica_cpus + 2, num_gpus=math.ceil(args.replica_gpus),
+             log_to_driver=False)
     port = int(os.environ.get("BENCH_PORT", "8765"))
     rows = []
     try:
@@ -343,7 +352,9 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
             model=ModelConfig(model=ref, version=version, tracking_uri=uri,
                               max_batch_size=args.max_batch_size,
                               batch_wait_timeout_s=args.batch_wait_ms / 1000),
-            deployment=DeploymentOptions(num_cpus=args.replica_cpus, max_ongoing_requests=256))
+            args=AppArgs(device=device(args)),
+            deployment=DeploymentOptions(num_cpus=args.replica_cpus, num_gpus=args.replica_gpus,
+                                         max_ongoing_requests=256))
         dep = deploy(opts)
         url = direct_url(opts.app_name) if ingress == "direct" else dep.url
         threads = model_stats(url)["torch_threads"]
@@ -386,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--replica-cpus", type=int, default=1)
+    parser.add_argument("--replica-gpus", type=float, default=0.0,
+                        help="GPUs of the service's replica (> 0: the replica, the replica "
+                             "alone and the raw forward run on CUDA; the echo floor has none)")
     parser.add_argument("--ingress", choices=INGRESS_MODES, nargs="+",
                         default=["proxy", "haproxy"],
                         help="front ends to measure, each in a Ray of its own (default proxy "
@@ -406,12 +420,13 @@ def main(argv: list[str] | None = None) -> int:
         ref, uri = ((args.model, args.tracking_uri) if args.model
                     else register_untrained(tmp, args.arch, args.width))
         version = resolve(ref, uri).version
-        detector = load_detector(f"models:/{split_ref(ref)[0]}/{version}", uri)
+        detector = load_detector(f"models:/{split_ref(ref)[0]}/{version}", uri).to(device(args))
         p = detector.preprocessing
         shape = (p["channels"], p["image_size"], p["image_size"])
         raw = raw_throughput(detector, shape, args.max_batch_size, args.replica_cpus)
         raw_single = raw_throughput(detector, shape, 1, args.replica_cpus)
-        print(f"raw forward, {args.replica_cpus} thread(s): {raw:.0f} images/s at batch "
+        print(f"raw forward on {device(args)}, {args.replica_cpus} thread(s): {raw:.0f} "
+              f"images/s at batch "
               f"{args.max_batch_size}, {raw_single:.0f} at batch 1", flush=True)
 
         b64 = [base64.b64encode(png).decode() for png in sample_pngs(64, shape)]
@@ -419,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                       .encode() for i in range(args.requests)]
                   for k in args.images_per_request}
         alone = replica_alone(ref, version, uri, shapes, args.concurrency, args.max_batch_size,
-                              args.batch_wait_ms / 1000, args.replica_cpus)
+                              args.batch_wait_ms / 1000, args.replica_cpus, device(args))
         for k, a in alone.items():
             print(f"replica alone (in process, ASGI), {k} image(s)/request: batched "
                   f"{a['batched']['images_per_s']:.0f} images/s (mean batch "
@@ -438,7 +453,10 @@ def main(argv: list[str] | None = None) -> int:
                   "arch": detector.spec["model"]["arch"], "width": detector.spec["model"]["width"],
                   "trained": bool(args.model)},
         "ingress": args.ingress,  # front ends measured, in order (rows name theirs)
-        "replica": {"num_cpus": args.replica_cpus, "torch_threads": threads,
+        "replica": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus,
+                    "device": device(args), "gpu": (torch.cuda.get_device_name()
+                                                    if device(args) == "cuda" else None),
+                    "torch_threads": threads,
                     "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms},
         "raw_images_per_s": {"batch": args.max_batch_size, "batched": raw, "batch_1": raw_single},
         # pure compute bound on batched/unbatched: forward at max_batch_size vs at batch 1

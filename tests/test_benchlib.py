@@ -53,3 +53,33 @@ def test_summary_table_reads_every_result_file(tmp_path):
     assert "| 2.50 | ≥ 3.0 | no |" in table and "| 3.25 | ≥ 3.0 | yes |" in table
     assert "(haproxy): batched ÷ unbatched" in table
     assert table.count("replica alone") == 1 and "| 3.50 |" in table  # once per shape
+
+
+def test_offline_site_keeps_file_modes_and_prunes_only_what_no_benchmark_loads(tmp_path):
+    """bench/offline_site.py: Ray's binaries must stay executable after unpacking (zipfile
+    drops modes by default), and pruning removes the jars and source maps, nothing else."""
+    import stat
+    import zipfile
+
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    from offline_site import prune, unpack
+
+    wheel = tmp_path / "ray-0-py3-none-any.whl"
+    files = {"ray/core/src/ray/raylet/raylet": 0o755, "ray/jars/ray_dist.jar": 0o644,
+             "ray/dashboard/client/build/index.html": 0o644,
+             "ray/dashboard/client/build/static/js/main.js": 0o644,
+             "ray/dashboard/client/build/static/js/main.js.map": 0o644,
+             "ray/serve/api.py": 0o644}
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name, mode in files.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFREG | mode) << 16
+            zf.writestr(info, b"x")
+    site = tmp_path / "site"
+    unpack(wheel, site)
+    assert (site / "ray/core/src/ray/raylet/raylet").stat().st_mode & 0o111
+    prune(site)
+    left = {str(p.relative_to(site)) for p in site.rglob("*") if p.is_file()}
+    assert left == {"ray/core/src/ray/raylet/raylet", "ray/dashboard/client/build/index.html",
+                    "ray/dashboard/client/build/static/js/main.js", "ray/serve/api.py"}
