@@ -43,20 +43,29 @@ def _latency(r: dict, other: str | None) -> str:
     return text
 
 
+def _serve_setup(d: dict) -> str:
+    """What sets a serving run apart from the default one: the model, a GPU replica."""
+    arch = d.get("model", {}).get("arch", "small_cnn")
+    gpu = d.get("replica", {}).get("device") == "cuda"
+    return (f", {arch}" if arch != "small_cnn" else "") + (", GPU replica" if gpu else "")
+
+
 def serve_load(d: dict) -> Iterator[Row]:
     goals = {(name, k): goal for name, k, goal in d["goals"]}
     first = d["scenarios"][0].get("ingress") if d["scenarios"] else None
+    setup = _serve_setup(d)
     for r in d["scenarios"]:
         k, ingress = r["images_per_request"], r.get("ingress", "proxy")
         for name, (label, other) in SERVE_FIGURES.items():
             goal = goals.get((name, k))
-            yield (f"serving ({ingress}): {label}, {k} image(s)/request "
+            yield (f"serving ({ingress}{setup}): {label}, {k} image(s)/request "
                    f"({_latency(r, other)})",
                    f"{r[name]:.2f}", "–" if goal is None else f"≥ {goal}",
                    "–" if goal is None else _met(r[name] >= goal))
         alone = r.get("replica_alone") if r.get("ingress") == first else None
         if alone:  # diagnostic, once per shape: the replica without Serve's proxy
-            yield (f"serving, replica alone (in process, no proxy): batched ÷ unbatched, "
+            yield (f"serving{setup}, replica alone (in process, no proxy): batched ÷ "
+                   f"unbatched, "
                    f"images/s, {k} image(s)/request (mean batch "
                    f"{alone['batched']['mean_batch']:.1f})",
                    f"{alone['batched_vs_unbatched']:.2f}", "–", "–")

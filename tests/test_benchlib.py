@@ -24,8 +24,9 @@ def test_plain_rates_trains_every_epoch_of_an_oe_method(tmp_path):
 
 
 def test_summary_table_reads_every_result_file(tmp_path):
-    """bench/summary.py: headline rows from each JSON, a replica-alone row for serving, and
-    no crash on a benchmark whose ``summary`` is its own table (a dict)."""
+    """bench/summary.py: headline rows from each JSON, a replica-alone row for serving, a
+    GPU or non-default model run labelled as such, and no crash on a benchmark whose
+    ``summary`` is its own table (a dict)."""
     import json
 
     if str(BENCH) not in sys.path:
@@ -46,13 +47,18 @@ def test_summary_table_reads_every_result_file(tmp_path):
                            "batched": timing, "unbatched": timing,
                            "batched_vs_unbatched": 3.5}}
                       for ingress, ratio in (("proxy", 2.5), ("haproxy", 3.25))]}))
+    gpu = json.loads((tmp_path / "serve.json").read_text()) | {
+        "model": {"arch": "resnet18"}, "replica": {"device": "cuda"}}
+    (tmp_path / "serve_gpu.json").write_text(json.dumps(gpu))
     table = render(tmp_path)
     assert "| a | fig a | 0.5 | ≥ 0.4 | yes |" in table
     assert "| b |" not in table
     assert "serving (proxy): batched ÷ unbatched, images/s, 8 image(s)/request" in table
     assert "| 2.50 | ≥ 3.0 | no |" in table and "| 3.25 | ≥ 3.0 | yes |" in table
     assert "(haproxy): batched ÷ unbatched" in table
-    assert table.count("replica alone") == 1 and "| 3.50 |" in table  # once per shape
+    assert "serving (haproxy, resnet18, GPU replica): batched ÷ unbatched" in table
+    assert "serving, replica alone" in table  # once per file and shape, labelled by setup
+    assert table.count("replica alone") == 2 and "| 3.50 |" in table
 
 
 def test_offline_site_keeps_file_modes_and_prunes_only_what_no_benchmark_loads(tmp_path):
