@@ -1,22 +1,31 @@
 """The Fashion-MNIST baselines at full size on an accelerator, recorded into MLflow here.
 
 ``make results-fmnist`` trains every spec x seed with Ray Train and logs to MLflow. The
-accelerator machine behind the committed GPU numbers has PyTorch but neither Ray nor MLflow,
-and nothing can be installed there, so the ``run`` step trains with the platform's own parts
-in plain processes, one per seed: the spec (:func:`~oodlab.spec.load_spec`), the method's
+accelerator machine this is written for has PyTorch but neither Ray, MLflow nor pydantic, and
+no package index, so the ``run`` step trains with the platform's own parts in plain
+processes, one per seed: the spec (:func:`~oodlab.spec.load_spec`), the method's
 ``build`` / ``wrap`` / ``training_step`` through the loop's epoch
 (:func:`oodlab.train.epoch.train_epoch`), its optimizer and schedule, the data order of its
 samplers, the per-epoch :func:`~oodlab.detect.evaluate.validation_metrics`, the checkpoint
 selection of ``train.select_metric`` (the best validation epoch, as Ray keeps it) and the
 final :func:`~oodlab.detect.evaluate.evaluate`. ``init_from: spec:<name>`` fine-tunes the
-selected weights of that spec's run of the same seed. Three steps::
+selected weights of that spec's run of the same seed. The steps, with the data split in two
+so that each part travels with the repository in one call of at most 64 MiB (37 and 43 MiB;
+pydantic, which oodlab's specs need, packed by ``bench/offline_site.py``, 2 MiB)::
 
-    python bench/fmnist_gpu.py export --seeds 0 --out .devdata/fmnist_a.npz          # here
-    python bench/fmnist_gpu.py export --seeds 1 2 3 4 --base .devdata/fmnist_a.npz \
-        --out .devdata/fmnist_b.npz
-    python bench/fmnist_gpu.py run --data .devdata/fmnist_a.npz .devdata/fmnist_b.npz \
-        --out OUT                                                         # accelerator
-    python bench/fmnist_gpu.py record OUT --workdir DIR --out docs/results/fmnist_gpu.md
+    python bench/fmnist_gpu.py export --seeds 0 1 --out .devdata/fmnist_s01.npz     # here
+    python bench/fmnist_gpu.py export --seeds 2 3 4 --out .devdata/fmnist_s234.npz
+    python bench/offline_site.py --out .devsite/pydantic.tar.xz pydantic pydantic-core \
+        annotated-types typing-inspection
+    python bench/fmnist_gpu.py run --data .devdata/fmnist_s01.npz --out OUT1   # accelerator,
+    python bench/fmnist_gpu.py run --data .devdata/fmnist_s234.npz --out OUT2 \
+        --throughput-steps 0                                                  # one call each
+    python bench/fmnist_gpu.py record OUT1 OUT2 --workdir DIR --out docs/results/fmnist_gpu.md
+
+There, unpack the pydantic archive (``tar -xJf .devsite/pydantic.tar.xz -C /tmp/site``) and
+run with ``PYTHONPATH=/tmp/site:platform``; without it every seed's process exits 1.
+``--base`` makes an export that holds only the images an earlier one lacks, for a ``run``
+that is given both.
 
 ``export`` writes every split of every seed's data bundle (the ID train/val split is seeded)
 as indices into one pool of unique images, with each split's content hash; ``run`` rebuilds
@@ -34,6 +43,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import lzma
 import os
 import sys
 import time
@@ -56,7 +66,7 @@ def export(args: argparse.Namespace) -> None:
     from oodlab.detect.provenance import bundle_split_tags
     from oodlab.spec import load_spec
 
-    base = np.load(args.base)["pool"] if args.base else np.empty((0, 28, 28, 1), np.uint8)
+    base = read_pool(np.load(args.base)) if args.base else np.empty((0, 28, 28, 1), np.uint8)
     pool: dict[bytes, int] = {img.tobytes(): i for i, img in enumerate(base)}
     rows: list[np.ndarray] = []
     arrays: dict[str, np.ndarray] = {}
@@ -87,8 +97,16 @@ def export(args: argparse.Namespace) -> None:
         meta[f"{seed}/split_tags"] = bundle_split_tags(b)
         print(f"seed {seed}: {len(rows)} new unique images so far", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out, pool=np.stack(rows), meta=json.dumps(meta), **arrays)
+    pool = np.stack(rows)  # xz: a sixth smaller than savez's zlib, which counts on a carry
+    np.savez_compressed(args.out, pool_xz=np.frombuffer(lzma.compress(pool.tobytes()), np.uint8),
+                        pool_shape=pool.shape, meta=json.dumps(meta), **arrays)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MiB)")
+
+
+def read_pool(f) -> np.ndarray:
+    """The images an export adds to the pool (stored xz-compressed)."""
+    return np.frombuffer(lzma.decompress(f["pool_xz"].tobytes()), np.uint8).reshape(
+        f["pool_shape"])
 
 
 def load_bundles(paths: list[str], seeds: list[int] | None = None
@@ -102,7 +120,7 @@ def load_bundles(paths: list[str], seeds: list[int] | None = None
 
     files = [np.load(p) for p in paths]
     metas = [json.loads(str(f["meta"])) for f in files]
-    pool = np.concatenate([f["pool"] for f in files])
+    pool = np.concatenate([read_pool(f) for f in files])
     meta: dict[str, Any] = {"seeds": [], "sets": {}}
     z: dict[str, np.ndarray] = {}
     for f, m in zip(files, metas, strict=True):
@@ -319,6 +337,8 @@ def run(args: argparse.Namespace) -> None:
     import multiprocessing as mp
 
     t_start = time.time()
+    args.seeds = args.seeds or [s for p in args.data
+                                for s in json.loads(str(np.load(p)["meta"]))["seeds"]]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
@@ -398,12 +418,12 @@ def main(argv: list[str] | None = None) -> None:
                                   "(to split the data over files of a bounded size)")
     e.set_defaults(func=export)
     r = sub.add_parser("run", help="train and evaluate specs x seeds, one process per seed")
-    r.add_argument("--data", nargs="+", default=[".devdata/fmnist_a.npz",
-                                                 ".devdata/fmnist_b.npz"],
-                   help="exports, the base first")
+    r.add_argument("--data", nargs="+", required=True,
+                   help="exports, a --base before the exports that extend it")
     r.add_argument("--out", required=True)
     r.add_argument("--specs", nargs="+", default=SPECS)
-    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    r.add_argument("--seeds", nargs="+", type=int,
+                   help="seeds to run (default: every seed the exports hold)")
     r.add_argument("--set", nargs="*", default=[], metavar="[SPEC:]KEY=VALUE",
                    help="overrides: KEY=VALUE for every spec, SPEC:KEY=VALUE for one (file stem)")
     r.add_argument("--code", default="unknown",
