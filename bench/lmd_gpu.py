@@ -28,6 +28,9 @@ near/far groups, the published Fashion-MNIST -> MNIST number, the cost sweep), h
     python bench/lmd_gpu.py export --out .devdata/lmd.npz     # here, with the project env
     python bench/lmd_gpu.py run --data .devdata/lmd.npz --out OUT --deadline 520
     python bench/lmd_gpu.py report OUT --out docs/results/lmd_gpu.md
+
+oodlab's specs need pydantic; where the accelerator's image lacks it, carry it as
+``bench/fmnist_gpu.py`` describes (``bench/offline_site.py``).
 """
 
 from __future__ import annotations
