@@ -324,6 +324,21 @@ def device(args: argparse.Namespace) -> str:
     return "cuda" if args.replica_gpus > 0 else "cpu"
 
 
+def service_options(args: argparse.Namespace, ref: str, version: str, uri: str, port: int):
+    """What ``oodlab serve`` would be given for the measured service: one replica with
+    ``--replica-cpus`` CPUs and ``--replica-gpus`` GPUs, on the device they imply."""
+    from oodlab.serve.config import AppArgs, DeploymentOptions, ModelConfig, ServeOptions
+
+    return ServeOptions(
+        app_name="bench", port=port,
+        model=ModelConfig(model=ref, version=version, tracking_uri=uri,
+                          max_batch_size=args.max_batch_size,
+                          batch_wait_timeout_s=args.batch_wait_ms / 1000),
+        args=AppArgs(device=device(args)),
+        deployment=DeploymentOptions(num_cpus=args.replica_cpus, num_gpus=args.replica_gpus,
+                                     max_ongoing_requests=256))
+
+
 def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: str, uri: str,
                     shapes: dict[int, list[bytes]], alone: dict[int, dict], raw: float
                     ) -> tuple[list[dict], int]:
@@ -332,7 +347,6 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
     import ray
     from ray import serve
 
-    from oodlab.serve.config import AppArgs, DeploymentOptions, ModelConfig, ServeOptions
     from oodlab.serve.deploy import deploy
 
     set_ingress_env(ingress)
@@ -347,14 +361,7 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
             print(f"[{ingress}] HTTP floor (echo), {k} image(s)/request: "
                   f"{f['requests_per_s']:.0f} requests/s, p50 {f['p50_ms']:.1f} ms, "
                   f"p99 {f['p99_ms']:.1f} ms", flush=True)
-        opts = ServeOptions(
-            app_name="bench", port=port,
-            model=ModelConfig(model=ref, version=version, tracking_uri=uri,
-                              max_batch_size=args.max_batch_size,
-                              batch_wait_timeout_s=args.batch_wait_ms / 1000),
-            args=AppArgs(device=device(args)),
-            deployment=DeploymentOptions(num_cpus=args.replica_cpus, num_gpus=args.replica_gpus,
-                                         max_ongoing_requests=256))
+        opts = service_options(args, ref, version, uri, port)
         dep = deploy(opts)
         url = direct_url(opts.app_name) if ingress == "direct" else dep.url
         threads = model_stats(url)["torch_threads"]
@@ -384,7 +391,7 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
     return rows, threads
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="registered model to serve (default: an untrained "
                                         "quickstart-architecture detector)")
@@ -407,7 +414,11 @@ def main(argv: list[str] | None = None) -> int:
                              "RAY_SERVE_THROUGHPUT_OPTIMIZED=1; the replica's own port "
                              "(direct ingress); HAProxy in front of the replicas' own ports")
     parser.add_argument("--out", default="bench/results/serve_load.json")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     head = header("serve_load", "bench/serve_load.py", argv)  # load average before we start
 

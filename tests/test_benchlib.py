@@ -89,3 +89,20 @@ def test_offline_site_keeps_file_modes_and_prunes_only_what_no_benchmark_loads(t
     left = {str(p.relative_to(site)) for p in site.rglob("*") if p.is_file()}
     assert left == {"ray/core/src/ray/raylet/raylet", "ray/dashboard/client/build/index.html",
                     "ray/dashboard/client/build/static/js/main.js", "ray/serve/api.py"}
+
+
+def test_serve_load_gpu_replica_asks_serve_for_a_gpu_and_cuda():
+    """bench/serve_load.py --replica-gpus: the measured service's replica must reserve the
+    GPU and score on CUDA (a flag that only moved the raw forward would measure a CPU
+    replica under a GPU label); without it, CPU and no GPU."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    from serve_load import parse_args, service_options
+
+    ref = ("models:/m@champion", "1", "sqlite:///x.db", 8000)
+    gpu = service_options(parse_args(["--replica-gpus", "1", "--replica-cpus", "2"]), *ref)
+    fields = gpu.deployment.serve_fields()["ray_actor_options"]
+    assert fields == {"num_cpus": 2, "num_gpus": 1} and gpu.args.device == "cuda"
+    cpu = service_options(parse_args([]), *ref)
+    assert cpu.deployment.serve_fields()["ray_actor_options"]["num_gpus"] == 0
+    assert cpu.args.device == "cpu"
