@@ -97,7 +97,7 @@ def export(args: argparse.Namespace) -> None:
         meta[f"{seed}/split_tags"] = bundle_split_tags(b)
         print(f"seed {seed}: {len(rows)} new unique images so far", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pool = np.stack(rows)  # xz: a sixth smaller than savez's zlib, which counts on a carry
+    pool = np.stack(rows)  # xz: about 15 % smaller than savez's zlib, which counts on a carry
     np.savez_compressed(args.out, pool_xz=np.frombuffer(lzma.compress(pool.tobytes()), np.uint8),
                         pool_shape=pool.shape, meta=json.dumps(meta), **arrays)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MiB)")
