@@ -364,7 +364,10 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
         opts = service_options(args, ref, version, uri, port)
         dep = deploy(opts)
         url = direct_url(opts.app_name) if ingress == "direct" else dep.url
-        threads = model_stats(url)["torch_threads"]
+        info = model_stats(url)
+        if info["device"] != device(args):  # a GPU label on a CPU replica would mislead
+            raise RuntimeError(f"the replica scores on {info['device']}, not {device(args)}")
+        threads = info["torch_threads"]
         for k, bodies in shapes.items():
             row: dict = {"ingress": ingress, "images_per_request": k,
                          "concurrency": args.concurrency, "echo": floors[k],
