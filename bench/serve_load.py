@@ -2,7 +2,7 @@
 
 Run:  .venv/bin/python bench/serve_load.py [--requests 400] [--concurrency 32]
       [--images-per-request 1 8 32] [--ingress proxy haproxy [direct optimized]]
-      [--out bench/results/serve_load.json]
+      [--pin-replica-core N] [--replica-gpus N] [--out bench/results/serve_load.json]
 
 Four things are measured in one run, each for every request shape (images per request),
 with the same fixed number of requests sent by ``--concurrency`` concurrent clients (JSON
@@ -36,6 +36,12 @@ the ingress replica itself listens on (Serve's *direct ingress*); ``haproxy`` al
 HTTP port in place of its Python proxy, forwarding to the replicas' own ports: what
 ``oodlab serve --ingress haproxy`` runs.
 
+``--pin-replica-core N`` (Linux) holds each replica (the echo's and the service's) to core N
+and this process, Ray and the front end to the other cores: Ray's ``num_cpus`` only schedules,
+so an unpinned 1-CPU replica's threads spread over every core of a small machine.
+``--replica-gpus`` gives the service's replica a GPU (with the raw forward and the replica
+alone on CUDA); ``bench/serve_gpu.sh`` runs that on an accelerator machine.
+
 By default the detector is the quickstart architecture (small_cnn, width 16, energy score),
 registered untrained in a temporary MLflow store: throughput does not depend on weight
 values. ``--model models:/<name>@<alias> --tracking-uri URI`` measures a registered one.
@@ -46,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import math
@@ -248,7 +255,7 @@ def direct_url(app_name: str, host: str = "127.0.0.1") -> str:
 
 
 def echo_floor(port: int, cpus: int, shapes: dict[int, list[bytes]], concurrency: int,
-               direct: bool = False) -> dict[int, dict]:
+               direct: bool = False, pin_core: int | None = None) -> dict[int, dict]:
     """The HTTP floor per request shape: an echo deployment with the service's CPUs that
     parses the JSON body and answers as many results, scoring nothing."""
     from ray import serve
@@ -270,6 +277,8 @@ def echo_floor(port: int, cpus: int, shapes: dict[int, list[bytes]], concurrency
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(Echo.bind(), name="echo", route_prefix=ECHO_ROUTE)
+    if pin_core is not None:
+        pin_replicas(pin_core)
     try:
         url = direct_url("echo") if direct else f"http://127.0.0.1:{port}{ECHO_ROUTE}"
         return {k: asyncio.run(load(url, bodies, concurrency))
@@ -277,6 +286,52 @@ def echo_floor(port: int, cpus: int, shapes: dict[int, list[bytes]], concurrency
     finally:
         serve.shutdown()  # the service is deployed afresh, through oodlab's REST path
         wait_port_free(port)
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc: Ray's raylet, GCS, workers, HAProxy
+    are all children of the driver that started Ray)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        out.append(p := todo.pop())
+        todo += children.get(p, [])
+    return out
+
+
+def _pin(pid: int, cores: set[int]) -> None:
+    """Every thread of ``pid`` on ``cores`` (threads it starts later inherit that)."""
+    with contextlib.suppress(OSError):  # a process or thread that ended meanwhile
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cores)
+
+
+def pin_replicas(core: int) -> None:
+    """Serve's replicas on ``core`` alone; this process and every other process of its Ray
+    (proxy or HAProxy, controller, raylet, GCS, the load client) on the other cores: a
+    replica with a core of its own, on a machine too small to give it a node."""
+    from ray.util.state import list_actors
+
+    replicas = {a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                if a.class_name.startswith("ServeReplica:") and a.pid}
+    others = set(range(os.cpu_count() or 1)) - {core}
+    pids = _descendants(os.getpid())
+    for pid in pids:
+        _pin(pid, {core} if pid in replicas else others)
+    pinned = sorted(replicas & set(pids))
+    print(f"replica process(es) {pinned} on core {core}, {len(pids) - len(pinned)} other "
+          f"processes on {sorted(others)}", flush=True)
+    if not pinned:
+        raise RuntimeError("no Serve replica found below this process to pin")
 
 
 def wait_port_free(port: int, timeout_s: float = 30.0) -> None:
@@ -356,13 +411,15 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
     rows = []
     try:
         floors = echo_floor(port, args.replica_cpus, shapes, args.concurrency,
-                            direct=ingress == "direct")
+                            direct=ingress == "direct", pin_core=args.pin_replica_core)
         for k, f in floors.items():
             print(f"[{ingress}] HTTP floor (echo), {k} image(s)/request: "
                   f"{f['requests_per_s']:.0f} requests/s, p50 {f['p50_ms']:.1f} ms, "
                   f"p99 {f['p99_ms']:.1f} ms", flush=True)
         opts = service_options(args, ref, version, uri, port)
         dep = deploy(opts)
+        if args.pin_replica_core is not None:
+            pin_replicas(args.pin_replica_core)
         url = direct_url(opts.app_name) if ingress == "direct" else dep.url
         info = model_stats(url)
         if info["device"] != device(args):  # a GPU label on a CPU replica would mislead
@@ -410,6 +467,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replica-gpus", type=float, default=0.0,
                         help="GPUs of the service's replica (> 0: the replica, the replica "
                              "alone and the raw forward run on CUDA; the echo floor has none)")
+    parser.add_argument("--pin-replica-core", type=int, metavar="CORE",
+                        help="Linux: the replica (and the echo's) alone on this core, the "
+                             "front end, Ray and the load client on the others (a replica "
+                             "with a core of its own on a small machine)")
     parser.add_argument("--ingress", choices=INGRESS_MODES, nargs="+",
                         default=["proxy", "haproxy"],
                         help="front ends to measure, each in a Ray of its own (default proxy "
@@ -468,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                   "trained": bool(args.model)},
         "ingress": args.ingress,  # front ends measured, in order (rows name theirs)
         "replica": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus,
+                    "pinned_core": args.pin_replica_core,
                     "device": device(args), "gpu": (torch.cuda.get_device_name()
                                                     if device(args) == "cuda" else None),
                     "torch_threads": threads,

@@ -44,10 +44,14 @@ def _latency(r: dict, other: str | None) -> str:
 
 
 def _serve_setup(d: dict) -> str:
-    """What sets a serving run apart from the default one: the model, a GPU replica."""
+    """What sets a serving run apart from the default one: the model, a GPU replica, a
+    replica pinned to its own core."""
     arch = d.get("model", {}).get("arch", "small_cnn")
-    gpu = d.get("replica", {}).get("device") == "cuda"
-    return (f", {arch}" if arch != "small_cnn" else "") + (", GPU replica" if gpu else "")
+    replica = d.get("replica", {})
+    return ((f", {arch}" if arch != "small_cnn" else "")
+            + (", GPU replica" if replica.get("device") == "cuda" else "")
+            + (", replica on a core of its own" if replica.get("pinned_core") is not None
+               else ""))
 
 
 def serve_load(d: dict) -> Iterator[Row]:

@@ -48,7 +48,9 @@ def test_summary_table_reads_every_result_file(tmp_path):
                            "batched_vs_unbatched": 3.5}}
                       for ingress, ratio in (("proxy", 2.5), ("haproxy", 3.25))]}))
     gpu = json.loads((tmp_path / "serve.json").read_text()) | {
-        "model": {"arch": "resnet18"}, "replica": {"device": "cuda"}}
+        "model": {"arch": "resnet18"}, "replica": {"device": "cuda", "pinned_core": None}}
+    pinned = gpu | {"model": {"arch": "small_cnn"}, "replica": {"pinned_core": 1}}
+    (tmp_path / "serve_pinned.json").write_text(json.dumps(pinned))
     (tmp_path / "serve_gpu.json").write_text(json.dumps(gpu))
     table = render(tmp_path)
     assert "| a | fig a | 0.5 | ≥ 0.4 | yes |" in table
@@ -58,7 +60,8 @@ def test_summary_table_reads_every_result_file(tmp_path):
     assert "(haproxy): batched ÷ unbatched" in table
     assert "serving (haproxy, resnet18, GPU replica): batched ÷ unbatched" in table
     assert "serving, replica alone" in table  # once per file and shape, labelled by setup
-    assert table.count("replica alone") == 2 and "| 3.50 |" in table
+    assert "serving (proxy, replica on a core of its own): batched ÷ unbatched" in table
+    assert table.count("replica alone") == 3 and "| 3.50 |" in table
 
 
 def test_offline_site_keeps_file_modes_and_prunes_only_what_no_benchmark_loads(tmp_path):
@@ -106,3 +109,32 @@ def test_serve_load_gpu_replica_asks_serve_for_a_gpu_and_cuda():
     cpu = service_options(parse_args([]), *ref)
     assert cpu.deployment.serve_fields()["ray_actor_options"]["num_gpus"] == 0
     assert cpu.args.device == "cpu"
+
+
+def test_pinning_finds_child_processes_and_pins_every_thread():
+    """bench/serve_load.py --pin-replica-core: the processes below the driver (Ray's, the
+    front end's) are found from /proc, and every thread of a pinned process is moved."""
+    import os
+    import subprocess
+
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    from serve_load import _descendants, _pin
+
+    child = subprocess.Popen([sys.executable, "-c", "import threading, time; "
+                              "threading.Thread(target=time.sleep, args=(30,)).start(); "
+                              "time.sleep(30)"])
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{child.pid}/task")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.pid in _descendants(os.getpid())
+        core = max(os.sched_getaffinity(0))
+        _pin(child.pid, {core})
+        tids = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
+        assert len(tids) >= 2 and all(os.sched_getaffinity(t) == {core} for t in tids)
+    finally:
+        child.kill()
+        child.wait()
