@@ -1,8 +1,8 @@
 #!/bin/bash
 # bench/serve_load.py on an accelerator machine that has PyTorch but no package index:
 # the quickstart detector behind a GPU replica and behind a CPU replica on the same host
-# (`small`), or ResNet-18 (width 64) on both (`resnet18`); every front end, one JSON and one
-# log per run in OUT_DIR.
+# (`small`), or ResNet-18 (width 64) on both (`resnet18`), each replica held to one core;
+# every front end, one JSON and one log per run in OUT_DIR.
 #
 # Here:   .venv/bin/python bench/offline_site.py --out .devsite/site.tar.xz
 # There:  bash bench/serve_gpu.sh OUT_DIR [small|resnet18]     (SITE=... to move the archive)
@@ -31,15 +31,18 @@ run() {  # NAME SECONDS ARGS...: one bench run under a time limit, its headline 
   grep -E "^raw|^replica alone|^\[|Error" "$OUT_DIR/$name.log" | grep -v graceful_shutdown
   stop_ray  # a run stopped by its limit leaves Ray behind
 }
+PIN="--pin-replica-core 1"  # each replica held to one core; client, Ray, front on the rest
 case "${2:-small}" in
 small)
-  BENCH_PORT=8765 run serve_load_gpu 240 --replica-gpus 1 --requests 300 --images-per-request 1 8
-  BENCH_PORT=8766 run serve_load_cpu_same_host 240 --requests 300 --images-per-request 1 8 ;;
+  BENCH_PORT=8765 run serve_load_gpu 270 --replica-gpus 1 $PIN --requests 300 \
+    --images-per-request 1 8
+  BENCH_PORT=8766 run serve_load_cpu_same_host 270 $PIN --requests 300 \
+    --images-per-request 1 8 ;;
 resnet18)
   BENCH_PORT=8767 run serve_load_gpu_resnet18 120 --arch resnet18 --width 64 --replica-gpus 1 \
-    --requests 200 --images-per-request 8 32
-  BENCH_PORT=8768 run serve_load_cpu_resnet18 120 --arch resnet18 --width 64 --ingress haproxy \
-    --requests 60 --images-per-request 8 ;;
+    $PIN --requests 200 --images-per-request 8 32
+  BENCH_PORT=8768 run serve_load_cpu_resnet18 120 --arch resnet18 --width 64 $PIN \
+    --ingress haproxy --requests 60 --images-per-request 8 ;;
 *) echo "unknown set: $2 (small or resnet18)"; exit 2 ;;
 esac
 echo "total $(( $(date +%s) - T0 )) s"
