@@ -486,7 +486,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     head = header("serve_load", "bench/serve_load.py", argv)  # load average before we start
 
-
     from oodlab.serve.config import split_ref
     from oodlab.serve.registry import resolve
     from oodlab.track.tracking import load_detector
@@ -501,8 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         raw = raw_throughput(detector, shape, args.max_batch_size, args.replica_cpus)
         raw_single = raw_throughput(detector, shape, 1, args.replica_cpus)
         print(f"raw forward on {device(args)}, {args.replica_cpus} thread(s): {raw:.0f} "
-              f"images/s at batch "
-              f"{args.max_batch_size}, {raw_single:.0f} at batch 1", flush=True)
+              f"images/s at batch {args.max_batch_size}, {raw_single:.0f} at batch 1",
+              flush=True)
 
         b64 = [base64.b64encode(png).decode() for png in sample_pngs(64, shape)]
         shapes = {k: [json.dumps({"images": [b64[(i * k + j) % len(b64)] for j in range(k)]})

@@ -69,8 +69,7 @@ def serve_load(d: dict) -> Iterator[Row]:
         alone = r.get("replica_alone") if r.get("ingress") == first else None
         if alone:  # diagnostic, once per shape: the replica without Serve's proxy
             yield (f"serving{setup}, replica alone (in process, no proxy): batched ÷ "
-                   f"unbatched, "
-                   f"images/s, {k} image(s)/request (mean batch "
+                   f"unbatched, images/s, {k} image(s)/request (mean batch "
                    f"{alone['batched']['mean_batch']:.1f})",
                    f"{alone['batched_vs_unbatched']:.2f}", "–", "–")
 
