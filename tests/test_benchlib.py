@@ -45,8 +45,9 @@ def test_summary_table_reads_every_result_file(tmp_path):
                        "unbatched": timing, "echo": timing, "batched_vs_floor": 0.5,
                        "batched_vs_raw": 0.4, "batched_vs_unbatched": ratio, "replica_alone": {
                            "batched": timing, "unbatched": timing,
-                           "batched_vs_unbatched": 3.5}}
-                      for ingress, ratio in (("proxy", 2.5), ("haproxy", 3.25))]}))
+                           "batched_vs_unbatched": 3.5}} | raw
+                      for (ingress, ratio), raw in zip((("proxy", 2.5), ("haproxy", 3.25)),
+                                                       ({}, {"raw_images_per_s": 25.0}))]}))
     gpu = json.loads((tmp_path / "serve.json").read_text()) | {
         "model": {"arch": "resnet18"}, "replica": {"device": "cuda", "pinned_core": None}}
     pinned = gpu | {"model": {"arch": "small_cnn"}, "replica": {"pinned_core": 1}}
@@ -62,6 +63,8 @@ def test_summary_table_reads_every_result_file(tmp_path):
     assert "serving, replica alone" in table  # once per file and shape, labelled by setup
     assert "serving (proxy, replica on a core of its own): batched ÷ unbatched" in table
     assert table.count("replica alone") == 3 and "| 3.50 |" in table
+    # a run that measured the raw forward beside each row names it; an older run does not
+    assert table.count("raw forward measured just before it: 25 images/s") == 3
 
 
 def test_offline_site_keeps_file_modes_and_prunes_only_what_no_benchmark_loads(tmp_path):

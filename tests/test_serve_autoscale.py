@@ -86,12 +86,14 @@ def _scorer(monkeypatch, seen: list[int], fail: bool = False) -> serve_app.Score
     async def read_images(request, max_images):
         return raws
 
-    async def score_batch(item):  # the real batch stage, on a batch of one, without Serve
+    async def score_batch(chunk):  # the real batch stage, on a batch of one, without Serve
         seen.append(scorer.images_in_flight)
         if fail:
             raise RuntimeError("forward failed")
-        return serve_app.decode_and_forward([item], scorer.args.max_pixels)[0]
+        loaded, raws = chunk
+        return serve_app.decode_and_forward([(loaded, r) for r in raws], scorer.args.max_pixels)
 
+    score_batch._get_max_batch_size = lambda: 2  # a 3-image request goes in two slices
     monkeypatch.setattr(serve_app, "read_images", read_images)
     scorer._score_batch = score_batch
     return scorer
@@ -102,7 +104,7 @@ def test_replica_counts_a_requests_images_in_and_out(monkeypatch):
     scorer = _scorer(monkeypatch, seen)
     out = asyncio.run(scorer.score(None))
     assert [r.score for r in out.results] == [0.5] * 3
-    assert seen == [3, 3, 3]  # all three images in flight while they are scored
+    assert seen == [3, 3]  # all three images in flight while their two slices are scored
     assert scorer.images_in_flight == 0
     assert asyncio.run(scorer.record_autoscaling_stats()) == {METRIC: 0.0}
 
@@ -150,3 +152,46 @@ def test_batch_stage_fails_only_the_undecodable_image():
     # nothing decodable: no forward pass at all
     assert isinstance(serve_app.decode_and_forward(items[1:2], 64)[0], serve_app.InputError)
     assert calls == [2]
+
+
+def test_serve_batch_takes_a_request_in_slices_of_at_most_max_batch_size(monkeypatch):
+    """The replica's own ``@serve.batch`` queue, at most 2 images a batch: a 3-image request
+    is scored in order, in two batches counted in images. Queued whole, Serve would fail it;
+    counted in requests, one batch would hold all three images."""
+    from ray.serve import batching
+
+    lazy = serve_app.Scorer._score_batch.set_max_batch_size.__self__  # the class's batcher
+    monkeypatch.setattr(lazy, "_queue", None)  # a fresh queue on this test's event loop
+    monkeypatch.setattr(lazy, "max_batch_size", 2)
+    monkeypatch.setattr(lazy, "batch_wait_timeout_s", 0.0)
+    monkeypatch.setattr(batching._BatchQueue,
+                        "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    scorer = _scorer(monkeypatch, [])
+    del scorer._score_batch  # the fake of _scorer; the class's real batcher from here
+    out = asyncio.run(scorer.score(None))
+    assert [r.score for r in out.results] == pytest.approx([0.5] * 3)
+    assert scorer.stats["batches"] == 2 and scorer.stats["largest_batch"] == 2
+
+
+def test_a_request_sliced_before_a_reconfigure_is_sliced_again(monkeypatch):
+    """A reconfigure that lowers max_batch_size after a request was sliced: Serve fails the
+    slice that no longer fits, and the request is sliced again and answered."""
+    scorer = _scorer(monkeypatch, [])
+    limit = {"max": 2}
+    scored: list[int] = []
+
+    async def score_batch(chunk):
+        loaded, raws = chunk
+        await asyncio.sleep(0)  # both slices are queued; then the reconfigure lands
+        limit["max"] = 1
+        if len(raws) > limit["max"]:
+            raise RuntimeError("Size of item is greater than max_batch_size.")
+        scored.append(len(raws))
+        return serve_app.decode_and_forward([(loaded, r) for r in raws], 64)
+
+    score_batch._get_max_batch_size = lambda: limit["max"]
+    scorer._score_batch = score_batch
+    out = asyncio.run(scorer.score(None))
+    assert [r.score for r in out.results] == [0.5] * 3
+    assert scored == [1, 1, 1, 1]  # the 1-image slice of the first try, then three
+    assert scorer.images_in_flight == 0

@@ -6,10 +6,12 @@ constructor (Serve's late-bound ingress, ``__serve_build_asgi_app__``, see
 ``ray.serve.ingress``), so the replica's own settings become plain FastAPI features: the
 token one router-level security dependency, the body limit the route's ``max_body_size``.
 
-Images of all concurrent requests are decoded and scored in dynamic batches (``@serve.batch``,
-one batch element per image): the batch stage decodes its images and runs the forward pass in
-one thread, off the replica's event loop, so a request costs the event loop no thread hop of
-its own; torch uses as many threads as the replica has CPUs. Each replica reports its images
+Images of all concurrent requests are decoded and scored in dynamic batches (``@serve.batch``
+with a ``batch_size_fn``: one batch element per request, or per slice of at most
+``max_batch_size`` images of one, and a batch's size counted in images). The batch stage
+decodes its images and runs the forward pass in one thread, off the replica's event loop, so
+a request costs the event loop one batch entry and no thread hop of its own; torch uses as
+many threads as the replica has CPUs. Each replica reports its images
 in flight to Serve's autoscaler (``record_autoscaling_stats``, see
 :mod:`oodlab.serve.autoscale`). The model lives in the deployment's ``user_config``
 (:class:`~oodlab.serve.config.ModelConfig`): ``reconfigure`` loads the new version off the
@@ -101,6 +103,12 @@ def forward(items: list[tuple[LoadedModel, torch.Tensor]]) -> list[tuple[float, 
 
 
 Outcome = tuple[float, bool] | InputError
+Chunk = tuple[LoadedModel, list[RawImage]]  # one batch element: a request's images, or a slice
+
+
+def images_in(chunks: list[Chunk]) -> int:
+    """A batch's size for ``@serve.batch``: its images, not its elements."""
+    return sum(len(raws) for _, raws in chunks)
 
 
 def decode_and_forward(items: list[tuple[LoadedModel, RawImage]], max_pixels: int
@@ -179,12 +187,30 @@ class Scorer:
             raise HTTPException(503, "no model loaded yet")
         return self.current
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _score_batch(self, items: list[tuple[LoadedModel, RawImage]]) -> list[Outcome]:
-        out = await asyncio.to_thread(decode_and_forward, items, self.args.max_pixels)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=images_in)
+    async def _score_batch(self, chunks: list[Chunk]) -> list[list[Outcome]]:
+        items = [(loaded, raw) for loaded, raws in chunks for raw in raws]
+        out = iter(await asyncio.to_thread(decode_and_forward, items, self.args.max_pixels))
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
-        return out
+        return [[next(out) for _ in raws] for _, raws in chunks]
+
+    async def _score_images(self, loaded: LoadedModel, raws: list[RawImage]) -> list[Outcome]:
+        """One request's images through the batch queue, in slices that fit one batch.
+
+        Serve fails a queued element larger than ``max_batch_size``; that happens only when a
+        reconfigure lowered it after the request was sliced, and the request is sliced again.
+        """
+        while True:
+            size = self._score_batch._get_max_batch_size()
+            slices = [raws[i:i + size] for i in range(0, len(raws), size)]
+            try:
+                parts = await asyncio.gather(*(self._score_batch((loaded, s)) for s in slices))
+            except RuntimeError:
+                if size <= self._score_batch._get_max_batch_size():
+                    raise  # not a slice that no longer fits
+                continue
+            return [o for part in parts for o in part]
 
     async def score(self, request: Request) -> ScoreResponse:
         """Read, decode and score every image of one request with one model version."""
@@ -193,7 +219,7 @@ class Scorer:
         try:
             raws = await read_images(request, self.args.max_images)
             self.images_in_flight += len(raws)
-            outs = await asyncio.gather(*(self._score_batch((loaded, r)) for r in raws))
+            outs = await self._score_images(loaded, raws)
             if bad := next((o for o in outs if isinstance(o, InputError)), None):
                 raise bad  # the first image that could not be decoded, in request order
         except InputError as err:
