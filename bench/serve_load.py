@@ -15,7 +15,10 @@ with base64 PNGs), throughput beside p50/p99 latency:
   serving a registered detector, batched (``max_batch_size`` = ``--max-batch-size``), then
   reconfigured in place to ``max_batch_size=1`` (unbatched);
 * the raw forward: ``Detector.score`` on ``--max-batch-size`` images (and on 1) in this
-  process with as many torch threads as the replica has;
+  process with as many torch threads as the replica has, once at the start and again just
+  before each batched service measurement (Ray up, the replica idle): the service is divided
+  by the forward measured beside it, since on a shared VM the forward alone moves by half
+  from minute to minute;
 * the replica alone: the service's replica class driven in this process through ASGI, batched
   and unbatched, with no proxy, socket or Ray call (:func:`replica_alone`): where the
   service's batched/unbatched ratio is lost, in the replica or around it.
@@ -60,6 +63,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -395,10 +399,11 @@ def service_options(args: argparse.Namespace, ref: str, version: str, uri: str, 
 
 
 def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: str, uri: str,
-                    shapes: dict[int, list[bytes]], alone: dict[int, dict], raw: float
-                    ) -> tuple[list[dict], int]:
+                    shapes: dict[int, list[bytes]], alone: dict[int, dict],
+                    raw_now: Callable[[], float]) -> tuple[list[dict], int]:
     """Floor and service (batched, unbatched) per request shape behind one front end, in a
-    Ray started for it; (one row per shape, the replica's torch threads)."""
+    Ray started for it, each batched measurement right after a raw forward (``raw_now``);
+    (one row per shape, the replica's torch threads)."""
     import ray
     from ray import serve
 
@@ -432,16 +437,20 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
             for mode, size in (("batched", args.max_batch_size), ("unbatched", 1)):
                 opts.model.max_batch_size = size
                 deploy(opts)  # user_config only: the replica reconfigures in place
+                if mode == "batched":
+                    row["raw_images_per_s"] = raw_now()
                 row[mode] = measure_service(url, bodies, args.concurrency)
+                raw_text = (f" (raw forward just before: {row['raw_images_per_s']:.0f} images/s)"
+                            if mode == "batched" else "")
                 print(f"[{ingress}] {k} image(s)/request, {mode:>9}: "
                       f"{row[mode]['requests_per_s']:.0f} requests/s, "
                       f"{row[mode]['images_per_s']:.0f} images/s, "
                       f"p50 {row[mode]['p50_ms']:.1f} ms, p99 {row[mode]['p99_ms']:.1f} ms, "
-                      f"mean batch {row[mode]['mean_batch']:.1f}", flush=True)
+                      f"mean batch {row[mode]['mean_batch']:.1f}{raw_text}", flush=True)
             assert row["batched"]["failures"] == row["unbatched"]["failures"] == 0, row
             assert floors[k]["failures"] == 0, floors[k]
             row["batched_vs_floor"] = row["batched"]["requests_per_s"] / floors[k]["requests_per_s"]
-            row["batched_vs_raw"] = row["batched"]["images_per_s"] / raw
+            row["batched_vs_raw"] = row["batched"]["images_per_s"] / row["raw_images_per_s"]
             row["batched_vs_unbatched"] = (row["batched"]["images_per_s"]
                                            / row["unbatched"]["images_per_s"])
             rows.append(row)
@@ -519,7 +528,10 @@ def main(argv: list[str] | None = None) -> int:
         scenarios: list[dict] = []
         threads = None
         for ingress in args.ingress:
-            rows, threads = measure_ingress(ingress, args, ref, version, uri, shapes, alone, raw)
+            rows, threads = measure_ingress(
+                ingress, args, ref, version, uri, shapes, alone,
+                lambda: raw_throughput(detector, shape, args.max_batch_size, args.replica_cpus,
+                                       seconds=2.0))
             scenarios += rows
 
     result = head | {
@@ -533,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     if device(args) == "cuda" else None),
                     "torch_threads": threads,
                     "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms},
+        # at the start; each scenario has its own, measured just before its batched figure
         "raw_images_per_s": {"batch": args.max_batch_size, "batched": raw, "batch_1": raw_single},
         # pure compute bound on batched/unbatched: forward at max_batch_size vs at batch 1
         "compute_ceiling_batched_vs_unbatched": raw / raw_single,
