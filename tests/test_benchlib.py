@@ -46,8 +46,9 @@ def test_summary_table_reads_every_result_file(tmp_path):
                        "batched_vs_raw": 0.4, "batched_vs_unbatched": ratio, "replica_alone": {
                            "batched": timing, "unbatched": timing,
                            "batched_vs_unbatched": 3.5}} | raw
-                      for (ingress, ratio), raw in zip((("proxy", 2.5), ("haproxy", 3.25)),
-                                                       ({}, {"raw_images_per_s": 25.0}))]}))
+                      for ingress, ratio, raw in (("proxy", 2.5, {}),
+                                                  ("haproxy", 3.25, {"raw_images_per_s": 25.0}))
+                      ]}))
     gpu = json.loads((tmp_path / "serve.json").read_text()) | {
         "model": {"arch": "resnet18"}, "replica": {"device": "cuda", "pinned_core": None}}
     pinned = gpu | {"model": {"arch": "small_cnn"}, "replica": {"pinned_core": 1}}
@@ -141,3 +142,26 @@ def test_pinning_finds_child_processes_and_pins_every_thread():
     finally:
         child.kill()
         child.wait()
+
+
+def test_replica_http_measures_a_replica_held_to_its_core(tmp_path):
+    """bench/replica_http.py end to end, small: the replica answers every request from its
+    own process, its CPU time is counted, and held to one core it never uses more."""
+    import json
+    import socket
+
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import replica_http
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "replica_http.json"
+    assert replica_http.main(["--images-per-request", "8", "--requests", "60", "--port",
+                              str(port), "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["failures"] == 0 and row["images"] == 480
+    assert row["replica_cpu_ms_per_image"] > 0 and row["raw_before"] > 0
+    assert row["replica_cores_busy"] <= 1.05  # one core, however busy
+    assert row["vs_raw"] == row["images_per_s"] / ((row["raw_before"] + row["raw_after"]) / 2)
