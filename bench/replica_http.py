@@ -1,6 +1,6 @@
 """The replica over HTTP without Ray: its cost per image, on a core of its own.
 
-Run:  .venv/bin/python bench/replica_http.py [--images-per-request 1 8 32] [--requests 2000]
+Run:  .venv/bin/python bench/replica_http.py [--images-per-request 1 8] [--requests 2000]
       [--core 1] [--out bench/results/replica_http.json]
 
 The service's replica class (:class:`oodlab.serve.app.Scorer`: its FastAPI app, its
@@ -91,7 +91,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> No
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images-per-request", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--images-per-request", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--requests", type=int, default=2000, help="requests per shape")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=32)
