@@ -201,7 +201,7 @@ class Scorer:
         Serve fails a queued element larger than ``max_batch_size``; that happens only when a
         reconfigure lowered it after the request was sliced, and the request is sliced again.
         """
-        while True:
+        while True:  # the getter Serve puts on a batch method for user code (ray.serve.batching)
             size = self._score_batch._get_max_batch_size()
             slices = [raws[i:i + size] for i in range(0, len(raws), size)]
             try:
