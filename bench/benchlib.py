@@ -26,6 +26,18 @@ def header(name: str, script: str, argv: list[str] | None) -> dict[str, Any]:
     }
 
 
+def stat_fields(stat: str) -> list[str]:
+    """The fields of a ``/proc/<pid>/stat`` line after the command name (which may hold
+    spaces and parentheses): ``[0]`` state, ``[1]`` parent pid, ``[11]``/``[12]`` user/system
+    CPU time in clock ticks."""
+    return stat.rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(fields: list[str]) -> float:
+    """User + system CPU time from :func:`stat_fields`."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def write_result(path: str | Path, result: dict[str, Any]) -> Path:
     """Write ``result`` as indented JSON (parents created) and return the path."""
     out = Path(path)

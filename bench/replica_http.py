@@ -35,42 +35,43 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
-from benchlib import header, write_result
-from serve_load import load, raw_throughput, register_untrained, sample_pngs
+from benchlib import cpu_seconds, header, stat_fields, write_result
+from serve_load import (
+    load,
+    load_registered,
+    outside_serve,
+    raw_throughput,
+    register_untrained,
+    sample_pngs,
+)
 
 
-def serve(port: int, ref: str, uri: str, max_batch_size: int, batch_wait_ms: float) -> None:
+def serve(port: int, ref: str, version: str, uri: str, max_batch_size: int,
+          batch_wait_ms: float) -> None:
     """The child: one replica under uvicorn on ``port`` (this process already on its core)."""
     import uvicorn
-    from ray.serve import batching
 
     from oodlab.serve import app
     from oodlab.serve.config import ModelConfig
-    from oodlab.serve.registry import resolve
 
-    # outside a Serve replica: one CPU, and no Serve lookup for max_ongoing_requests
-    mock.patch.object(app, "replica_cpus", return_value=1).start()
-    mock.patch.object(batching._BatchQueue,
-                      "_warn_if_max_batch_size_exceeds_max_ongoing_requests").start()
-    scorer = app.Scorer({"device": "cpu"})
-    api = app.build_api(scorer)
-    config = ModelConfig(model=ref, version=resolve(ref, uri).version, tracking_uri=uri,
-                         max_batch_size=max_batch_size,
-                         batch_wait_timeout_s=batch_wait_ms / 1000).model_dump()
+    with outside_serve(1):
+        scorer = app.Scorer({"device": "cpu"})
+        api = app.build_api(scorer)
+        config = ModelConfig(model=ref, version=version, tracking_uri=uri,
+                             max_batch_size=max_batch_size,
+                             batch_wait_timeout_s=batch_wait_ms / 1000).model_dump()
 
-    async def load_model() -> None:
-        await scorer.reconfigure(config)
+        async def load_model() -> None:
+            await scorer.reconfigure(config)
 
-    api.router.on_startup.append(load_model)
-    uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        api.router.on_startup.append(load_model)
+        uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def cpu_seconds(pid: int) -> float:
+def replica_cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(stat_fields(Path(f"/proc/{pid}/stat").read_text()))
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
@@ -100,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the replica's core (this process takes the others)")
     parser.add_argument("--port", type=int, default=8791)
     parser.add_argument("--out", default="bench/results/replica_http.json")
-    parser.add_argument("--serve", nargs=3, metavar=("PORT", "REF", "URI"),
+    parser.add_argument("--serve", nargs=4, metavar=("PORT", "REF", "VERSION", "URI"),
                         help=argparse.SUPPRESS)  # the child's own entry
     return parser.parse_args(argv)
 
@@ -108,22 +109,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve:
-        serve(int(args.serve[0]), args.serve[1], args.serve[2], args.max_batch_size,
-              args.batch_wait_ms)
+        serve(int(args.serve[0]), *args.serve[1:], args.max_batch_size, args.batch_wait_ms)
         return 0
     cores = set(range(os.cpu_count() or 1))
     if args.core not in cores or len(cores) < 2:
         raise SystemExit(f"--core {args.core}: needs a core of {sorted(cores)} and another "
                          "for the load client")
     head = header("replica_http", "bench/replica_http.py", argv)
-    from oodlab.serve.config import split_ref
-    from oodlab.serve.registry import resolve
-    from oodlab.track.tracking import load_detector
-
     with tempfile.TemporaryDirectory() as tmp:
         ref, uri = register_untrained(tmp, "small_cnn", 16)
-        detector = load_detector(f"models:/{split_ref(ref)[0]}/{resolve(ref, uri).version}",
-                                 uri)
+        version, detector = load_registered(ref, uri)
         shape = (1, 28, 28)
 
         def raw() -> float:  # on the replica's core, one thread, the replica idle
@@ -136,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         b64 = [base64.b64encode(png).decode() for png in sample_pngs(64, shape)]
         url = f"http://127.0.0.1:{args.port}"
         env = os.environ | {"OMP_NUM_THREADS": "1"}
-        child = [sys.executable, __file__, "--serve", str(args.port), ref, uri,
+        child = [sys.executable, __file__, "--serve", str(args.port), ref, version, uri,
                  "--max-batch-size", str(args.max_batch_size),
                  "--batch-wait-ms", str(args.batch_wait_ms)]
         proc = subprocess.Popen(child, env=env, preexec_fn=lambda: os.sched_setaffinity(
@@ -149,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                                                  for j in range(k)]}).encode()
                           for i in range(args.requests)]
                 before = raw()
-                cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+                cpu0, t0 = replica_cpu_seconds(proc.pid), time.perf_counter()
                 result = asyncio.run(load(url, bodies, args.concurrency))
                 # CPU over the whole call, warm-up requests (serve_load.drive's 20) included
-                cpu, wall = cpu_seconds(proc.pid) - cpu0, time.perf_counter() - t0
+                cpu, wall = replica_cpu_seconds(proc.pid) - cpu0, time.perf_counter() - t0
                 images = result["images"] + k * min(20, len(bodies))
                 after = raw()
                 assert result["failures"] == 0, result

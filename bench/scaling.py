@@ -44,7 +44,7 @@ import ray
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchlib import fit_rates, header, plain_rates, write_result
+from benchlib import cpu_seconds, fit_rates, header, plain_rates, stat_fields, write_result
 from oodlab.cluster.ray_local import free_port, init_ray
 from oodlab.spec import validate_spec
 
@@ -80,7 +80,6 @@ class CpuByRole:
         self.first: dict[int, float] = {}
         self.last: dict[int, tuple[str, float]] = {}
         self.stop = threading.Event()
-        self.tick = os.sysconf("SC_CLK_TCK")
 
     def _role(self, pid: int, cmdline: str) -> str:
         if pid == os.getpid():
@@ -97,8 +96,7 @@ class CpuByRole:
                 cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:  # the process ended between listing and reading
                 continue
-            fields = stat.rsplit(")", 1)[1].split()
-            cpu = (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+            cpu = cpu_seconds(stat_fields(stat))
             pid = int(entry.name)
             if start:
                 self.first[pid] = cpu

@@ -63,14 +63,16 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
 from fastapi import Body, FastAPI
 from PIL import Image
 
-from benchlib import header, write_result
+from benchlib import header, stat_fields, write_result
 from oodlab.cluster.ray_local import init_ray
 
 BENCH_SPEC = {
@@ -194,13 +196,8 @@ def replica_alone(ref: str, version: str, uri: str, shapes: dict[int, list[bytes
     client in the same process. Batched and unbatched images/s per request shape: what
     batching gives a replica when the proxy and the load client do not take its core.
 
-    Outside a Serve replica two Serve lookups have no answer, so they are stubbed: the
-    replica's CPU count (``cpus``) and ``@serve.batch``'s warning about
-    ``max_ongoing_requests``."""
-    from unittest import mock
-
+    Outside a Serve replica two Serve lookups are stubbed (:func:`outside_serve`)."""
     import httpx
-    from ray.serve import batching
 
     from oodlab.serve import app
     from oodlab.serve.config import ModelConfig
@@ -231,10 +228,33 @@ def replica_alone(ref: str, version: str, uri: str, shapes: dict[int, list[bytes
                                                   / out[k]["unbatched"]["images_per_s"])
         return out
 
+    with outside_serve(cpus):
+        return asyncio.run(run())
+
+
+@contextlib.contextmanager
+def outside_serve(cpus: int) -> Iterator[None]:
+    """The replica class run outside a Serve replica, where two Serve lookups have no answer:
+    its CPU count is ``cpus``, and ``@serve.batch`` skips its ``max_ongoing_requests``
+    warning."""
+    from ray.serve import batching
+
+    from oodlab.serve import app
+
     warn = "_warn_if_max_batch_size_exceeds_max_ongoing_requests"
     with mock.patch.object(app, "replica_cpus", return_value=cpus), \
             mock.patch.object(batching._BatchQueue, warn):
-        return asyncio.run(run())
+        yield
+
+
+def load_registered(ref: str, uri: str) -> tuple[str, Any]:
+    """(the version ``ref`` resolves to, its detector) from the registry at ``uri``."""
+    from oodlab.serve.config import split_ref
+    from oodlab.serve.registry import resolve
+    from oodlab.track.tracking import load_detector
+
+    version = resolve(ref, uri).version
+    return version, load_detector(f"models:/{split_ref(ref)[0]}/{version}", uri)
 
 
 ECHO_ROUTE = "/echo"
@@ -300,7 +320,7 @@ def _descendants(pid: int) -> list[int]:
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                    ppid = int(stat_fields(f.read())[1])
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
@@ -495,15 +515,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     head = header("serve_load", "bench/serve_load.py", argv)  # load average before we start
 
-    from oodlab.serve.config import split_ref
-    from oodlab.serve.registry import resolve
-    from oodlab.track.tracking import load_detector
-
     with tempfile.TemporaryDirectory() as tmp:
         ref, uri = ((args.model, args.tracking_uri) if args.model
                     else register_untrained(tmp, args.arch, args.width))
-        version = resolve(ref, uri).version
-        detector = load_detector(f"models:/{split_ref(ref)[0]}/{version}", uri).to(device(args))
+        version, detector = load_registered(ref, uri)
+        detector = detector.to(device(args))
         p = detector.preprocessing
         shape = (p["channels"], p["image_size"], p["image_size"])
         raw = raw_throughput(detector, shape, args.max_batch_size, args.replica_cpus)
