@@ -2,6 +2,8 @@
 
 Run:  .venv/bin/python bench/replica_http.py [--images-per-request 1 8] [--requests 2000]
       [--core 1] [--out bench/results/replica_http.json]
+      [--models small_cnn:16 small_cnn:64 resnet18:64 --seconds 8]   # a model-cost sweep
+      [--plot-from RUN.json ... --figure F.png]                      # several sweeps in one
 
 The service's replica class (:class:`oodlab.serve.app.Scorer`: its FastAPI app, its
 ``@serve.batch`` queue, its decode-and-forward thread) runs under uvicorn in a child process
@@ -11,7 +13,9 @@ no proxy, no HAProxy: what the replica itself costs per image, separated from th
 and from a load client in its own process (``serve_load.py``'s *replica alone* shares its
 event loop with the client). Before and after each request shape, this process measures the
 raw forward on the replica's core with one thread, and the shape's images/s is divided by
-their mean. The replica's CPU time per image comes from ``/proc``.
+their mean. The replica's CPU time per image comes from ``/proc``. First, an echo app (FastAPI
+under uvicorn, parsing the JSON body and scoring nothing) on the same core gives the HTTP
+floor of each request shape, and each shape's requests/s is also divided by it.
 
 To compare two versions of the replica's code on the same machine, run this script from a
 worktree of each, back to back, more than once (the machine is noisy)::
@@ -20,7 +24,10 @@ worktree of each, back to back, more than once (the machine is noisy)::
     (cd /tmp/base && PYTHONPATH=platform /work/main/.venv/bin/python bench/replica_http.py ...)
 
 By default the detector is the quickstart architecture (SmallCNN, width 16, energy score),
-registered untrained in a temporary MLflow store, as in ``serve_load.py``.
+registered untrained in a temporary MLflow store, as in ``serve_load.py``. With several
+``--models`` the run also writes a figure beside ``--out`` (``.png``): images/s ÷ raw against
+the raw forward's cost per image, with the curve ``f / (f + o)`` that a fixed serving cost of
+``o`` ms per image (decoding, HTTP, batching, beside a forward of ``f`` ms) predicts.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from benchlib import cpu_seconds, header, stat_fields, write_result
 from serve_load import (
     load,
@@ -44,6 +53,7 @@ from serve_load import (
     raw_throughput,
     register_untrained,
     sample_pngs,
+    wait_port_free,
 )
 
 
@@ -69,6 +79,27 @@ def serve(port: int, ref: str, version: str, uri: str, max_batch_size: int,
         uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
+def echo(port: int) -> None:
+    """The child's echo: a FastAPI app under uvicorn that parses the JSON body and answers as
+    many results, scoring nothing (``serve_load.py``'s echo floor, without Serve)."""
+    import uvicorn
+    from fastapi import Body, FastAPI
+
+    api = FastAPI()
+
+    @api.post("/v1/score")
+    async def score(body: dict = Body(...)) -> dict:  # noqa: B008
+        return {"model": {"name": "echo", "version": "0", "alias": None}, "threshold": 0.0,
+                "results": [{"index": i, "score": 0.0, "is_ood": False}
+                            for i in range(len(body["images"]))]}
+
+    @api.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
 def replica_cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` so far (Linux)."""
     return cpu_seconds(stat_fields(Path(f"/proc/{pid}/stat").read_text()))
@@ -92,8 +123,17 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> No
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["small_cnn:16"], metavar="ARCH:WIDTH",
+                        help="untrained detectors to serve in turn (default small_cnn:16, the "
+                             "quickstart's); several, e.g. small_cnn:16 small_cnn:64 "
+                             "resnet18:64, show the serving cost per image against the "
+                             "model's own, and plot it")
     parser.add_argument("--images-per-request", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--requests", type=int, default=2000, help="requests per shape")
+    parser.add_argument("--requests", type=int, default=2000,
+                        help="requests per shape (at most)")
+    parser.add_argument("--seconds", type=float,
+                        help="fewer requests for a slow model: about this many seconds of raw "
+                             "forward per shape (at least 100 requests)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
@@ -101,25 +141,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the replica's core (this process takes the others)")
     parser.add_argument("--port", type=int, default=8791)
     parser.add_argument("--out", default="bench/results/replica_http.json")
+    parser.add_argument("--plot-from", nargs="+", metavar="JSON",
+                        help="only draw the figure of earlier runs' rows (all in one) to "
+                             "--figure; measures nothing")
+    parser.add_argument("--figure", help="the figure's path (default: --out's, as .png)")
     parser.add_argument("--serve", nargs=4, metavar=("PORT", "REF", "VERSION", "URI"),
                         help=argparse.SUPPRESS)  # the child's own entry
-    return parser.parse_args(argv)
+    parser.add_argument("--echo", type=int, metavar="PORT", help=argparse.SUPPRESS)  # and its echo
+    args = parser.parse_args(argv)
+    if args.plot_from and not args.figure:
+        parser.error("--plot-from needs --figure")
+    for m in args.models:
+        arch, _, width = m.partition(":")
+        if not width.isdigit():
+            parser.error(f"--models {m!r}: expected ARCH:WIDTH, e.g. small_cnn:16")
+    return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.serve:
-        serve(int(args.serve[0]), *args.serve[1:], args.max_batch_size, args.batch_wait_ms)
-        return 0
-    cores = set(range(os.cpu_count() or 1))
-    if args.core not in cores or len(cores) < 2:
-        raise SystemExit(f"--core {args.core}: needs a core of {sorted(cores)} and another "
-                         "for the load client")
-    head = header("replica_http", "bench/replica_http.py", argv)
+def start_child(child_args: list[str], args: argparse.Namespace) -> subprocess.Popen:
+    """This script as a child held to ``args.core``, one torch/OpenMP thread."""
+    wait_port_free(args.port)
+    return subprocess.Popen([sys.executable, __file__, *child_args],
+                            env=os.environ | {"OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: os.sched_setaffinity(0, {args.core}))
+
+
+def measure_echo(args: argparse.Namespace) -> dict[int, dict]:
+    """The HTTP floor on the replica's core, per request shape: the echo app's load result."""
+    b64 = base64.b64encode(sample_pngs(1, (1, 28, 28))[0]).decode()
+    proc = start_child(["--echo", str(args.port)], args)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        wait_ready(url, proc)
+        out = {}
+        for k in args.images_per_request:
+            body = json.dumps({"images": [b64] * k}).encode()
+            out[k] = asyncio.run(load(url, [body] * args.requests, args.concurrency))
+            print(f"echo, {k} image(s)/request: {out[k]['requests_per_s']:.0f} requests/s "
+                  f"(p50 {out[k]['p50_ms']:.1f} ms, p99 {out[k]['p99_ms']:.1f} ms)", flush=True)
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def measure_model(args: argparse.Namespace, arch: str, width: int, cores: set[int],
+                  floor: dict[int, dict]) -> list[dict]:
+    """Every request shape against one untrained ``arch`` detector served on ``args.core``."""
     with tempfile.TemporaryDirectory() as tmp:
-        ref, uri = register_untrained(tmp, "small_cnn", 16)
+        ref, uri = register_untrained(tmp, arch, width)
         version, detector = load_registered(ref, uri)
-        shape = (1, 28, 28)
+        prep = detector.preprocessing
+        shape = (prep["channels"], prep["image_size"], prep["image_size"])
 
         def raw() -> float:  # on the replica's core, one thread, the replica idle
             os.sched_setaffinity(0, {args.core})
@@ -130,20 +203,20 @@ def main(argv: list[str] | None = None) -> int:
 
         b64 = [base64.b64encode(png).decode() for png in sample_pngs(64, shape)]
         url = f"http://127.0.0.1:{args.port}"
-        env = os.environ | {"OMP_NUM_THREADS": "1"}
-        child = [sys.executable, __file__, "--serve", str(args.port), ref, version, uri,
+        child = ["--serve", str(args.port), ref, version, uri,
                  "--max-batch-size", str(args.max_batch_size),
                  "--batch-wait-ms", str(args.batch_wait_ms)]
-        proc = subprocess.Popen(child, env=env, preexec_fn=lambda: os.sched_setaffinity(
-            0, {args.core}))
+        proc = start_child(child, args)
         rows = []
         try:
             wait_ready(url, proc)
             for k in args.images_per_request:
+                before = raw()
+                n = args.requests if args.seconds is None else max(
+                    100, min(args.requests, int(args.seconds * before / k)))
                 bodies = [json.dumps({"images": [b64[(i * k + j) % len(b64)]
                                                  for j in range(k)]}).encode()
-                          for i in range(args.requests)]
-                before = raw()
+                          for i in range(n)]
                 cpu0, t0 = replica_cpu_seconds(proc.pid), time.perf_counter()
                 result = asyncio.run(load(url, bodies, args.concurrency))
                 # CPU over the whole call, warm-up requests (serve_load.drive's 20) included
@@ -152,30 +225,108 @@ def main(argv: list[str] | None = None) -> int:
                 after = raw()
                 assert result["failures"] == 0, result
                 mean_raw = (before + after) / 2
-                row = {"images_per_request": k, "raw_before": before, "raw_after": after,
-                       **result, "replica_cpu_ms_per_image": 1000 * cpu / images,
-                       "replica_cores_busy": cpu / wall,
-                       "vs_raw": result["images_per_s"] / mean_raw}
+                cpu_ms = 1000 * cpu / images
+                row = {"arch": arch, "width": width, "images_per_request": k,
+                       "raw_before": before, "raw_after": after, **result,
+                       "replica_cpu_ms_per_image": cpu_ms, "replica_cores_busy": cpu / wall,
+                       "forward_ms_per_image": 1000 / mean_raw,
+                       "beyond_forward_ms_per_image": cpu_ms - 1000 / mean_raw,
+                       "vs_raw": result["images_per_s"] / mean_raw,
+                       "vs_echo": result["requests_per_s"] / floor[k]["requests_per_s"]}
                 rows.append(row)
-                print(f"{k} image(s)/request: {result['images_per_s']:.0f} images/s "
-                      f"(p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms), "
-                      f"{row['replica_cpu_ms_per_image']:.3f} ms replica CPU per image, "
+                print(f"{arch}:{width}, {k} image(s)/request: {result['images_per_s']:.0f} "
+                      f"images/s (p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} "
+                      f"ms), {cpu_ms:.3f} ms replica CPU per image, of which "
+                      f"{row['beyond_forward_ms_per_image']:.3f} beyond the raw forward; "
                       f"replica core {100 * row['replica_cores_busy']:.0f} % busy; raw "
                       f"forward {before:.0f} before, {after:.0f} after: "
-                      f"{row['vs_raw']:.2f}x raw", flush=True)
+                      f"{row['vs_raw']:.2f}x raw, {row['vs_echo']:.2f}x the echo's "
+                      "requests/s", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """÷ raw against the raw forward's cost per image, one series per request shape, with the
+    curve f / (f + o) of a fixed serving cost o per image (the shape's median)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4))
+    ax = fig.subplots()
+    xs = np.geomspace(min(r["forward_ms_per_image"] for r in rows) / 1.5,
+                      max(r["forward_ms_per_image"] for r in rows) * 1.5, 100)
+    for k in sorted({r["images_per_request"] for r in rows}):
+        mine = [r for r in rows if r["images_per_request"] == k]
+        o = float(np.median([r["beyond_forward_ms_per_image"] for r in mine]))
+        dots = ax.plot([r["forward_ms_per_image"] for r in mine], [r["vs_raw"] for r in mine],
+                       "o", label=f"{k} image(s)/request")
+        ax.plot(xs, xs / (xs + o), "--", color=dots[0].get_color(), lw=1,
+                label=f"f / (f + {o:.2f} ms)")
+        named = set()
+        for r in mine:
+            if (name := f"{r['arch']}:{r['width']}") in named:
+                continue  # one label per model when several runs are plotted
+            named.add(name)
+            ax.annotate(f"{r['arch']}:{r['width']}", (r["forward_ms_per_image"], r["vs_raw"]),
+                        fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.axhline(0.7, color="grey", lw=0.8, ls=":", label="goal at 8 images/request: 0.7")
+    ax.set_xscale("log")
+    ax.set_ylim(0, max(1.05, max(r["vs_raw"] for r in rows) + 0.05))
+    ax.set_xlabel("raw forward f, ms of one core per image (batch 32, one thread)")
+    ax.set_ylabel("replica images/s ÷ raw forward")
+    ax.set_title("One replica on one core, over HTTP: serving cost against model cost",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve:
+        serve(int(args.serve[0]), *args.serve[1:], args.max_batch_size, args.batch_wait_ms)
+        return 0
+    if args.echo:
+        echo(args.echo)
+        return 0
+    if args.plot_from:
+        rows = [r for f in args.plot_from for r in json.loads(Path(f).read_text())["rows"]]
+        plot(rows, Path(args.figure))
+        print(f"figure {args.figure}: {len(rows)} rows of {len(args.plot_from)} run(s)")
+        return 0
+    cores = set(range(os.cpu_count() or 1))
+    if args.core not in cores or len(cores) < 2:
+        raise SystemExit(f"--core {args.core}: needs a core of {sorted(cores)} and another "
+                         "for the load client")
+    head = header("replica_http", "bench/replica_http.py", argv)
+    models = [(m.partition(":")[0], int(m.partition(":")[2])) for m in args.models]
+    floor = measure_echo(args)
+    rows = [row for arch, width in models
+            for row in measure_model(args, arch, width, cores, floor)]
+    figure = None
+    if len(models) > 1:
+        figure = Path(args.figure or Path(args.out).with_suffix(".png"))
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        plot(rows, figure)
     out = write_result(args.out, head | {
         "replica": {"core": args.core, "torch_threads": 1, "max_batch_size": args.max_batch_size,
                     "batch_wait_ms": args.batch_wait_ms, "concurrency": args.concurrency},
-        "model": {"arch": "small_cnn", "width": 16, "trained": False},
-        "summary": [{"figure": f"replica over HTTP without Ray, own core: images/s ÷ raw "
-                               f"forward on that core, {r['images_per_request']} image(s)/"
-                               f"request (p50 {r['p50_ms']:.0f} / p99 {r['p99_ms']:.0f} ms)",
-                     "value": f"{r['vs_raw']:.2f}"} for r in rows],
+        "models": [{"arch": a, "width": w, "trained": False} for a, w in models],
+        "echo": {str(k): v for k, v in floor.items()},
+        "figure": str(figure) if figure else None,
+        "summary": [{"figure": f"replica over HTTP without Ray, own core, {r['arch']}:"
+                               f"{r['width']} ({r['forward_ms_per_image']:.2f} ms a forward "
+                               f"per image): images/s ÷ raw forward on that core, "
+                               f"{r['images_per_request']} image(s)/request (p50 "
+                               f"{r['p50_ms']:.0f} / p99 {r['p99_ms']:.0f} ms)",
+                     "value": f"{r['vs_raw']:.2f}"} for r in rows]
+        + [{"figure": f"replica over HTTP without Ray, own core, {r['arch']}:{r['width']}: "
+                      "requests/s ÷ an echo app's on that core, 1 image/request",
+            "value": f"{r['vs_echo']:.2f}"} for r in rows if r["images_per_request"] == 1],
         "rows": rows})
-    print(f"written to {out}")
+    print(f"written to {out}" + (f"; figure {figure}" if figure else ""))
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 from oodlab.spec import validate_spec
 from tests.helpers import tiny_spec
 
@@ -165,3 +167,34 @@ def test_replica_http_measures_a_replica_held_to_its_core(tmp_path):
     assert row["replica_cpu_ms_per_image"] > 0 and row["raw_before"] > 0
     assert row["replica_cores_busy"] <= 1.05  # one core, however busy
     assert row["vs_raw"] == row["images_per_s"] / ((row["raw_before"] + row["raw_after"]) / 2)
+    echo = json.loads(out.read_text())["echo"]["8"]
+    assert echo["failures"] == 0 and row["vs_echo"] == (row["requests_per_s"]
+                                                         / echo["requests_per_s"])
+    assert row["forward_ms_per_image"] + row["beyond_forward_ms_per_image"] == pytest.approx(
+        row["replica_cpu_ms_per_image"])
+
+
+def test_replica_http_model_sweep_options_and_figure(tmp_path):
+    """--models takes ARCH:WIDTH (a bad one is refused); the figure of one or more runs is
+    written, and --plot-from needs --figure."""
+    import json
+
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import replica_http
+
+    assert replica_http.parse_args(["--models", "small_cnn:16", "resnet18:64"]).models == [
+        "small_cnn:16", "resnet18:64"]
+    with pytest.raises(SystemExit):
+        replica_http.parse_args(["--models", "resnet18"])
+    rows = [{"arch": a, "width": w, "images_per_request": k, "forward_ms_per_image": f,
+             "beyond_forward_ms_per_image": o, "vs_raw": f / (f + o)}
+            for a, w, f in (("small_cnn", 16, 0.4), ("resnet18", 64, 10.0))
+            for k, o in ((1, 1.0), (8, 0.25))]
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"rows": rows}))
+    with pytest.raises(SystemExit):
+        replica_http.parse_args(["--plot-from", str(run)])  # where to?
+    assert replica_http.main(["--plot-from", str(run), str(run),
+                              "--figure", str(tmp_path / "sweep.png")]) == 0
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
