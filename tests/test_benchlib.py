@@ -52,9 +52,12 @@ def test_summary_table_reads_every_result_file(tmp_path):
                                                   ("haproxy", 3.25, {"raw_images_per_s": 25.0}))
                       ]}))
     gpu = json.loads((tmp_path / "serve.json").read_text()) | {
-        "model": {"arch": "resnet18"}, "replica": {"device": "cuda", "pinned_core": None}}
-    pinned = gpu | {"model": {"arch": "small_cnn"}, "replica": {"pinned_core": 1}}
+        "model": {"arch": "resnet18", "width": 64},
+        "replica": {"device": "cuda", "pinned_core": None}}
+    pinned = gpu | {"model": {"arch": "small_cnn", "width": 16}, "replica": {"pinned_core": 1}}
+    wider = gpu | {"model": {"arch": "small_cnn", "width": 32}, "replica": {}}
     (tmp_path / "serve_pinned.json").write_text(json.dumps(pinned))
+    (tmp_path / "serve_wider.json").write_text(json.dumps(wider))
     (tmp_path / "serve_gpu.json").write_text(json.dumps(gpu))
     table = render(tmp_path)
     assert "| a | fig a | 0.5 | ≥ 0.4 | yes |" in table
@@ -62,12 +65,13 @@ def test_summary_table_reads_every_result_file(tmp_path):
     assert "serving (proxy): batched ÷ unbatched, images/s, 8 image(s)/request" in table
     assert "| 2.50 | ≥ 3.0 | no |" in table and "| 3.25 | ≥ 3.0 | yes |" in table
     assert "(haproxy): batched ÷ unbatched" in table
-    assert "serving (haproxy, resnet18, GPU replica): batched ÷ unbatched" in table
+    assert "serving (haproxy, resnet18:64, GPU replica): batched ÷ unbatched" in table
+    assert "serving (haproxy, small_cnn:32): batched ÷ unbatched" in table
     assert "serving, replica alone" in table  # once per file and shape, labelled by setup
     assert "serving (proxy, replica on a core of its own): batched ÷ unbatched" in table
-    assert table.count("replica alone") == 3 and "| 3.50 |" in table
+    assert table.count("replica alone") == 4 and "| 3.50 |" in table
     # a run that measured the raw forward beside each row names it; an older run does not
-    assert table.count("raw forward measured just before it: 25 images/s") == 3
+    assert table.count("raw forward measured just before it: 25 images/s") == 4
 
 
 def test_offline_site_keeps_file_modes_and_prunes_only_what_no_benchmark_loads(tmp_path):
