@@ -47,6 +47,7 @@ import numpy as np
 
 from benchlib import cpu_seconds, header, stat_fields, write_result
 from serve_load import (
+    echo_api,
     load,
     load_registered,
     outside_serve,
@@ -80,24 +81,11 @@ def serve(port: int, ref: str, version: str, uri: str, max_batch_size: int,
 
 
 def echo(port: int) -> None:
-    """The child's echo: a FastAPI app under uvicorn that parses the JSON body and answers as
-    many results, scoring nothing (``serve_load.py``'s echo floor, without Serve)."""
+    """The child's echo: ``serve_load.py``'s echo floor app under uvicorn, without Serve."""
     import uvicorn
-    from fastapi import Body, FastAPI
 
-    api = FastAPI()
-
-    @api.post("/v1/score")
-    async def score(body: dict = Body(...)) -> dict:  # noqa: B008
-        return {"model": {"name": "echo", "version": "0", "alias": None}, "threshold": 0.0,
-                "results": [{"index": i, "score": 0.0, "is_ood": False}
-                            for i in range(len(body["images"]))]}
-
-    @api.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
-
-    uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(echo_api(), host="127.0.0.1", port=port, log_level="warning",
+                access_log=False)
 
 
 def replica_cpu_seconds(pid: int) -> float:
@@ -269,7 +257,7 @@ def plot(rows: list[dict], path: Path) -> None:
             if (name := f"{r['arch']}:{r['width']}") in named:
                 continue  # one label per model when several runs are plotted
             named.add(name)
-            ax.annotate(f"{r['arch']}:{r['width']}", (r["forward_ms_per_image"], r["vs_raw"]),
+            ax.annotate(name, (r["forward_ms_per_image"], r["vs_raw"]),
                         fontsize=7, xytext=(4, -10), textcoords="offset points")
     ax.axhline(0.7, color="grey", lw=0.8, ls=":", label="goal at 8 images/request: 0.7")
     ax.set_xscale("log")

@@ -278,26 +278,36 @@ def direct_url(app_name: str, host: str = "127.0.0.1") -> str:
                        "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 set for the Ray instance?)")
 
 
+def echo_api() -> FastAPI:
+    """The echo floor's app: it parses the JSON body and answers as many results, scoring
+    nothing. Its routes take the body as a plain dict: a Serve replica unpickles them without
+    this module's globals, so their annotations must be builtins."""
+    api = FastAPI()
+
+    @api.post("/v1/score")
+    async def score(body: dict = Body(...)) -> dict:  # noqa: B008
+        return {"model": {"name": "echo", "version": "0", "alias": None}, "threshold": 0.0,
+                "results": [{"index": i, "score": 0.0, "is_ood": False}
+                            for i in range(len(body["images"]))]}
+
+    @api.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    return api
+
+
 def echo_floor(port: int, cpus: int, shapes: dict[int, list[bytes]], concurrency: int,
                direct: bool = False, pin_core: int | None = None) -> dict[int, dict]:
     """The HTTP floor per request shape: an echo deployment with the service's CPUs that
     parses the JSON body and answers as many results, scoring nothing."""
     from ray import serve
 
-    api = FastAPI()
-
     @serve.deployment(name="Echo", ray_actor_options={"num_cpus": cpus},
                       max_ongoing_requests=256)
-    @serve.ingress(api)
+    @serve.ingress(echo_api())
     class Echo:
-        # the body as a plain dict (the replica unpickles this class without this module's
-        # globals, so annotations must be builtins)
-        @api.post("/v1/score")
-        async def score(self, body: dict = Body(...)) -> dict:  # noqa: B008
-            n = len(body["images"])
-            return {"model": {"name": "echo", "version": "0", "alias": None},
-                    "threshold": 0.0,
-                    "results": [{"index": i, "score": 0.0, "is_ood": False} for i in range(n)]}
+        pass
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(Echo.bind(), name="echo", route_prefix=ECHO_ROUTE)
