@@ -13,7 +13,10 @@ no proxy, no HAProxy: what the replica itself costs per image, separated from th
 and from a load client in its own process (``serve_load.py``'s *replica alone* shares its
 event loop with the client). Before and after each request shape, this process measures the
 raw forward on the replica's core with one thread, and the shape's images/s is divided by
-their mean. The replica's CPU time per image comes from ``/proc``. First, an echo app (FastAPI
+their mean. The replica's CPU time per image comes from ``/proc``, and its split from the
+replica's own counters (``GET /v1/model``'s ``stats``): its batch thread decoding, the same
+thread in the forward pass (the forward as served, beside the raw one), and the rest (the
+event loop's HTTP, JSON and batching, and any other thread). First, an echo app (FastAPI
 under uvicorn, parsing the JSON body and scoring nothing) on the same core gives the HTTP
 floor of each request shape, and each shape's requests/s is also divided by it.
 
@@ -45,12 +48,16 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import cpu_seconds, header, stat_fields, write_result
+from benchlib import header, write_result
 from serve_load import (
+    batch_stage,
+    cpu_text,
     echo_api,
     load,
     load_registered,
+    model_stats,
     outside_serve,
+    processes_cpu,
     raw_throughput,
     register_untrained,
     sample_pngs,
@@ -86,11 +93,6 @@ def echo(port: int) -> None:
 
     uvicorn.run(echo_api(), host="127.0.0.1", port=port, log_level="warning",
                 access_log=False)
-
-
-def replica_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far (Linux)."""
-    return cpu_seconds(stat_fields(Path(f"/proc/{pid}/stat").read_text()))
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
@@ -205,20 +207,26 @@ def measure_model(args: argparse.Namespace, arch: str, width: int, cores: set[in
                 bodies = [json.dumps({"images": [b64[(i * k + j) % len(b64)]
                                                  for j in range(k)]}).encode()
                           for i in range(n)]
-                cpu0, t0 = replica_cpu_seconds(proc.pid), time.perf_counter()
+                stats0 = model_stats(url)["stats"]
+                cpu0, t0 = processes_cpu({proc.pid}), time.perf_counter()
                 result = asyncio.run(load(url, bodies, args.concurrency))
                 # CPU over the whole call, warm-up requests (serve_load.drive's 20) included
-                cpu, wall = replica_cpu_seconds(proc.pid) - cpu0, time.perf_counter() - t0
+                cpu, wall = processes_cpu({proc.pid}) - cpu0, time.perf_counter() - t0
+                stage = batch_stage(stats0, model_stats(url)["stats"])  # those included too
                 images = result["images"] + k * min(20, len(bodies))
                 after = raw()
                 assert result["failures"] == 0, result
                 mean_raw = (before + after) / 2
                 cpu_ms = 1000 * cpu / images
                 row = {"arch": arch, "width": width, "images_per_request": k,
-                       "raw_before": before, "raw_after": after, **result,
+                       "raw_before": before, "raw_after": after, **result, **stage,
                        "replica_cpu_ms_per_image": cpu_ms, "replica_cores_busy": cpu / wall,
                        "forward_ms_per_image": 1000 / mean_raw,
                        "beyond_forward_ms_per_image": cpu_ms - 1000 / mean_raw,
+                       # the replica's CPU outside its batch thread's decoding and forward:
+                       # the event loop (HTTP, JSON, batching) and every other thread
+                       "other_cpu_ms_per_image": (cpu_ms - stage["decode_cpu_ms_per_image"]
+                                                  - stage["forward_cpu_ms_per_image"]),
                        "vs_raw": result["images_per_s"] / mean_raw,
                        "vs_echo": result["requests_per_s"] / floor[k]["requests_per_s"]}
                 rows.append(row)
@@ -226,6 +234,7 @@ def measure_model(args: argparse.Namespace, arch: str, width: int, cores: set[in
                       f"images/s (p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} "
                       f"ms), {cpu_ms:.3f} ms replica CPU per image, of which "
                       f"{row['beyond_forward_ms_per_image']:.3f} beyond the raw forward; "
+                      f"{cpu_text(row)}; "
                       f"replica core {100 * row['replica_cores_busy']:.0f} % busy; raw "
                       f"forward {before:.0f} before, {after:.0f} after: "
                       f"{row['vs_raw']:.2f}x raw, {row['vs_echo']:.2f}x the echo's "

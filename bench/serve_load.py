@@ -23,6 +23,12 @@ with base64 PNGs), throughput beside p50/p99 latency:
   and unbatched, with no proxy, socket or Ray call (:func:`replica_alone`): where the
   service's batched/unbatched ratio is lost, in the replica or around it.
 
+Where the replica's CPU goes is measured beside each service and replica-alone figure: its
+batch thread's CPU milliseconds per image decoding and in the forward pass (the replica's
+``stats`` counters: the forward as served, beside the raw one), and, for the service, the
+replica process's whole CPU per image (``/proc``), whose rest is its event loop (HTTP,
+JSON, batching) and Ray's threads.
+
 Goals, reported and not asserted: at 1 image per request the batched service reaches
 >= 0.8x the floor's requests/s; at 8 images per request >= 0.7x the raw forward's images/s
 and >= 3x the unbatched service. The compute ceiling of batched/unbatched (raw forward at
@@ -64,6 +70,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -72,7 +79,7 @@ import torch
 from fastapi import Body, FastAPI
 from PIL import Image
 
-from benchlib import header, stat_fields, write_result
+from benchlib import cpu_seconds, header, stat_fields, write_result
 from oodlab.cluster.ray_local import init_ray
 
 BENCH_SPEC = {
@@ -221,9 +228,7 @@ def replica_alone(ref: str, version: str, uri: str, shapes: dict[int, list[bytes
                         batch_wait_timeout_s=batch_wait_s).model_dump())
                     before = dict(scorer.stats)
                     out[k][mode] = await drive(post, bodies, concurrency)
-                    batches = scorer.stats["batches"] - before["batches"]
-                    out[k][mode]["mean_batch"] = (
-                        (scorer.stats["images"] - before["images"]) / max(batches, 1))
+                    out[k][mode] |= batch_stage(before, scorer.stats)
                 out[k]["batched_vs_unbatched"] = (out[k]["batched"]["images_per_s"]
                                                   / out[k]["unbatched"]["images_per_s"])
         return out
@@ -234,17 +239,30 @@ def replica_alone(ref: str, version: str, uri: str, shapes: dict[int, list[bytes
 
 @contextlib.contextmanager
 def outside_serve(cpus: int) -> Iterator[None]:
-    """The replica class run outside a Serve replica, where two Serve lookups have no answer:
-    its CPU count is ``cpus``, and ``@serve.batch`` skips its ``max_ongoing_requests``
-    warning."""
+    """The replica class run outside a Serve replica, where three Serve lookups have no
+    answer: its CPU count is ``cpus``, ``@serve.batch`` skips its ``max_ongoing_requests``
+    warning, and ``GET /v1/model`` names the replica "outside Serve"."""
     from ray.serve import batching
 
     from oodlab.serve import app
 
     warn = "_warn_if_max_batch_size_exceeds_max_ongoing_requests"
+    context = SimpleNamespace(replica_tag="outside Serve")
     with mock.patch.object(app, "replica_cpus", return_value=cpus), \
-            mock.patch.object(batching._BatchQueue, warn):
+            mock.patch.object(batching._BatchQueue, warn), \
+            mock.patch.object(app.serve, "get_replica_context", return_value=context):
         yield
+
+
+def batch_stage(before: dict, after: dict) -> dict:
+    """Between two ``stats`` of a replica (``GET /v1/model``): its mean batch in images, and
+    its batch thread's CPU milliseconds per image decoding and in the forward pass."""
+    images = max(after["images"] - before["images"], 1)
+    return {"mean_batch": images / max(after["batches"] - before["batches"], 1),
+            "decode_cpu_ms_per_image":
+                1000 * (after["decode_cpu_s"] - before["decode_cpu_s"]) / images,
+            "forward_cpu_ms_per_image":
+                1000 * (after["forward_cpu_s"] - before["forward_cpu_s"]) / images}
 
 
 def load_registered(ref: str, uri: str) -> tuple[str, Any]:
@@ -349,14 +367,29 @@ def _pin(pid: int, cores: set[int]) -> None:
                 os.sched_setaffinity(int(tid), cores)
 
 
+def replica_pids(app: str = "") -> set[int]:
+    """The processes of Serve's live replicas (of application ``app``, or of every one)."""
+    from ray.util.state import list_actors
+
+    prefix = f"ServeReplica:{app}:" if app else "ServeReplica:"
+    return {a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if a.class_name.startswith(prefix) and a.pid}
+
+
+def processes_cpu(pids: set[int]) -> float:
+    """User + system CPU seconds of ``pids`` so far, all threads (Linux ``/proc``)."""
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            total += cpu_seconds(stat_fields(f.read()))
+    return total
+
+
 def pin_replicas(core: int) -> None:
     """Serve's replicas on ``core`` alone; this process and every other process of its Ray
     (proxy or HAProxy, controller, raylet, GCS, the load client) on the other cores: a
     replica with a core of its own, on a machine too small to give it a node."""
-    from ray.util.state import list_actors
-
-    replicas = {a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                if a.class_name.startswith("ServeReplica:") and a.pid}
+    replicas = replica_pids()
     others = set(range(os.cpu_count() or 1)) - {core}
     pids = _descendants(os.getpid())
     for pid in pids:
@@ -380,18 +413,35 @@ def wait_port_free(port: int, timeout_s: float = 30.0) -> None:
         time.sleep(0.2)
 
 
+def cpu_text(result: dict) -> str:
+    """:func:`batch_stage`'s CPU per image (and the replica's rest, if measured), as printed."""
+    rest = (f" + {result['other_cpu_ms_per_image']:.3f} ms else in the replica"
+            if "other_cpu_ms_per_image" in result else "")
+    return (f"CPU an image: batch thread {result['decode_cpu_ms_per_image']:.3f} ms decoding "
+            f"+ {result['forward_cpu_ms_per_image']:.3f} ms forward{rest}")
+
+
 def model_stats(url: str) -> dict:
     import httpx
 
     return httpx.get(f"{url}/v1/model", timeout=60).json()
 
 
-def measure_service(url: str, bodies: list[bytes], concurrency: int) -> dict:
-    before = model_stats(url)["stats"]
+def measure_service(url: str, bodies: list[bytes], concurrency: int, pid: int) -> dict:
+    """The load result of ``bodies`` sent to the service, its replica's batch stage
+    (:func:`batch_stage`) and that replica's whole CPU (process ``pid``) per image: the
+    rest of it, beside decoding and the forward, is the event loop's HTTP, JSON and batching
+    and Ray's own threads."""
+    before, cpu0, t0 = model_stats(url)["stats"], processes_cpu({pid}), time.perf_counter()
     out = asyncio.run(load(url, bodies, concurrency))
+    cpu, wall = processes_cpu({pid}) - cpu0, time.perf_counter() - t0
     after = model_stats(url)["stats"]
-    batches = after["batches"] - before["batches"]
-    out["mean_batch"] = (after["images"] - before["images"]) / max(batches, 1)
+    out |= batch_stage(before, after)
+    out["replica_cpu_ms_per_image"] = 1000 * cpu / max(after["images"] - before["images"], 1)
+    out["replica_cores_busy"] = cpu / wall
+    out["other_cpu_ms_per_image"] = (out["replica_cpu_ms_per_image"]
+                                     - out["decode_cpu_ms_per_image"]
+                                     - out["forward_cpu_ms_per_image"])
     return out
 
 
@@ -455,6 +505,7 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
         dep = deploy(opts)
         if args.pin_replica_core is not None:
             pin_replicas(args.pin_replica_core)
+        (pid,) = replica_pids(opts.app_name)  # one replica: its stats are the service's
         url = direct_url(opts.app_name) if ingress == "direct" else dep.url
         info = model_stats(url)
         if info["device"] != device(args):  # a GPU label on a CPU replica would mislead
@@ -469,14 +520,16 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
                 deploy(opts)  # user_config only: the replica reconfigures in place
                 if mode == "batched":
                     row["raw_images_per_s"] = raw_now()
-                row[mode] = measure_service(url, bodies, args.concurrency)
-                raw_text = (f" (raw forward just before: {row['raw_images_per_s']:.0f} images/s)"
+                row[mode] = measure_service(url, bodies, args.concurrency, pid)
+                raw_text = (f"; raw forward just before: {row['raw_images_per_s']:.0f} "
+                            f"images/s, {1000 / row['raw_images_per_s']:.3f} ms an image"
                             if mode == "batched" else "")
                 print(f"[{ingress}] {k} image(s)/request, {mode:>9}: "
                       f"{row[mode]['requests_per_s']:.0f} requests/s, "
                       f"{row[mode]['images_per_s']:.0f} images/s, "
                       f"p50 {row[mode]['p50_ms']:.1f} ms, p99 {row[mode]['p99_ms']:.1f} ms, "
-                      f"mean batch {row[mode]['mean_batch']:.1f}{raw_text}", flush=True)
+                      f"mean batch {row[mode]['mean_batch']:.1f}, {cpu_text(row[mode])}"
+                      f"{raw_text}", flush=True)
             assert row["batched"]["failures"] == row["unbatched"]["failures"] == 0, row
             assert floors[k]["failures"] == 0, floors[k]
             row["batched_vs_floor"] = row["batched"]["requests_per_s"] / floors[k]["requests_per_s"]
@@ -547,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, a in alone.items():
             print(f"replica alone (in process, ASGI), {k} image(s)/request: batched "
                   f"{a['batched']['images_per_s']:.0f} images/s (mean batch "
-                  f"{a['batched']['mean_batch']:.1f}), unbatched "
+                  f"{a['batched']['mean_batch']:.1f}, {cpu_text(a['batched'])}), unbatched "
                   f"{a['unbatched']['images_per_s']:.0f}: "
                   f"{a['batched_vs_unbatched']:.2f}x", flush=True)
 

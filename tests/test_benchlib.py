@@ -176,6 +176,12 @@ def test_replica_http_measures_a_replica_held_to_its_core(tmp_path):
                                                          / echo["requests_per_s"])
     assert row["forward_ms_per_image"] + row["beyond_forward_ms_per_image"] == pytest.approx(
         row["replica_cpu_ms_per_image"])
+    # the replica's own split of its CPU: decoding and the forward are parts of the whole
+    assert 0 < row["decode_cpu_ms_per_image"] < row["forward_cpu_ms_per_image"]
+    assert 0 < row["other_cpu_ms_per_image"] < row["replica_cpu_ms_per_image"]
+    assert row["decode_cpu_ms_per_image"] + row["forward_cpu_ms_per_image"] + row[
+        "other_cpu_ms_per_image"] == pytest.approx(row["replica_cpu_ms_per_image"])
+    assert 1 <= row["mean_batch"] <= 32
 
 
 def test_replica_http_model_sweep_options_and_figure(tmp_path):

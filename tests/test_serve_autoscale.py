@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -77,7 +78,8 @@ def _scorer(monkeypatch, seen: list[int], fail: bool = False) -> serve_app.Score
     """A Scorer without Ray: the request reader and the batcher replaced by fakes."""
     scorer = serve_app.Scorer.__new__(serve_app.Scorer)
     scorer.args = SimpleNamespace(max_images=8, max_pixels=64)
-    scorer.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0}
+    scorer.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0,
+                    "decode_cpu_s": 0.0, "forward_cpu_s": 0.0}
     scorer.images_in_flight = 0
     scorer.current = SimpleNamespace(detector=_Detector(), ref=SimpleNamespace(
         name="m", version="1", alias=None))
@@ -154,6 +156,36 @@ def test_batch_stage_fails_only_the_undecodable_image():
     assert calls == [2]
 
 
+def _spin(seconds: float) -> None:
+    """Burn ``seconds`` of this thread's CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_batch_stage_counts_its_cpu_seconds_of_decoding_and_of_the_forward(monkeypatch):
+    """Decoding that costs 10 ms of CPU an image and a forward that costs 30 ms: each lands
+    in its own counter (swapped or summed counters fail), and a second batch adds to them."""
+    def slow_to_tensor(raw, prep, max_pixels):
+        _spin(0.01)
+        return torch.zeros(1, 2, 2)
+
+    class Slow(_Detector):
+        def predict(self, x):
+            _spin(0.03)
+            return super().predict(x)
+
+    monkeypatch.setattr(serve_app, "to_tensor", slow_to_tensor)
+    loaded = SimpleNamespace(detector=Slow())
+    items = [(loaded, RawImage(f"images[{i}]", array=[[0.0]])) for i in range(2)]
+    stats = {"decode_cpu_s": 0.0, "forward_cpu_s": 0.0}
+    serve_app.decode_and_forward(items, 64, stats)
+    assert 0.02 <= stats["decode_cpu_s"] < 0.03
+    assert 0.03 <= stats["forward_cpu_s"] < 0.04
+    serve_app.decode_and_forward(items, 64, stats)
+    assert 0.04 <= stats["decode_cpu_s"] < 0.06 and 0.06 <= stats["forward_cpu_s"] < 0.08
+
+
 def test_serve_batch_takes_a_request_in_slices_of_at_most_max_batch_size(monkeypatch):
     """The replica's own ``@serve.batch`` queue, at most 2 images a batch: a 3-image request
     is scored in order, in two batches counted in images. Queued whole, Serve would fail it;
@@ -171,6 +203,7 @@ def test_serve_batch_takes_a_request_in_slices_of_at_most_max_batch_size(monkeyp
     out = asyncio.run(scorer.score(None))
     assert [r.score for r in out.results] == pytest.approx([0.5] * 3)
     assert scorer.stats["batches"] == 2 and scorer.stats["largest_batch"] == 2
+    assert scorer.stats["forward_cpu_s"] > 0 and scorer.stats["decode_cpu_s"] > 0
 
 
 def test_a_request_sliced_before_a_reconfigure_is_sliced_again(monkeypatch):

@@ -11,7 +11,8 @@ with a ``batch_size_fn``: one batch element per request, or per slice of at most
 ``max_batch_size`` images of one, and a batch's size counted in images). The batch stage
 decodes its images and runs the forward pass in one thread, off the replica's event loop, so
 a request costs the event loop one batch entry and no thread hop of its own; torch uses as
-many threads as the replica has CPUs. Each replica reports its images
+many threads as the replica has CPUs. That thread's CPU seconds of decoding and of the forward
+pass are counted in ``GET /v1/model``'s ``stats``. Each replica reports its images
 in flight to Serve's autoscaler (``record_autoscaling_stats``, see
 :mod:`oodlab.serve.autoscale`). The model lives in the deployment's ``user_config``
 (:class:`~oodlab.serve.config.ModelConfig`): ``reconfigure`` loads the new version off the
@@ -25,6 +26,7 @@ Serve config entry point: ``import_path: oodlab.serve.app:build_app`` with ``arg
 # No ``from __future__ import annotations`` here: FastAPI reads the route signatures.
 
 import asyncio
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -111,11 +113,14 @@ def images_in(chunks: list[Chunk]) -> int:
     return sum(len(raws) for _, raws in chunks)
 
 
-def decode_and_forward(items: list[tuple[LoadedModel, RawImage]], max_pixels: int
-                       ) -> list[Outcome]:
+def decode_and_forward(items: list[tuple[LoadedModel, RawImage]], max_pixels: int,
+                       stats: dict[str, Any] | None = None) -> list[Outcome]:
     """The batch stage: decode every image with its model's preprocessing, then score the
     decoded ones in one :func:`forward`. An image that cannot be decoded gets its
-    :class:`InputError` in place of a score, so only its own request fails."""
+    :class:`InputError` in place of a score, so only its own request fails. With ``stats``,
+    the CPU seconds this thread spent decoding and in the forward pass are added to its
+    ``decode_cpu_s`` and ``forward_cpu_s`` (``time.thread_time``: this thread only)."""
+    start = time.thread_time()
     out: list[Outcome] = [(0.0, False)] * len(items)
     good: list[int] = []
     decoded: list[tuple[LoadedModel, torch.Tensor]] = []
@@ -127,8 +132,12 @@ def decode_and_forward(items: list[tuple[LoadedModel, RawImage]], max_pixels: in
             continue
         good.append(i)
         decoded.append((loaded, x))
+    decoded_at = time.thread_time()
     for i, result in zip(good, forward(decoded) if decoded else [], strict=True):
         out[i] = result
+    if stats is not None:
+        stats["decode_cpu_s"] += decoded_at - start
+        stats["forward_cpu_s"] += time.thread_time() - decoded_at
     return out
 
 
@@ -149,7 +158,9 @@ class Scorer:
         torch.set_num_threads(replica_cpus())  # not the node's core count
         self.config: ModelConfig | None = None
         self.current: LoadedModel | None = None
-        self.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0}
+        self.stats: dict[str, Any] = {"requests": 0, "images": 0, "batches": 0,
+                                      "largest_batch": 0, "decode_cpu_s": 0.0,
+                                      "forward_cpu_s": 0.0}
         self.images_in_flight = 0  # decoding, queued for a batch or in a forward pass
         self._reload_lock = asyncio.Lock()
 
@@ -190,7 +201,8 @@ class Scorer:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=images_in)
     async def _score_batch(self, chunks: list[Chunk]) -> list[list[Outcome]]:
         items = [(loaded, raw) for loaded, raws in chunks for raw in raws]
-        out = iter(await asyncio.to_thread(decode_and_forward, items, self.args.max_pixels))
+        out = iter(await asyncio.to_thread(decode_and_forward, items, self.args.max_pixels,
+                                           self.stats))
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
         return [[next(out) for _ in raws] for _, raws in chunks]
