@@ -58,6 +58,24 @@ def test_help_imports_no_heavy_library():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_workers_and_replicas_import_no_plotting_or_scikit_learn():
+    """What a Serve replica imports loads no Ray Train (about 0.5 s a process); what it, a
+    Ray Train worker and a Tune trial import loads no scikit-learn (1.5 s) and no matplotlib
+    (0.5 s) until a metric or a figure needs them; the first metric and figure find theirs."""
+    heavy = "print(sorted(m for m in ('ray.train', 'sklearn', 'matplotlib') if m in sys.modules))"
+    code = "\n".join([
+        "import sys", "import oodlab.serve.app", heavy,
+        "import oodlab.train.pipeline, oodlab.search.tune", heavy,
+        "from oodlab.detect.metrics import auroc", "from oodlab.track import plots",
+        "assert auroc([1.0, 2.0], [0.0]) == 1.0",
+        "plots.close(plots.epoch_figure({'val/auroc': [(0, 0.5), (1, 0.7)]}))", heavy])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-3:] == [
+        "[]", "['ray.train']", "['matplotlib', 'ray.train', 'sklearn']"]
+
+
 @pytest.mark.parametrize("argv", [["run"], ["oe-select"], ["results", "--name", "t", "--out",
                                                            "t.md"],
                                   ["tune", "--space", "search_spaces/quickstart.yaml"],

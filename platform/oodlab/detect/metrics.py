@@ -21,7 +21,6 @@ import math
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 ArrayLike = np.ndarray | torch.Tensor | list
 
@@ -49,18 +48,25 @@ def _labelled(id_s: np.ndarray, ood_s: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def auroc(id_scores: ArrayLike, ood_scores: ArrayLike) -> float:
     """Area under the ROC curve with ID positive (ties count one half)."""
+    from sklearn.metrics import roc_auc_score  # scikit-learn is imported where it is used:
+    # about 1.5 s a process, which a serving replica or a CLI that computes no metric skips
+
     y, s = _labelled(*_pair(id_scores, ood_scores))
     return float(roc_auc_score(y, s))
 
 
 def aupr_in(id_scores: ArrayLike, ood_scores: ArrayLike) -> float:
     """Average precision with ID as the positive class."""
+    from sklearn.metrics import average_precision_score
+
     y, s = _labelled(*_pair(id_scores, ood_scores))
     return float(average_precision_score(y, s))
 
 
 def aupr_out(id_scores: ArrayLike, ood_scores: ArrayLike) -> float:
     """Average precision with OOD as the positive class (on negated scores)."""
+    from sklearn.metrics import average_precision_score
+
     y, s = _labelled(*_pair(id_scores, ood_scores))
     return float(average_precision_score(1 - y, -s))
 
@@ -140,6 +146,8 @@ def mean_average_precision(scores: ArrayLike, targets: ArrayLike) -> float:
 
     Classes with no positive target are skipped (their AP is undefined).
     """
+    from sklearn.metrics import average_precision_score
+
     s, t = _as_array(scores, "scores"), _as_array(targets, "targets")
     if s.shape != t.shape or s.ndim != 2:
         raise ValueError(f"scores {s.shape} and targets {t.shape} must both be [N, C]")

@@ -25,7 +25,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.covariance import shrunk_covariance
 from torch import Tensor, nn
 
 from oodlab.detect.stats import Chunk, Moments, Reservoir, chunks_of, reiterable
@@ -291,6 +290,9 @@ class Mahalanobis(PostHocScore):
         _, means = moments.class_means()
         cov = moments.tied_covariance()
         if self.shrinkage > 0:
+            from sklearn.covariance import shrunk_covariance  # here: scikit-learn costs a
+            # process about 1.5 s to import, and only this fit needs it
+
             cov = torch.from_numpy(shrunk_covariance(cov.numpy(), self.shrinkage))
         self.means = means.float()
         self.precision = torch.linalg.pinv(cov, hermitian=True).float()

@@ -39,6 +39,7 @@ from oodlab.spec.search_space import (
     check_space,
 )
 from oodlab.track import plots, tracking
+from oodlab.track.callback import epoch_callback
 from oodlab.train.loop import TrainOutcome, fit, model_from_checkpoint, storage_path
 from oodlab.train.pipeline import apply_oe_selection, finish_run
 
@@ -122,7 +123,7 @@ def _trial_driver(config: dict[str, Any], *, base: dict[str, Any], search: str,
         if spec.data.oe_select is not None:  # the trial's own threshold/top-k pick its OE sets
             spec = apply_oe_selection(spec, bundle, run_id)
         outcome = fit(spec, run_name=f"{search}-{trial_id}", num_classes=bundle.num_classes,
-                      callbacks=[tracking.epoch_callback(spec, run_id), TuneReportCallback()],
+                      callbacks=[epoch_callback(spec, run_id), TuneReportCallback()],
                       run_id=run_id)
     except ray.train.TrainingFailedError as err:  # failed, not stopped: say so, Tune errors it
         client = tracking.client_for(spec)

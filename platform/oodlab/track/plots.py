@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
-import matplotlib
+from typing import TYPE_CHECKING
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import numpy as np
 
-from oodlab.detect.evaluate import ScoreResult  # noqa: E402
+from oodlab.detect.evaluate import ScoreResult
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+
+def _pyplot() -> ModuleType:
+    """matplotlib's pyplot on the file-only Agg backend, imported by the first figure: about
+    0.5 s a process, which the many that draw none (Ray workers, replicas) skip."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def roc_figure(res: ScoreResult, title: str = ""):
     """ROC of ID test (positive) vs each OOD set, with AUROC and FPR@95 in the legend."""
+    from sklearn.metrics import roc_curve
+
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4.5))
     id_s = res.id_test.numpy()
     for name, ood in res.ood.items():
@@ -36,6 +50,7 @@ def histogram_figure(res: ScoreResult, title: str = ""):
     lo = min(float(np.quantile(v, 0.005)) for v in sets.values())
     hi = max(float(np.quantile(v, 0.995)) for v in sets.values())
     bins = np.linspace(lo, hi if hi > lo else lo + 1, 60)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in sets.items():
         ax.hist(np.clip(values, lo, hi), bins=bins, histtype="step", density=True, label=name,
@@ -58,6 +73,7 @@ def headtail_figure(res: ScoreResult, groups: dict, title: str = ""):
     sets = {k: v for k, v in sets.items() if len(v)}
     values = np.concatenate(list(sets.values()))
     bins = np.linspace(float(values.min()), float(values.max()) + 1e-6, 60)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, v in sets.items():
         ax.hist(v, bins=bins, histtype="step", density=True, lw=1.5, label=f"{name} ({len(v)})")
@@ -71,6 +87,7 @@ def headtail_figure(res: ScoreResult, groups: dict, title: str = ""):
 
 def epoch_figure(history: dict[str, list[tuple[int, float]]], title: str = "Per-epoch view"):
     """Validation-OOD AUROC and ID accuracy against epoch (the Unleashing-Mask observation)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for key, points in history.items():
         if points:
@@ -88,6 +105,7 @@ def parallel_coordinates_figure(params: list[dict], values: list[float], metric:
     """One line per trial across the searched parameters (each scaled to [0, 1]), coloured
     by the objective; categorical values are placed at their rank."""
     keys = sorted(params[0]) if params else []
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.6 * max(len(keys), 2) + 1.5, 4))
     cols = []
     for k in keys:
@@ -117,6 +135,7 @@ def comparison_figure(labels: list[str], panels: dict[str, tuple[list, list, str
     """Side-by-side horizontal bars, one panel per metric: ``panels[name] = (means, stds,
     better)`` with one entry per label (NaN = missing, drawn as no bar); the best bar of each
     panel is dark, whiskers are the std over seeds."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), sharey=True,
                              figsize=(3.2 * len(panels) + 3, 0.28 * len(labels) + 1.4))
     axes = np.atleast_1d(axes)
@@ -145,6 +164,7 @@ def comparison_figure(labels: list[str], panels: dict[str, tuple[list, list, str
 def class_flagged_figure(rates: dict[str, list[list[float]]], title: str = ""):
     """Per class index, the mean (± std over seeds) rate of ID images flagged OOD; one line
     per spec."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for name, per_class in rates.items():
         x = [c for c, v in enumerate(per_class) if v]
@@ -164,6 +184,7 @@ def epoch_curves_figure(data: dict[str, dict[str, list[list[float]]]], title: st
     over seeds per epoch, a band of ± one sample std."""
     names = list(dict.fromkeys(n for per_spec in data.values() for n in per_spec))
     colour = {n: f"C{i}" for i, n in enumerate(names)}
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(data), figsize=(4.2 * len(data), 3.6), squeeze=False)
     for ax, (key, per_spec) in zip(axes[0], data.items(), strict=True):
         for name, per_epoch in per_spec.items():
@@ -183,4 +204,4 @@ def epoch_curves_figure(data: dict[str, dict[str, list[list[float]]]], title: st
 
 
 def close(fig) -> None:
-    plt.close(fig)
+    _pyplot().close(fig)

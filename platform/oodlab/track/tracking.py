@@ -1,7 +1,8 @@
 """MLflow glue: the one module that imports mlflow.
 
 One MLflow run per experiment: the flattened spec as params, per-epoch metrics (logged by a
-Ray Train ``UserCallback`` on the controller, from rank 0's report), final metrics per OOD
+Ray Train ``UserCallback`` on the controller, from rank 0's report:
+:mod:`oodlab.track.callback`), final metrics per OOD
 set, the spec file, plots, and the detector as a pyfunc model whose ``predict`` returns
 ``score`` and ``is_ood``.
 """
@@ -20,14 +21,13 @@ import torch
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from ray.train import UserCallback
 
 from oodlab.cluster.env import user_tracking_uri
 from oodlab.detect.detector import Detector
 from oodlab.detect.provenance import PREFIX as PROVENANCE_PREFIX
 from oodlab.errors import ModelReferenceError
 from oodlab.methods import load_detector_file
-from oodlab.spec import ExperimentSpec, TrainSpec, flatten
+from oodlab.spec import ExperimentSpec, flatten
 
 CHECKPOINT_TAG = "oodlab.checkpoint"  # the latest checkpoint (what a restart resumes)
 SELECTED_CHECKPOINT_TAG = "oodlab.selected_checkpoint"  # the epoch served, so far (train.select_*)
@@ -119,39 +119,6 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any],
     client.log_batch(run_id, metrics=[
         Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)])
-
-
-class EpochMetricsCallback(UserCallback):
-    """Ray Train callback (runs on the Train controller) that logs rank 0's epoch metrics,
-    tags the latest checkpoint, and the best one so far on ``select_metric`` (the epoch that
-    is evaluated and served; Ray keeps it by the same checkpoint score: ``train.select_metric``
-    or, with ``train.select_constraints``, ``select/score``)."""
-
-    def __init__(self, tracking_uri: str, run_id: str, train: TrainSpec) -> None:
-        self.tracking_uri, self.run_id, self.train = tracking_uri, run_id, train
-        self.best: float | None = None
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if not metrics:
-            return
-        m = metrics[0]
-        client = MlflowClient(self.tracking_uri)
-        log_metrics(client, self.run_id, m, step=int(m.get("epoch", 0)))
-        if checkpoint is not None:  # the latest checkpoint, so a stopped run stays usable
-            from oodlab.cluster.storage import checkpoint_uri
-
-            uri = checkpoint_uri(checkpoint)
-            client.set_tag(self.run_id, CHECKPOINT_TAG, uri)
-            attribute = self.train.score_attribute
-            value = m.get(attribute) if attribute else None
-            if self.train.replaces(value, self.best):
-                self.best = value
-                client.set_tag(self.run_id, SELECTED_CHECKPOINT_TAG, uri)
-                log_metrics(client, self.run_id, {"train/selected_epoch": m.get("epoch", 0)})
-
-
-def epoch_callback(spec: ExperimentSpec, run_id: str) -> EpochMetricsCallback:
-    return EpochMetricsCallback(tracking_uri(spec), run_id, spec.train)
 
 
 def metric_history(spec: ExperimentSpec, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -27,6 +27,7 @@ from oodlab.errors import ModelReferenceError
 from oodlab.methods import build_method
 from oodlab.spec import ExperimentSpec, OESelectSpec
 from oodlab.track import plots, tracking
+from oodlab.track.callback import epoch_callback
 from oodlab.train.loop import fit, storage_path
 
 EVAL_WHERE_TAG = "oodlab.eval.where"
@@ -78,7 +79,7 @@ def run_experiment(spec: ExperimentSpec, spec_path: str | Path | None = None,
         if spec.data.oe_select is not None:
             spec = apply_oe_selection(spec, bundle, run_id, oe_ref)
         outcome = fit(spec, run_name=f"{spec.name}-{run_id}", num_classes=bundle.num_classes,
-                      callbacks=[tracking.epoch_callback(spec, run_id)], init_state=init_state,
+                      callbacks=[epoch_callback(spec, run_id)], init_state=init_state,
                       run_id=run_id)
         result = finish_run(spec, run_id, outcome.model, bundle)
         ok = True
