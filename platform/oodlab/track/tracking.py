@@ -1,4 +1,4 @@
-"""MLflow glue: the one module that imports mlflow.
+"""MLflow glue: what the rest of oodlab calls to track runs and load models.
 
 One MLflow run per experiment: the flattened spec as params, per-epoch metrics (logged by a
 Ray Train ``UserCallback`` on the controller, from rank 0's report:
