@@ -97,6 +97,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/replica_http.py
+	$(BIN)/python bench/core_sharing.py
 	$(BIN)/python bench/search_efficiency.py
 	$(BIN)/python bench/lmd_cost.py
 	$(BIN)/python bench/lmd_gpu.py report bench/results/lmd_gpu/run1 bench/results/lmd_gpu/run2

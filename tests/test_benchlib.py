@@ -208,3 +208,33 @@ def test_replica_http_model_sweep_options_and_figure(tmp_path):
     assert replica_http.main(["--plot-from", str(run), str(run),
                               "--figure", str(tmp_path / "sweep.png")]) == 0
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_core_sharing_measures_the_batch_stage_alone_and_sharing_its_core(tmp_path):
+    """bench/core_sharing.py, small: both measurements count decoding and forward CPU, and
+    the ratio is the one its rows give."""
+    import json
+    import os
+
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import torch
+
+    import core_sharing
+
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    out = tmp_path / "core_sharing.json"
+    try:
+        assert core_sharing.main(["--core", str(max(cores)), "--batch", "4", "--batches", "5",
+                                  "--repeats", "1", "--out", str(out)]) == 0
+    finally:  # main holds this process to one core and one torch thread
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["raw_cpu_ms_per_image"] > 0
+    for kind in ("alone", "shared"):
+        assert 0 < row[kind]["decode_cpu_ms_per_image"] < row[kind]["forward_cpu_ms_per_image"]
+    assert row["forward_shared_vs_alone"] == pytest.approx(
+        row["shared"]["forward_cpu_ms_per_image"] / row["alone"]["forward_cpu_ms_per_image"])
+    with pytest.raises(SystemExit, match="--core"):
+        core_sharing.main(["--core", "4096"])
