@@ -61,7 +61,8 @@ def test_help_imports_no_heavy_library():
 def test_workers_and_replicas_import_no_plotting_or_scikit_learn():
     """What a Serve replica imports loads no Ray Train (about 0.5 s a process); what it, a
     Ray Train worker and a Tune trial import loads no scikit-learn (1.5 s) and no matplotlib
-    (0.5 s) until a metric or a figure needs them; the first metric and figure find theirs."""
+    (0.5 s) until a metric or a figure needs them; the first metric and figure find theirs.
+    A Ray Train worker's own module loads no MLflow."""
     heavy = "print(sorted(m for m in ('ray.train', 'sklearn', 'matplotlib') if m in sys.modules))"
     code = "\n".join([
         "import sys", "import oodlab.serve.app", heavy,
@@ -74,6 +75,13 @@ def test_workers_and_replicas_import_no_plotting_or_scikit_learn():
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-3:] == [
         "[]", "['ray.train']", "['matplotlib', 'ray.train', 'sklearn']"]
+    # a Ray Train worker runs oodlab.train.loop: no MLflow (1.3 s) unless a figure is logged
+    code = ("import sys\nimport oodlab.train.loop\n"
+            "print(sorted(m for m in ('mlflow', 'sklearn', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize("argv", [["run"], ["oe-select"], ["results", "--name", "t", "--out",

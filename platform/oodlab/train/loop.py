@@ -30,7 +30,6 @@ from oodlab.data.bundle import load_bundle, set_epoch
 from oodlab.detect.evaluate import validation_metrics
 from oodlab.methods import Loaders, Method, TrainState
 from oodlab.spec import ExperimentSpec, validate_spec
-from oodlab.track import tracking
 from oodlab.train.epoch import (
     INIT_METRICS,
     checkpoint_payload,
@@ -116,6 +115,9 @@ def _log_figures(spec: ExperimentSpec, run_id: str | None, method: Method, model
     figures = method.epoch_figures(model, state)
     if not figures or run_id is None:
         return
+    from oodlab.track import tracking  # here: MLflow costs a worker process about 1.3 s to
+    # import, and only a method with figures needs it in the worker
+
     for path, fig in figures.items():
         try:
             tracking.log_figure(spec, run_id, fig, path)
