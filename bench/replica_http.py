@@ -50,14 +50,12 @@ import numpy as np
 
 from benchlib import header, write_result
 from serve_load import (
-    batch_stage,
     cpu_text,
     echo_api,
     load,
     load_registered,
-    model_stats,
+    measure_replica,
     outside_serve,
-    processes_cpu,
     raw_throughput,
     register_untrained,
     sample_pngs,
@@ -207,26 +205,15 @@ def measure_model(args: argparse.Namespace, arch: str, width: int, cores: set[in
                 bodies = [json.dumps({"images": [b64[(i * k + j) % len(b64)]
                                                  for j in range(k)]}).encode()
                           for i in range(n)]
-                stats0 = model_stats(url)["stats"]
-                cpu0, t0 = processes_cpu({proc.pid}), time.perf_counter()
-                result = asyncio.run(load(url, bodies, args.concurrency))
-                # CPU over the whole call, warm-up requests (serve_load.drive's 20) included
-                cpu, wall = processes_cpu({proc.pid}) - cpu0, time.perf_counter() - t0
-                stage = batch_stage(stats0, model_stats(url)["stats"])  # those included too
-                images = result["images"] + k * min(20, len(bodies))
+                result = measure_replica(url, bodies, args.concurrency, proc.pid)
                 after = raw()
                 assert result["failures"] == 0, result
                 mean_raw = (before + after) / 2
-                cpu_ms = 1000 * cpu / images
+                cpu_ms = result["replica_cpu_ms_per_image"]
                 row = {"arch": arch, "width": width, "images_per_request": k,
-                       "raw_before": before, "raw_after": after, **result, **stage,
-                       "replica_cpu_ms_per_image": cpu_ms, "replica_cores_busy": cpu / wall,
+                       "raw_before": before, "raw_after": after, **result,
                        "forward_ms_per_image": 1000 / mean_raw,
                        "beyond_forward_ms_per_image": cpu_ms - 1000 / mean_raw,
-                       # the replica's CPU outside its batch thread's decoding and forward:
-                       # the event loop (HTTP, JSON, batching) and every other thread
-                       "other_cpu_ms_per_image": (cpu_ms - stage["decode_cpu_ms_per_image"]
-                                                  - stage["forward_cpu_ms_per_image"]),
                        "vs_raw": result["images_per_s"] / mean_raw,
                        "vs_echo": result["requests_per_s"] / floor[k]["requests_per_s"]}
                 rows.append(row)

@@ -427,11 +427,12 @@ def model_stats(url: str) -> dict:
     return httpx.get(f"{url}/v1/model", timeout=60).json()
 
 
-def measure_service(url: str, bodies: list[bytes], concurrency: int, pid: int) -> dict:
-    """The load result of ``bodies`` sent to the service, its replica's batch stage
-    (:func:`batch_stage`) and that replica's whole CPU (process ``pid``) per image: the
-    rest of it, beside decoding and the forward, is the event loop's HTTP, JSON and batching
-    and Ray's own threads."""
+def measure_replica(url: str, bodies: list[bytes], concurrency: int, pid: int) -> dict:
+    """The load result of ``bodies`` sent to a one-replica service (or a bare replica) at
+    ``url``, the replica's batch stage (:func:`batch_stage`) and that replica's whole CPU
+    (process ``pid``) per image, warm-up requests included: the rest of it, beside decoding
+    and the forward, is the event loop's HTTP, JSON and batching and any other thread (Ray's,
+    in a Serve replica)."""
     before, cpu0, t0 = model_stats(url)["stats"], processes_cpu({pid}), time.perf_counter()
     out = asyncio.run(load(url, bodies, concurrency))
     cpu, wall = processes_cpu({pid}) - cpu0, time.perf_counter() - t0
@@ -520,7 +521,7 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
                 deploy(opts)  # user_config only: the replica reconfigures in place
                 if mode == "batched":
                     row["raw_images_per_s"] = raw_now()
-                row[mode] = measure_service(url, bodies, args.concurrency, pid)
+                row[mode] = measure_replica(url, bodies, args.concurrency, pid)
                 raw_text = (f"; raw forward just before: {row['raw_images_per_s']:.0f} "
                             f"images/s, {1000 / row['raw_images_per_s']:.3f} ms an image"
                             if mode == "batched" else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,9 +13,11 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 
+@cache
 def _pyplot() -> ModuleType:
-    """matplotlib's pyplot on the file-only Agg backend, imported by the first figure: about
-    0.5 s a process, which the many that draw none (Ray workers, replicas) skip."""
+    """matplotlib's pyplot on the file-only Agg backend, imported (and the backend chosen)
+    once, by the first figure: about 0.5 s a process, which the many that draw none (Ray
+    workers, replicas) skip."""
     import matplotlib
 
     matplotlib.use("Agg")
