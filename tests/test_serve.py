@@ -88,6 +88,15 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def _npy(arr: np.ndarray | torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr))
+    return buf.getvalue()
+
+
+NPY = {"Content-Type": "application/x-npy"}
+
+
 def _offline_png(detector: Detector, png: bytes) -> float:
     """Score a PNG the way a client would expect: its pixels / 255, no server code involved."""
     x = torch.from_numpy(np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32) / 255.0)
@@ -164,7 +173,10 @@ def test_scores_equal_the_offline_detector(served):
                                                for i, p in enumerate(pngs)])
         raw = c.post("/v1/score", content=pngs[0], headers={"Content-Type": "image/png"})
         flat = c.post("/v1/score", json={"images": [xs[0][0].tolist()]})  # [28][28] form
-    for r in (arrays, encoded, multipart, raw, flat):
+        pixels = np.stack([np.asarray(Image.open(io.BytesIO(p))) for p in pngs])  # [N, S, S]
+        npy_pixels = c.post("/v1/score", content=_npy(pixels), headers=NPY)
+        npy_floats = c.post("/v1/score", content=_npy(xs[:MAX_IMAGES]), headers=NPY)
+    for r in (arrays, encoded, multipart, raw, flat, npy_pixels, npy_floats):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model"]["name"] == MODEL and body["model"]["version"] == "1"
@@ -176,9 +188,10 @@ def test_scores_equal_the_offline_detector(served):
         return torch.tensor([res["score"] for res in r.json()["results"]])
 
     torch.testing.assert_close(scores(arrays), expected[:MAX_IMAGES], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores(npy_floats), expected[:MAX_IMAGES], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores(flat), expected[:1], rtol=1e-5, atol=1e-5)
     from_png = torch.tensor([_offline_png(detector, p) for p in pngs])
-    for r in (encoded, multipart):
+    for r in (encoded, multipart, npy_pixels):  # uint8 pixels are divided by 255 as a PNG's
         torch.testing.assert_close(scores(r), from_png, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores(raw), from_png[:1], rtol=1e-5, atol=1e-5)
 
@@ -260,8 +273,32 @@ def _huge_png() -> bytes:
     return buf.getvalue()
 
 
+NPY_TYPE = NPY["Content-Type"]
+
+
+def _npz() -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, images=np.zeros((1, 1, 28, 28), np.uint8))
+    return buf.getvalue()
+
+
+def _npy_objects() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return buf.getvalue()
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """A valid .npy header for a uint8 array of ``shape``, with no data of that size."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False,
+                                              "shape": shape})
+    return buf.getvalue()
+
+
 def _bad_cases(images: torch.Tensor) -> list[tuple[str, dict, int, str]]:
     png = _png(images[0])
+    pixels = _npy((images[:1] * 255).round().to(torch.uint8))
     one = images[0].tolist()
     cases = [
         ("malformed json", {"content": b'{"images": [', "ct": "application/json"}, 400,
@@ -305,6 +342,26 @@ def _bad_cases(images: torch.Tensor) -> list[tuple[str, dict, int, str]]:
         ("wrong content type", {"content": b"images", "ct": "text/plain"}, 415,
          "'text/plain' is not supported"),
         ("no content type", {"content": png}, 415, "no Content-Type"),
+        ("npy content type, png body", {"content": png, "ct": NPY_TYPE}, 400,
+         "not a .npy file"),
+        ("npz archive", {"content": _npz(), "ct": NPY_TYPE}, 400, "an .npz archive"),
+        ("truncated npy", {"content": pixels[:-10], "ct": NPY_TYPE}, 400, "truncated upload"),
+        ("npy header of a huge batch", {"content": _npy_header((10**9, 1, 28, 28)) + pixels[-784:],
+                                        "ct": NPY_TYPE}, 400, "declares [1000000000, 1, 28, 28]"),
+        ("npy of int64", {"content": _npy(np.zeros((1, 1, 28, 28), np.int64)), "ct": NPY_TYPE},
+         422, "dtype int64"),
+        ("npy of objects", {"content": _npy_objects(), "ct": NPY_TYPE}, 422, "dtype object"),
+        ("npy without a batch axis", {"content": _npy(np.zeros((28, 28), np.uint8)),
+                                      "ct": NPY_TYPE}, 422, "shape [28, 28]; send a batch"),
+        ("npy channels last", {"content": _npy(np.zeros((2, 28, 28, 1), np.uint8)),
+                               "ct": NPY_TYPE}, 422, "body[0]: array of shape [28, 28, 1]"),
+        ("npy nan", {"content": _npy(np.full((2, 1, 28, 28), np.nan, np.float32)),
+                     "ct": NPY_TYPE}, 422, "body[0]: 784 NaN"),
+        ("npy floats out of range", {"content": _npy(np.full((1, 1, 28, 28), 255.0)),
+                                     "ct": NPY_TYPE}, 422, "body[0]: values must be in [0, 1]"),
+        ("npy of too many images", {"content": _npy(np.zeros((MAX_IMAGES + 1, 28, 28),
+                                                             np.uint8)),
+                                    "ct": NPY_TYPE}, 413, f"at most {MAX_IMAGES}"),
     ]
     return cases
 

@@ -44,7 +44,7 @@ from oodlab.serve.auth import BearerToken, load_token
 from oodlab.serve.autoscale import METRIC
 from oodlab.serve.config import DEPLOYMENT_NAME, AppArgs, ModelConfig
 from oodlab.serve.images import InputError, Preprocessing, array_image, decode_image
-from oodlab.serve.payload import RawImage, ScoreRequest, read_images
+from oodlab.serve.payload import NPY, RawImage, ScoreRequest, read_images
 from oodlab.serve.registry import LoadedModel
 
 DESCRIPTION = (
@@ -58,9 +58,13 @@ SCORE_BODY = {"requestBody": {"required": True, "content": {
             "images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
     "image/png": {"schema": {"type": "string", "format": "binary"}},
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+    NPY: {"schema": {"type": "string", "format": "binary", "description":
+                     "numpy.save of a [N, C, S, S] (or [N, S, S]) batch: uint8 pixels or "
+                     "floats in [0, 1]"}},
 }}}
 ERRORS = {s: {"description": d} for s, d in {
-    400: "malformed body (JSON syntax, multipart framing)", 401: "missing or wrong token",
+    400: "malformed body (JSON syntax, multipart framing, .npy file)",
+    401: "missing or wrong token",
     413: "body, image or image count over the limit", 415: "unsupported content type",
     422: "an image that cannot be used (named in the message)",
     503: "no model loaded"}.items()}

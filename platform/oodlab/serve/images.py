@@ -74,11 +74,13 @@ def decode_image(data: bytes, label: str, prep: Preprocessing, max_pixels: int) 
 
 
 def array_image(value: Any, label: str, prep: Preprocessing) -> torch.Tensor:
-    """A nested list shaped like the model input -> [C, S, S] tensor; values must be in [0, 1].
+    """A nested list or NumPy array shaped like the model input -> [C, S, S] tensor.
 
-    ``[S][S]`` is accepted for one-channel models (``[1][S][S]`` too)."""
+    Values must be in [0, 1], except a ``uint8`` array's, which are pixels divided by 255
+    (as a decoded PNG's). ``[S][S]`` is accepted for one-channel models (``[1][S][S]`` too)."""
+    pixels = isinstance(value, np.ndarray) and value.dtype == np.uint8
     try:
-        arr = np.asarray(value, dtype=np.float32)
+        arr = np.array(value, dtype=np.float32, order="C")  # a copy: the body's is read-only
     except (ValueError, TypeError):
         raise InputError(f"{label}: not a rectangular array of numbers (ragged rows or "
                          "non-numeric entries)") from None
@@ -89,10 +91,12 @@ def array_image(value: Any, label: str, prep: Preprocessing) -> torch.Tensor:
         raise InputError(f"{label}: array of shape {list(arr.shape)}; this model takes "
                          f"[{prep.channels}, {prep.image_size}, {prep.image_size}]{hint} "
                          "(channels first), or send a PNG/JPEG and the server resizes it")
+    if pixels:
+        return torch.from_numpy(arr).div_(255.0)
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
         raise InputError(f"{label}: {bad} NaN or infinite value(s)")
     lo, hi = float(arr.min()), float(arr.max())
     if lo < 0.0 or hi > 1.0:
         raise InputError(f"{label}: values must be in [0, 1], got min {lo:g} max {hi:g}")
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return torch.from_numpy(arr)

@@ -7,7 +7,12 @@ Accepted bodies of ``POST /v1/score``:
   like the model input;
 * ``multipart/form-data``: one image file per part (``curl -F images=@a.png``), split by
   Starlette's form parser (python-multipart), the one behind FastAPI's ``File``/``UploadFile``;
-* ``image/png`` or ``image/jpeg``: the body is one image.
+* ``image/png`` or ``image/jpeg``: the body is one image;
+* ``application/x-npy``: a batch already shaped like the model input, as one NumPy ``.npy``
+  file (``numpy.save``; read with ``allow_pickle=False``): ``[N, C, S, S]`` (``[N, S, S]``
+  for one channel), ``uint8`` pixels (0-255, divided by 255 as a decoded PNG's are) or
+  floats in [0, 1]. Nothing is base64-decoded, parsed as JSON or decompressed: the body a
+  replica spends least of its core on, for clients that already hold decoded images.
 
 The body size limit is the route's ``max_body_size`` (FastAPI, "Request Body Limits").
 Every other rejection is an :class:`~oodlab.serve.images.InputError` with the HTTP status and
@@ -18,10 +23,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
+import math
 from dataclasses import dataclass
 from email.message import Message
 from typing import Annotated, Any
 
+import numpy as np
+import numpy.lib.format as npy_format
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -40,14 +49,17 @@ from oodlab.serve.images import InputError
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
+NPY = "application/x-npy"
+NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
 IMAGE_TYPES = ("image/png", "image/jpeg")
 ACCEPTED = (f'{JSON} ({{"images": [...]}}), {MULTIPART} (one file per image), '
-            "image/png or image/jpeg")
+            f"image/png or image/jpeg, or {NPY} (a [N, C, S, S] batch)")
 
 
 @dataclass(frozen=True)
 class RawImage:
-    """One image as sent: encoded bytes or a nested array; ``label`` names it in errors."""
+    """One image as sent: encoded bytes, or a nested list or NumPy array shaped like the
+    model input; ``label`` names it in errors."""
 
     label: str
     data: bytes | None = None
@@ -119,6 +131,41 @@ def from_json(body: bytes) -> list[RawImage]:
             else RawImage(f"images[{i}]", array=v) for i, v in enumerate(request.images)]
 
 
+def from_npy(body: bytes) -> list[RawImage]:
+    """A ``.npy`` body: one image per entry of its first axis (``body[i]`` in errors), each a
+    read-only view of the body; the shape of each against the model is checked on decoding.
+
+    The header is read with NumPy's own ``numpy.lib.format`` and must declare exactly the
+    bytes that follow it, before any array exists: a header claiming a huge shape allocates
+    nothing. Object (pickled) arrays are refused, as ``np.load(allow_pickle=False)`` does."""
+    if body.startswith(ZIP_MAGIC):
+        raise InputError("an .npz archive; send one array saved with numpy.save", 400)
+    if not body.startswith(NPY_MAGIC):
+        raise InputError(f"not a .npy file (starts {body[:8]!r}); send the bytes that "
+                         "numpy.save writes", 400)
+    fp = io.BytesIO(body)
+    try:
+        major, _ = npy_format.read_magic(fp)
+        read_header = (npy_format.read_array_header_1_0 if major == 1
+                       else npy_format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(fp)
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(f"not a readable .npy header ({len(body)} bytes): {err}", 400) from None
+    if dtype != np.uint8 and dtype.kind != "f":
+        raise InputError(f".npy body of dtype {dtype}; send uint8 pixels (0-255) or floats "
+                         "in [0, 1]")
+    if len(shape) not in (3, 4):
+        raise InputError(f".npy body of shape {list(shape)}; send a batch [N, C, S, S] "
+                         "(or [N, S, S] for one channel), N images")
+    declared = math.prod(shape) * dtype.itemsize
+    if (held := len(body) - fp.tell()) != declared:
+        raise InputError(f".npy header declares {list(shape)} {dtype} ({declared} bytes) but "
+                         f"{held} bytes follow it (truncated upload?)", 400)
+    arr = np.frombuffer(body, dtype, math.prod(shape), offset=fp.tell())
+    arr = arr.reshape(shape, order="F" if fortran else "C")
+    return [RawImage(f"body[{i}]", array=a) for i, a in enumerate(arr)]
+
+
 async def from_multipart(request: Request, body: bytes, boundary: str | None
                          ) -> list[RawImage]:
     """RFC 7578 form data: every part is one image file (its file name labels it)."""
@@ -150,11 +197,13 @@ async def read_images(request: Request, max_images: int) -> list[RawImage]:
     header = Message()
     header["content-type"] = content_type
     mime = header.get_content_type()
-    if mime not in (JSON, MULTIPART, *IMAGE_TYPES):
+    if mime not in (JSON, MULTIPART, NPY, *IMAGE_TYPES):
         raise InputError(f"content type {mime!r} is not supported; send {ACCEPTED}", 415)
     body = await request.body()  # 413 past the route's max_body_size
     if mime == JSON:
         images = from_json(body)
+    elif mime == NPY:
+        images = from_npy(body)
     elif mime == MULTIPART:
         boundary = header.get_param("boundary")
         images = await from_multipart(request, body,
