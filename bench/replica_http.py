@@ -2,6 +2,7 @@
 
 Run:  .venv/bin/python bench/replica_http.py [--images-per-request 1 8] [--requests 2000]
       [--core 1] [--out bench/results/replica_http.json]
+      [--body json npy --repeats 3]          # request bodies compared, alternated, in one run
       [--models small_cnn:16 small_cnn:64 resnet18:64 --seconds 8]   # a model-cost sweep
       [--plot-from RUN.json ... --figure F.png]                      # several sweeps in one
 
@@ -17,8 +18,13 @@ their mean. The replica's CPU time per image comes from ``/proc``, and its split
 replica's own counters (``GET /v1/model``'s ``stats``): its batch thread decoding, the same
 thread in the forward pass (the forward as served, beside the raw one), and the rest (the
 event loop's HTTP, JSON and batching, and any other thread). First, an echo app (FastAPI
-under uvicorn, parsing the JSON body and scoring nothing) on the same core gives the HTTP
+under uvicorn, parsing the body and scoring nothing) on the same core gives the HTTP
 floor of each request shape, and each shape's requests/s is also divided by it.
+
+``--body`` names the request bodies to send (``serve_load.request_bodies``): ``json``, base64
+PNGs in JSON (the default), and ``npy``, the same pixels as one ``.npy`` batch, which the
+replica reads without decoding. With several, each request shape is measured with each body
+in turn, ``--repeats`` times over: pairs measured minutes apart on the same replica.
 
 To compare two versions of the replica's code on the same machine, run this script from a
 worktree of each, back to back, more than once (the machine is noisy)::
@@ -37,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import subprocess
@@ -50,6 +55,7 @@ import numpy as np
 
 from benchlib import header, write_result
 from serve_load import (
+    BODIES,
     cpu_text,
     echo_api,
     load,
@@ -58,7 +64,7 @@ from serve_load import (
     outside_serve,
     raw_throughput,
     register_untrained,
-    sample_pngs,
+    request_bodies,
     wait_port_free,
 )
 
@@ -122,6 +128,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float,
                         help="fewer requests for a slow model: about this many seconds of raw "
                              "forward per shape (at least 100 requests)")
+    parser.add_argument("--body", nargs="+", choices=BODIES, default=["json"],
+                        help="request bodies, each measured in turn (default json): base64 "
+                             "PNGs in JSON; npy, the same pixels as one .npy batch")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure every shape and body this many times, alternating")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
@@ -154,19 +165,26 @@ def start_child(child_args: list[str], args: argparse.Namespace) -> subprocess.P
                             preexec_fn=lambda: os.sched_setaffinity(0, {args.core}))
 
 
-def measure_echo(args: argparse.Namespace) -> dict[int, dict]:
-    """The HTTP floor on the replica's core, per request shape: the echo app's load result."""
-    b64 = base64.b64encode(sample_pngs(1, (1, 28, 28))[0]).decode()
+def echo_key(k: int, body: str) -> str:
+    """The echo floor's key for ``k`` images per request in ``body`` bodies ("8", "8 npy")."""
+    return str(k) if body == "json" else f"{k} {body}"
+
+
+def measure_echo(args: argparse.Namespace) -> dict[str, dict]:
+    """The HTTP floor on the replica's core, per request shape and body (:func:`echo_key`):
+    the echo app's load result."""
     proc = start_child(["--echo", str(args.port)], args)
     url = f"http://127.0.0.1:{args.port}"
     try:
         wait_ready(url, proc)
         out = {}
         for k in args.images_per_request:
-            body = json.dumps({"images": [b64] * k}).encode()
-            out[k] = asyncio.run(load(url, [body] * args.requests, args.concurrency))
-            print(f"echo, {k} image(s)/request: {out[k]['requests_per_s']:.0f} requests/s "
-                  f"(p50 {out[k]['p50_ms']:.1f} ms, p99 {out[k]['p99_ms']:.1f} ms)", flush=True)
+            for body in args.body:
+                bodies = request_bodies((1, 28, 28), k, args.requests, body)
+                f = out[echo_key(k, body)] = asyncio.run(load(url, bodies, args.concurrency))
+                print(f"echo, {k} image(s)/request, {body}: {f['requests_per_s']:.0f} "
+                      f"requests/s (p50 {f['p50_ms']:.1f} ms, p99 {f['p99_ms']:.1f} ms)",
+                      flush=True)
         return out
     finally:
         proc.terminate()
@@ -174,7 +192,7 @@ def measure_echo(args: argparse.Namespace) -> dict[int, dict]:
 
 
 def measure_model(args: argparse.Namespace, arch: str, width: int, cores: set[int],
-                  floor: dict[int, dict]) -> list[dict]:
+                  floor: dict[str, dict]) -> list[dict]:
     """Every request shape against one untrained ``arch`` detector served on ``args.core``."""
     with tempfile.TemporaryDirectory() as tmp:
         ref, uri = register_untrained(tmp, arch, width)
@@ -189,7 +207,6 @@ def measure_model(args: argparse.Namespace, arch: str, width: int, cores: set[in
             finally:
                 os.sched_setaffinity(0, cores - {args.core})
 
-        b64 = [base64.b64encode(png).decode() for png in sample_pngs(64, shape)]
         url = f"http://127.0.0.1:{args.port}"
         child = ["--serve", str(args.port), ref, version, uri,
                  "--max-batch-size", str(args.max_batch_size),
@@ -198,26 +215,28 @@ def measure_model(args: argparse.Namespace, arch: str, width: int, cores: set[in
         rows = []
         try:
             wait_ready(url, proc)
-            for k in args.images_per_request:
+            runs = [(r, k, body) for r in range(args.repeats) for k in args.images_per_request
+                    for body in args.body]
+            for repeat, k, body in runs:
                 before = raw()
                 n = args.requests if args.seconds is None else max(
                     100, min(args.requests, int(args.seconds * before / k)))
-                bodies = [json.dumps({"images": [b64[(i * k + j) % len(b64)]
-                                                 for j in range(k)]}).encode()
-                          for i in range(n)]
+                bodies = request_bodies(shape, k, n, body)
                 result = measure_replica(url, bodies, args.concurrency, proc.pid)
                 after = raw()
                 assert result["failures"] == 0, result
                 mean_raw = (before + after) / 2
                 cpu_ms = result["replica_cpu_ms_per_image"]
-                row = {"arch": arch, "width": width, "images_per_request": k,
-                       "raw_before": before, "raw_after": after, **result,
+                row = {"arch": arch, "width": width, "images_per_request": k, "body": body,
+                       "repeat": repeat, "raw_before": before, "raw_after": after, **result,
                        "forward_ms_per_image": 1000 / mean_raw,
                        "beyond_forward_ms_per_image": cpu_ms - 1000 / mean_raw,
                        "vs_raw": result["images_per_s"] / mean_raw,
-                       "vs_echo": result["requests_per_s"] / floor[k]["requests_per_s"]}
+                       "vs_echo": (result["requests_per_s"]
+                                   / floor[echo_key(k, body)]["requests_per_s"])}
                 rows.append(row)
-                print(f"{arch}:{width}, {k} image(s)/request: {result['images_per_s']:.0f} "
+                print(f"{arch}:{width}, {k} image(s)/request, {body}: "
+                      f"{result['images_per_s']:.0f} "
                       f"images/s (p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} "
                       f"ms), {cpu_ms:.3f} ms replica CPU per image, of which "
                       f"{row['beyond_forward_ms_per_image']:.3f} beyond the raw forward; "
@@ -232,6 +251,12 @@ def measure_model(args: argparse.Namespace, arch: str, width: int, cores: set[in
     return rows
 
 
+def body_text(row: dict) -> str:
+    """How a row's requests were sent, where not the default JSON (and its repeat)."""
+    return (f", {row['body']} bodies" if row.get("body", "json") != "json" else "") + (
+        f", repeat {row['repeat'] + 1}" if row.get("repeat") else "")
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """÷ raw against the raw forward's cost per image, one series per request shape, with the
     curve f / (f + o) of a fixed serving cost o per image (the shape's median)."""
@@ -241,11 +266,11 @@ def plot(rows: list[dict], path: Path) -> None:
     ax = fig.subplots()
     xs = np.geomspace(min(r["forward_ms_per_image"] for r in rows) / 1.5,
                       max(r["forward_ms_per_image"] for r in rows) * 1.5, 100)
-    for k in sorted({r["images_per_request"] for r in rows}):
-        mine = [r for r in rows if r["images_per_request"] == k]
+    for k, body in sorted({(r["images_per_request"], r.get("body", "json")) for r in rows}):
+        mine = [r for r in rows if (r["images_per_request"], r.get("body", "json")) == (k, body)]
         o = float(np.median([r["beyond_forward_ms_per_image"] for r in mine]))
         dots = ax.plot([r["forward_ms_per_image"] for r in mine], [r["vs_raw"] for r in mine],
-                       "o", label=f"{k} image(s)/request")
+                       "o", label=f"{k} image(s)/request" + (f", {body}" if body != "json" else ""))
         ax.plot(xs, xs / (xs + o), "--", color=dots[0].get_color(), lw=1,
                 label=f"f / (f + {o:.2f} ms)")
         named = set()
@@ -297,17 +322,20 @@ def main(argv: list[str] | None = None) -> int:
     out = write_result(args.out, head | {
         "replica": {"core": args.core, "torch_threads": 1, "max_batch_size": args.max_batch_size,
                     "batch_wait_ms": args.batch_wait_ms, "concurrency": args.concurrency},
+        "bodies": args.body, "repeats": args.repeats,
         "models": [{"arch": a, "width": w, "trained": False} for a, w in models],
-        "echo": {str(k): v for k, v in floor.items()},
+        "echo": floor,
         "figure": str(figure) if figure else None,
         "summary": [{"figure": f"replica over HTTP without Ray, own core, {r['arch']}:"
-                               f"{r['width']} ({r['forward_ms_per_image']:.2f} ms a forward "
+                               f"{r['width']}{body_text(r)} ({r['forward_ms_per_image']:.2f} "
+                               "ms a forward "
                                f"per image): images/s ÷ raw forward on that core, "
                                f"{r['images_per_request']} image(s)/request (p50 "
                                f"{r['p50_ms']:.0f} / p99 {r['p99_ms']:.0f} ms)",
                      "value": f"{r['vs_raw']:.2f}"} for r in rows]
-        + [{"figure": f"replica over HTTP without Ray, own core, {r['arch']}:{r['width']}: "
-                      "requests/s ÷ an echo app's on that core, 1 image/request",
+        + [{"figure": f"replica over HTTP without Ray, own core, {r['arch']}:{r['width']}"
+                      f"{body_text(r)}: requests/s ÷ an echo app's on that core, "
+                      "1 image/request",
             "value": f"{r['vs_echo']:.2f}"} for r in rows if r["images_per_request"] == 1],
         "rows": rows})
     print(f"written to {out}" + (f"; figure {figure}" if figure else ""))

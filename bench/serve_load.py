@@ -2,14 +2,16 @@
 
 Run:  .venv/bin/python bench/serve_load.py [--requests 400] [--concurrency 32]
       [--images-per-request 1 8 32] [--ingress proxy haproxy [direct optimized]]
-      [--pin-replica-core N] [--replica-gpus N] [--out bench/results/serve_load.json]
+      [--pin-replica-core N] [--replica-gpus N] [--body json|npy]
+      [--out bench/results/serve_load.json]
 
 Four things are measured in one run, each for every request shape (images per request),
 with the same fixed number of requests sent by ``--concurrency`` concurrent clients (JSON
-with base64 PNGs), throughput beside p50/p99 latency:
+with base64 PNGs; ``--body npy``: the same pixels as one ``.npy`` batch a request),
+throughput beside p50/p99 latency:
 
 * the HTTP floor: an echo deployment (1 replica, ``--replica-cpus`` CPUs) that parses the
-  same JSON body and answers a result list of the same length without decoding or scoring:
+  same body and answers a result list of the same length without decoding or scoring:
   the cost of the front end, the replica and the JSON alone;
 * the service: ``oodlab serve``'s own deploy path (1 replica, ``--replica-cpus`` CPUs)
   serving a registered detector, batched (``max_batch_size`` = ``--max-batch-size``), then
@@ -116,17 +118,54 @@ def register_untrained(workdir: str, arch: str, width: int) -> tuple[str, str]:
     return f"models:/{spec.tracking.model_name}@champion", uri
 
 
+def sample_images(n: int, shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """``n`` random uint8 images of the model's own shape ``[C, S, S]``: ``[n, C, S, S]``."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
+
+
 def sample_pngs(n: int, shape: tuple[int, int, int], seed: int = 0) -> list[bytes]:
     """``n`` random images of the model's own shape as PNG bytes (decoding is part of it)."""
-    rng = np.random.default_rng(seed)
     out = []
-    for _ in range(n):
-        arr = rng.integers(0, 256, size=(shape[1], shape[2], shape[0]), dtype=np.uint8)
-        img = Image.fromarray(arr[..., 0] if shape[0] == 1 else arr)
+    for arr in sample_images(n, shape, seed):
+        img = Image.fromarray(arr[0] if shape[0] == 1 else arr.transpose(1, 2, 0))
         buf = io.BytesIO()
         img.save(buf, "PNG")
         out.append(buf.getvalue())
     return out
+
+
+BODIES = ("json", "npy")
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def request_bodies(shape: tuple[int, int, int], per_request: int, n: int, body: str,
+                   pool: int = 64) -> list[bytes]:
+    """``n`` request bodies of ``per_request`` images each, drawn in turn from ``pool``
+    random images: ``json``, base64 PNGs in ``{"images": [...]}`` (what most clients send);
+    ``npy``, the uint8 pixels as one ``[k, C, S, S]`` ``.npy`` batch (``application/x-npy``)."""
+    if body == "json":
+        b64 = [base64.b64encode(png).decode() for png in sample_pngs(pool, shape)]
+        return [json.dumps({"images": [b64[(i * per_request + j) % pool]
+                                       for j in range(per_request)]}).encode()
+                for i in range(n)]
+    images = sample_images(pool, shape)
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        np.save(buf, images[[(i * per_request + j) % pool for j in range(per_request)]])
+        out.append(buf.getvalue())
+    return out
+
+
+def content_type(body: bytes) -> str:
+    return "application/x-npy" if body.startswith(NPY_MAGIC) else "application/json"
+
+
+def body_images(body: bytes) -> int:
+    """Images in one of :func:`request_bodies`'s bodies."""
+    if body.startswith(NPY_MAGIC):
+        return len(np.load(io.BytesIO(body), allow_pickle=False))
+    return len(json.loads(body)["images"])
 
 
 def raw_throughput(detector, shape: tuple[int, int, int], batch: int, threads: int,
@@ -168,7 +207,7 @@ async def drive(post, bodies: list[bytes], concurrency: int, warmup: int = 20) -
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
-    images = sum(len(json.loads(b)["images"]) for b in bodies)
+    images = sum(body_images(b) for b in bodies)
     lat = np.asarray(latencies) * 1000
     return {"requests": len(bodies), "images": images, "failures": failures,
             "seconds": wall, "requests_per_s": len(bodies) / wall, "images_per_s": images / wall,
@@ -177,17 +216,17 @@ async def drive(post, bodies: list[bytes], concurrency: int, warmup: int = 20) -
 
 async def load(url: str, bodies: list[bytes], concurrency: int, path: str = "/v1/score"
                ) -> dict:
-    """POST every (JSON) body once with ``concurrency`` workers on keep-alive connections.
-    aiohttp, not httpx: the client shares the CPUs with the server, so it should be the
-    cheapest one available."""
+    """POST every body (JSON or ``.npy``) once with ``concurrency`` workers on keep-alive
+    connections. aiohttp, not httpx: the client shares the CPUs with the server, so it should
+    be the cheapest one available."""
     import aiohttp
 
-    headers = {"Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         async def post(body: bytes) -> int:
-            async with client.post(url + path, data=body, headers=headers) as r:
+            async with client.post(url + path, data=body,
+                                   headers={"Content-Type": content_type(body)}) as r:
                 await r.read()
                 return r.status
 
@@ -213,10 +252,9 @@ def replica_alone(ref: str, version: str, uri: str, shapes: dict[int, list[bytes
         scorer = app.Scorer({"device": device})
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app.build_api(scorer)),
                                    base_url="http://replica", timeout=120)
-        headers = {"content-type": "application/json"}
-
         async def post(body: bytes) -> int:
-            return (await client.post("/v1/score", content=body, headers=headers)).status_code
+            return (await client.post("/v1/score", content=body,
+                                      headers={"content-type": content_type(body)})).status_code
 
         out: dict[int, dict] = {}
         async with client:
@@ -297,16 +335,19 @@ def direct_url(app_name: str, host: str = "127.0.0.1") -> str:
 
 
 def echo_api() -> FastAPI:
-    """The echo floor's app: it parses the JSON body and answers as many results, scoring
-    nothing. Its routes take the body as a plain dict: a Serve replica unpickles them without
-    this module's globals, so their annotations must be builtins."""
+    """The echo floor's app: it parses the body (FastAPI's JSON parsing; an ``.npy`` batch,
+    which FastAPI hands over as bytes, as the service reads it) and answers as many results,
+    scoring nothing. Its routes take the body as a builtin type: a Serve replica unpickles
+    them without this module's globals, so their annotations must be builtins."""
     api = FastAPI()
 
     @api.post("/v1/score")
-    async def score(body: dict = Body(...)) -> dict:  # noqa: B008
+    async def score(body: object = Body(...)) -> dict:  # noqa: B008
+        from oodlab.serve.payload import from_npy
+
+        n = len(body["images"]) if isinstance(body, dict) else len(from_npy(body))
         return {"model": {"name": "echo", "version": "0", "alias": None}, "threshold": 0.0,
-                "results": [{"index": i, "score": 0.0, "is_ood": False}
-                            for i in range(len(body["images"]))]}
+                "results": [{"index": i, "score": 0.0, "is_ood": False} for i in range(n)]}
 
     @api.get("/healthz")
     async def healthz() -> dict:
@@ -318,7 +359,7 @@ def echo_api() -> FastAPI:
 def echo_floor(port: int, cpus: int, shapes: dict[int, list[bytes]], concurrency: int,
                direct: bool = False, pin_core: int | None = None) -> dict[int, dict]:
     """The HTTP floor per request shape: an echo deployment with the service's CPUs that
-    parses the JSON body and answers as many results, scoring nothing."""
+    parses the body and answers as many results, scoring nothing."""
     from ray import serve
 
     @serve.deployment(name="Echo", ray_actor_options={"num_cpus": cpus},
@@ -513,7 +554,7 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
             raise RuntimeError(f"the replica scores on {info['device']}, not {device(args)}")
         threads = info["torch_threads"]
         for k, bodies in shapes.items():
-            row: dict = {"ingress": ingress, "images_per_request": k,
+            row: dict = {"ingress": ingress, "images_per_request": k, "body": args.body,
                          "concurrency": args.concurrency, "echo": floors[k],
                          "replica_alone": alone[k]}
             for mode, size in (("batched", args.max_batch_size), ("unbatched", 1)):
@@ -570,6 +611,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "haproxy): Serve's proxy; the proxy with "
                              "RAY_SERVE_THROUGHPUT_OPTIMIZED=1; the replica's own port "
                              "(direct ingress); HAProxy in front of the replicas' own ports")
+    parser.add_argument("--body", choices=BODIES, default="json",
+                        help="request body (default json): base64 PNGs in JSON, which the "
+                             "replica decodes; or npy, the same pixels as one uint8 .npy "
+                             "batch (application/x-npy), which it does not")
     parser.add_argument("--out", default="bench/results/serve_load.json")
     return parser.parse_args(argv)
 
@@ -592,9 +637,7 @@ def main(argv: list[str] | None = None) -> int:
               f"images/s at batch {args.max_batch_size}, {raw_single:.0f} at batch 1",
               flush=True)
 
-        b64 = [base64.b64encode(png).decode() for png in sample_pngs(64, shape)]
-        shapes = {k: [json.dumps({"images": [b64[(i * k + j) % len(b64)] for j in range(k)]})
-                      .encode() for i in range(args.requests)]
+        shapes = {k: request_bodies(shape, k, args.requests, args.body)
                   for k in args.images_per_request}
         alone = replica_alone(ref, version, uri, shapes, args.concurrency, args.max_batch_size,
                               args.batch_wait_ms / 1000, args.replica_cpus, device(args))
@@ -619,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
                   "arch": detector.spec["model"]["arch"], "width": detector.spec["model"]["width"],
                   "trained": bool(args.model)},
         "ingress": args.ingress,  # front ends measured, in order (rows name theirs)
+        "body": args.body,
         "replica": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus,
                     "pinned_core": args.pin_replica_core,
                     "device": device(args), "gpu": (torch.cuda.get_device_name()
