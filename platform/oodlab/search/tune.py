@@ -240,9 +240,11 @@ def run_search(spec: ExperimentSpec, space: SearchSpace, space_path: str | Path,
                         "search or --name to start a new one")
     from oodlab.train.pipeline import init_ray
 
-    # save the search state after every trial event, so a killed driver loses no finished
-    # trial (Tune's default saves it periodically)
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # save the search state at most a second after every trial event, so a killed driver
+    # loses no finished trial (Tune's "auto" waits 10 s or more between saves). Not 0: that
+    # saves at every turn of Tune's loop, and each save uploads the whole experiment
+    # directory to remote storage, about eight times a second
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     # verbose=0 (the RunConfig below) is silent only in Tune's legacy output engine: the new
     # one prints its experiment box and paths whatever the verbosity; _Progress reports
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
