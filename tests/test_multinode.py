@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,8 +234,42 @@ def test_search_spans_two_nodes_survives_losing_one_and_is_served(cluster, tmp_p
         raise AssertionError(f"{err}\njob logs:\n{logs()[-6000:]}") from None
     stop_tree(cluster.procs["node2"], grace_s=0)
     cluster.add_node("node3")
-    _wait("the search job", lambda: jobs.status(job_id, cluster.dashboard) in (
-        "SUCCEEDED", "FAILED", "STOPPED"), timeout=600)
+
+    def state(kind: str, class_name: str | None = None, tries: int = 3) -> list[dict]:
+        """The state API's list (with the token); asked again, up to ``tries`` times, while
+        it is empty, then printed unfiltered for the failure message."""
+        query = (f"&filter_keys=class_name&filter_predicates=%3D&filter_values={class_name}"
+                 if class_name else "")
+        req = urllib.request.Request(f"{cluster.dashboard}/api/v0/{kind}?limit=1000&detail=1"
+                                     f"{query}", headers=jobs.auth_headers())
+        for attempt in range(tries):
+            answer = json.loads(urllib.request.urlopen(req, timeout=30).read())["data"]["result"]
+            if answer["result"] or attempt == tries - 1:
+                break
+            time.sleep(5)
+        if not answer["result"] and tries > 1:  # what the state API said, for the message
+            rest = {k: v for k, v in answer.items() if k != "result"}
+            print(f"state API, {kind} {class_name}: {rest}")  # in pytest's captured output
+            if class_name:  # and what it lists unfiltered: which classes, where, in what state
+                everything = urllib.request.Request(
+                    f"{cluster.dashboard}/api/v0/{kind}?limit=1000&detail=1",
+                    headers=jobs.auth_headers())
+                listed = json.loads(urllib.request.urlopen(everything, timeout=30).read())
+                print(sorted(Counter((a.get("class_name"), a.get("state"), a.get("node_id"))
+                                     for a in listed["data"]["result"]["result"]).items()))
+        return answer["result"]
+
+    # the trials' drivers (Tune's ImplicitFunc actors), seen while the search runs: after
+    # the job ends, the state API has at times (2 of about 10 full-suite runs) no longer
+    # listed them, though it still listed the job's Ray Train workers
+    drivers_seen: dict[str, str] = {}
+
+    def search_ended() -> bool:
+        drivers_seen.update((a["actor_id"], a["node_id"])
+                            for a in state("actors", "ImplicitFunc", tries=1))
+        return jobs.status(job_id, cluster.dashboard) in ("SUCCEEDED", "FAILED", "STOPPED")
+
+    _wait("the search job", search_ended, timeout=600)
     text = logs()
     assert jobs.status(job_id, cluster.dashboard) == "SUCCEEDED", text[-5000:]
 
@@ -262,33 +297,16 @@ def test_search_spans_two_nodes_survives_losing_one_and_is_served(cluster, tmp_p
     assert any(k.startswith("runs/mlartifacts/") and k.endswith("detector.pt") for k in keys), keys
     assert any(k.startswith("runs/") and "checkpoint_" in k for k in keys), keys
 
-    # the DDP workers ran on more than one node, the trial's driver (Tune's ImplicitFunc
-    # actor) on the head node, which is never the one lost (the state API, with the token)
-    def state(kind: str, class_name: str | None = None) -> list[dict]:
-        """The state API's list; asked again, up to three times, while it is empty (once,
-        under a full suite's load, it listed no trial driver, and the next run did)."""
-        query = (f"&filter_keys=class_name&filter_predicates=%3D&filter_values={class_name}"
-                 if class_name else "")
-        req = urllib.request.Request(f"{cluster.dashboard}/api/v0/{kind}?limit=1000&detail=1"
-                                     f"{query}", headers=jobs.auth_headers())
-        for attempt in range(3):
-            answer = json.loads(urllib.request.urlopen(req, timeout=30).read())["data"]["result"]
-            if answer["result"] or attempt == 2:
-                break
-            time.sleep(5)
-        if not answer["result"]:  # what the state API said besides, for the failure message
-            rest = {k: v for k, v in answer.items() if k != "result"}
-            print(f"state API, {kind} {class_name}: {rest}")  # in pytest's captured output
-        return answer["result"]
-
+    # the DDP workers ran on more than one node
     head = {n["node_id"] for n in state("nodes") if n["is_head_node"]}
     # both nodes of every trial: the lost node2 and its replacement node3 each ran workers
     workers = state("actors", "RayTrainWorker")
     assert {a["node_id"] for a in workers} == head | {cluster.node_ids["node2"],
                                                       cluster.node_ids["node3"]}, [
         (a["node_id"], a["state"]) for a in workers]
-    drivers = state("actors", "ImplicitFunc")
-    assert drivers and {a["node_id"] for a in drivers} == head, (head, drivers)
+    # the trial's driver on the head node, which is never the one lost
+    drivers_seen.update((a["actor_id"], a["node_id"]) for a in state("actors", "ImplicitFunc"))
+    assert drivers_seen and set(drivers_seen.values()) == head, (head, drivers_seen)
 
     # the champion is registered in the server and served from it
     version = client.get_model_version_by_alias("mn", "champion")
