@@ -83,6 +83,7 @@ from PIL import Image
 
 from benchlib import cpu_seconds, header, stat_fields, write_result
 from oodlab.cluster.ray_local import init_ray
+from oodlab.serve.payload import JSON, NPY, NPY_MAGIC, from_npy
 
 BENCH_SPEC = {
     "name": "bench-serve", "seed": 0,
@@ -135,7 +136,6 @@ def sample_pngs(n: int, shape: tuple[int, int, int], seed: int = 0) -> list[byte
 
 
 BODIES = ("json", "npy")
-NPY_MAGIC = b"\x93NUMPY"
 
 
 def request_bodies(shape: tuple[int, int, int], per_request: int, n: int, body: str,
@@ -158,14 +158,12 @@ def request_bodies(shape: tuple[int, int, int], per_request: int, n: int, body: 
 
 
 def content_type(body: bytes) -> str:
-    return "application/x-npy" if body.startswith(NPY_MAGIC) else "application/json"
+    return NPY if body.startswith(NPY_MAGIC) else JSON
 
 
 def body_images(body: bytes) -> int:
-    """Images in one of :func:`request_bodies`'s bodies."""
-    if body.startswith(NPY_MAGIC):
-        return len(np.load(io.BytesIO(body), allow_pickle=False))
-    return len(json.loads(body)["images"])
+    """Images in one of :func:`request_bodies`'s bodies, read as the service reads them."""
+    return len(from_npy(body)) if body.startswith(NPY_MAGIC) else len(json.loads(body)["images"])
 
 
 def raw_throughput(detector, shape: tuple[int, int, int], batch: int, threads: int,
@@ -343,7 +341,7 @@ def echo_api() -> FastAPI:
 
     @api.post("/v1/score")
     async def score(body: object = Body(...)) -> dict:  # noqa: B008
-        from oodlab.serve.payload import from_npy
+        from oodlab.serve.payload import from_npy  # as run and measured inside a Serve replica
 
         n = len(body["images"]) if isinstance(body, dict) else len(from_npy(body))
         return {"model": {"name": "echo", "version": "0", "alias": None}, "threshold": 0.0,

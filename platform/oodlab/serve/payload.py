@@ -168,11 +168,11 @@ def from_npy(body: bytes) -> list[RawImage]:
     if len(shape) not in (3, 4):
         raise InputError(f".npy body of shape {list(shape)}; send a batch [N, C, S, S] "
                          "(or [N, S, S] for one channel), N images")
-    declared = math.prod(shape) * dtype.itemsize
-    if (held := len(body) - header_bytes) != declared:
-        raise InputError(f".npy header declares {list(shape)} {dtype} ({declared} bytes) but "
-                         f"{held} bytes follow it (truncated upload?)", 400)
-    arr = np.frombuffer(body, dtype, math.prod(shape), offset=header_bytes)
+    count = math.prod(shape)
+    if (held := len(body) - header_bytes) != count * dtype.itemsize:
+        raise InputError(f".npy header declares {list(shape)} {dtype} ({count * dtype.itemsize} "
+                         f"bytes) but {held} bytes follow it (truncated upload?)", 400)
+    arr = np.frombuffer(body, dtype, count, offset=header_bytes)
     arr = arr.reshape(shape, order="F" if fortran else "C")
     return [RawImage(f"body[{i}]", array=a) for i, a in enumerate(arr)]
 
