@@ -49,7 +49,8 @@ HTTP port in place of its Python proxy, forwarding to the replicas' own ports: w
 
 ``--pin-replica-core N`` (Linux) holds each replica (the echo's and the service's) to core N
 and this process, Ray and the front end to the other cores: Ray's ``num_cpus`` only schedules,
-so an unpinned 1-CPU replica's threads spread over every core of a small machine.
+so an unpinned 1-CPU replica's threads spread over every core of a small machine. The raw
+forward before each figure then runs on core N too (:func:`on_core`), where the replica runs.
 ``--replica-gpus`` gives the service's replica a GPU (with the raw forward and the replica
 alone on CUDA); ``bench/serve_gpu.sh`` runs that on an accelerator machine.
 
@@ -406,6 +407,20 @@ def _pin(pid: int, cores: set[int]) -> None:
                 os.sched_setaffinity(int(tid), cores)
 
 
+def on_core(core: int | None, fn: Callable[[], float]) -> float:
+    """``fn()`` with the calling thread held to ``core`` (``None``: left as it is), then its
+    affinity restored: the raw forward measured on the pinned replica's own core, while the
+    replica waits between figures, not on the core Ray, the front end and the client share."""
+    if core is None:
+        return fn()
+    before = os.sched_getaffinity(0)  # 0: the calling thread (Linux)
+    os.sched_setaffinity(0, {core})
+    try:
+        return fn()
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def replica_pids(app: str = "") -> set[int]:
     """The processes of Serve's live replicas (of application ``app``, or of every one)."""
     from ray.util.state import list_actors
@@ -602,7 +617,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pin-replica-core", type=int, metavar="CORE",
                         help="Linux: the replica (and the echo's) alone on this core, the "
                              "front end, Ray and the load client on the others (a replica "
-                             "with a core of its own on a small machine)")
+                             "with a core of its own on a small machine); the raw forward "
+                             "before each figure runs on this core too")
     parser.add_argument("--ingress", choices=INGRESS_MODES, nargs="+",
                         default=["proxy", "haproxy"],
                         help="front ends to measure, each in a Ray of its own (default proxy "
@@ -651,8 +667,8 @@ def main(argv: list[str] | None = None) -> int:
         for ingress in args.ingress:
             rows, threads = measure_ingress(
                 ingress, args, ref, version, uri, shapes, alone,
-                lambda: raw_throughput(detector, shape, args.max_batch_size, args.replica_cpus,
-                                       seconds=2.0))
+                lambda: on_core(args.pin_replica_core, lambda: raw_throughput(
+                    detector, shape, args.max_batch_size, args.replica_cpus, seconds=2.0)))
             scenarios += rows
 
     result = head | {

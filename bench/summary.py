@@ -48,14 +48,15 @@ def _latency(r: dict, other: str | None) -> str:
 
 def _serve_setup(d: dict) -> str:
     """What sets a serving run apart from the default one: the model, a GPU replica, a
-    replica pinned to its own core."""
+    replica pinned to its own core, ``.npy`` request bodies."""
     model = d.get("model", {})
     arch, width = model.get("arch", "small_cnn"), model.get("width", 16)
     replica = d.get("replica", {})
     return ((f", {arch}:{width}" if (arch, width) != ("small_cnn", 16) else "")
             + (", GPU replica" if replica.get("device") == "cuda" else "")
             + (", replica on a core of its own" if replica.get("pinned_core") is not None
-               else ""))
+               else "")
+            + (", npy bodies" if d.get("body") == "npy" else ""))
 
 
 def serve_load(d: dict) -> Iterator[Row]:

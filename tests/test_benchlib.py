@@ -27,8 +27,8 @@ def test_plain_rates_trains_every_epoch_of_an_oe_method(tmp_path):
 
 def test_summary_table_reads_every_result_file(tmp_path):
     """bench/summary.py: headline rows from each JSON, a replica-alone row for serving, a
-    GPU or non-default model run labelled as such, and no crash on a benchmark whose
-    ``summary`` is its own table (a dict)."""
+    GPU, pinned, ``.npy``-body or non-default model run labelled as such, and no crash on a
+    benchmark whose ``summary`` is its own table (a dict)."""
     import json
 
     if str(BENCH) not in sys.path:
@@ -54,7 +54,8 @@ def test_summary_table_reads_every_result_file(tmp_path):
     gpu = json.loads((tmp_path / "serve.json").read_text()) | {
         "model": {"arch": "resnet18", "width": 64},
         "replica": {"device": "cuda", "pinned_core": None}}
-    pinned = gpu | {"model": {"arch": "small_cnn", "width": 16}, "replica": {"pinned_core": 1}}
+    pinned = gpu | {"model": {"arch": "small_cnn", "width": 16}, "replica": {"pinned_core": 1},
+                    "body": "npy"}
     wider = gpu | {"model": {"arch": "small_cnn", "width": 32}, "replica": {}}
     (tmp_path / "serve_pinned.json").write_text(json.dumps(pinned))
     (tmp_path / "serve_wider.json").write_text(json.dumps(wider))
@@ -68,7 +69,9 @@ def test_summary_table_reads_every_result_file(tmp_path):
     assert "serving (haproxy, resnet18:64, GPU replica): batched ÷ unbatched" in table
     assert "serving (haproxy, small_cnn:32): batched ÷ unbatched" in table
     assert "serving, replica alone" in table  # once per file and shape, labelled by setup
-    assert "serving (proxy, replica on a core of its own): batched ÷ unbatched" in table
+    assert ("serving (proxy, replica on a core of its own, npy bodies): batched ÷ unbatched"
+            in table)
+    assert table.count("npy bodies") == 2 * 3 + 1  # the .npy run's rows only
     assert table.count("replica alone") == 4 and "| 3.50 |" in table
     # a run that measured the raw forward beside each row names it; an older run does not
     assert table.count("raw forward measured just before it: 25 images/s") == 4
@@ -287,3 +290,26 @@ def test_core_sharing_measures_the_batch_stage_alone_and_sharing_its_core(tmp_pa
         row["shared"]["forward_cpu_ms_per_image"] / row["alone"]["forward_cpu_ms_per_image"])
     with pytest.raises(SystemExit, match="--core"):
         core_sharing.main(["--core", "4096"])
+
+
+def test_serve_load_measures_the_raw_forward_on_the_pinned_core():
+    """serve_load.on_core: the raw forward runs on the replica's core, and the thread gets its
+    own affinity back afterwards (even when the measurement fails)."""
+    import os
+
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    from serve_load import on_core
+
+    before = os.sched_getaffinity(0)
+    core = max(before)
+    assert on_core(core, lambda: os.sched_getaffinity(0)) == {core}
+    assert os.sched_getaffinity(0) == before
+    assert on_core(None, lambda: os.sched_getaffinity(0)) == before
+
+    def fails() -> float:
+        raise RuntimeError("forward failed")
+
+    with pytest.raises(RuntimeError, match="forward failed"):
+        on_core(core, fails)
+    assert os.sched_getaffinity(0) == before
