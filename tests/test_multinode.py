@@ -238,12 +238,15 @@ def test_search_spans_two_nodes_survives_losing_one_and_is_served(cluster, tmp_p
     def state(kind: str, class_name: str | None = None, tries: int = 3) -> list[dict]:
         """The state API's list (with the token); asked again, up to ``tries`` times, while
         it is empty, then printed unfiltered for the failure message."""
+        def get(query: str = "") -> dict:
+            req = urllib.request.Request(f"{cluster.dashboard}/api/v0/{kind}?limit=1000"
+                                         f"&detail=1{query}", headers=jobs.auth_headers())
+            return json.loads(urllib.request.urlopen(req, timeout=30).read())["data"]["result"]
+
         query = (f"&filter_keys=class_name&filter_predicates=%3D&filter_values={class_name}"
                  if class_name else "")
-        req = urllib.request.Request(f"{cluster.dashboard}/api/v0/{kind}?limit=1000&detail=1"
-                                     f"{query}", headers=jobs.auth_headers())
         for attempt in range(tries):
-            answer = json.loads(urllib.request.urlopen(req, timeout=30).read())["data"]["result"]
+            answer = get(query)
             if answer["result"] or attempt == tries - 1:
                 break
             time.sleep(5)
@@ -251,12 +254,8 @@ def test_search_spans_two_nodes_survives_losing_one_and_is_served(cluster, tmp_p
             rest = {k: v for k, v in answer.items() if k != "result"}
             print(f"state API, {kind} {class_name}: {rest}")  # in pytest's captured output
             if class_name:  # and what it lists unfiltered: which classes, where, in what state
-                everything = urllib.request.Request(
-                    f"{cluster.dashboard}/api/v0/{kind}?limit=1000&detail=1",
-                    headers=jobs.auth_headers())
-                listed = json.loads(urllib.request.urlopen(everything, timeout=30).read())
                 print(sorted(Counter((a.get("class_name"), a.get("state"), a.get("node_id"))
-                                     for a in listed["data"]["result"]["result"]).items()))
+                                     for a in get()["result"]).items()))
         return answer["result"]
 
     # the trials' drivers (Tune's ImplicitFunc actors), seen while the search runs: after
