@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from oodlab.errors import ModelReferenceError
 from oodlab.search.promote import promote
-from oodlab.search.tune import ROLE_TAG, SEARCH_TAG, run_search
+from oodlab.search.tune import DRIVER_NODE_TAG, ROLE_TAG, SEARCH_TAG, run_search
 from oodlab.spec import validate_spec
 from oodlab.spec.search_space import load_space
 from oodlab.track import tracking
@@ -70,6 +70,9 @@ def test_search_stops_early_tracks_every_trial_and_promotes_only_when_better(ray
     runs = _trial_runs(spec, "s1")
     assert len(runs) == 3
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {out.parent_run_id}
+    # each trial's run names the node its driver ran on (here the one local node)
+    assert {r.data.tags.get(DRIVER_NODE_TAG) for r in runs} == {
+        ray_session.get_runtime_context().get_node_id()}
     stopped = [r for r in runs if r.data.tags.get("oodlab.stopped_early") == "true"]
     assert stopped and all(r.info.status == "KILLED" for r in stopped)
     by_run = {r.info.run_id: r for r in runs}

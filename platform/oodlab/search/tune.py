@@ -46,6 +46,8 @@ from oodlab.train.pipeline import apply_oe_selection, finish_run
 SEARCH_TAG = "oodlab.search"
 ROLE_TAG = "oodlab.role"
 TRIAL_TAG = "oodlab.trial_id"
+# the Ray node id of the trial's driver (Tune's trainable actor), set each time it starts
+DRIVER_NODE_TAG = "oodlab.trial.driver_node"
 # a trial's driver only waits on its Ray Train run: it holds no CPU (a non-zero resource is
 # required, so it asks for a token amount of memory). It runs on the head node, as the search
 # driver of a Ray job does: Ray Train puts the run's controller on its caller's node, and a
@@ -117,6 +119,9 @@ def _trial_driver(config: dict[str, Any], *, base: dict[str, Any], search: str,
     spec = apply_params(validate_spec(base), config)
     trial_id = tune.get_context().get_trial_id()
     run_id = _child_run(spec, search, trial_id, parent_run_id)
+    if ray.is_initialized():
+        tracking.client_for(spec).set_tag(run_id, DRIVER_NODE_TAG,
+                                          ray.get_runtime_context().get_node_id())
     outcome, failed = None, False
     try:
         bundle = load_bundle(spec, include_test=False)
