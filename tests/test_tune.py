@@ -8,8 +8,9 @@ import yaml
 from mlflow import MlflowClient
 
 from oodlab.errors import ModelReferenceError
+from oodlab.search import tune as search_tune
 from oodlab.search.promote import promote
-from oodlab.search.tune import DRIVER_NODE_TAG, ROLE_TAG, SEARCH_TAG, run_search
+from oodlab.search.tune import DRIVER_NODE_TAG, ROLE_TAG, SEARCH_TAG, TRIAL_TAG, run_search
 from oodlab.spec import validate_spec
 from oodlab.spec.search_space import load_space
 from oodlab.track import tracking
@@ -54,8 +55,7 @@ def _setup(tmp_path, epochs=4, **space):
 def _trial_runs(spec, name):
     client = tracking.client_for(spec)
     exp = client.get_experiment_by_name(spec.tracking.experiment)
-    return client.search_runs([exp.experiment_id], filter_string=(
-        f"tags.`{SEARCH_TAG}` = '{name}' and tags.`{ROLE_TAG}` = 'trial'"))
+    return search_tune._trial_runs(client, exp.experiment_id, name)
 
 
 def test_search_stops_early_tracks_every_trial_and_promotes_only_when_better(ray_session,
@@ -125,7 +125,6 @@ def test_a_trial_selects_its_oe_sets_with_its_own_threshold(tmp_path, monkeypatc
     from types import SimpleNamespace
 
     from oodlab.detect.oe_select import rank
-    from oodlab.search import tune as search_tune
     from oodlab.train import pipeline
 
     raw = tiny_spec(tmp_path, tracking={"experiment": "tune-oe-select"})
@@ -161,3 +160,32 @@ def test_a_trial_selects_its_oe_sets_with_its_own_threshold(tmp_path, monkeypatc
                               filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
     assert sorted(r.data.params["data.oe_selected"] for r in runs) == [
         "oe_textures", "oe_textures,oe_noise"]
+
+
+def test_a_trial_line_shows_the_value_it_is_judged_by_and_the_best_so_far(tmp_path, capsys):
+    """A finished trial's line gives its served value (val_final, its selected epoch's), as
+    the final table does, the last epoch's beside it when that differs, and the best so far
+    over finished trials, to 4 digits (it once showed only the last epoch's value, which the
+    table then contradicted, and an unrounded best)."""
+    from types import SimpleNamespace
+
+    spec, _, space_path = _setup(tmp_path)
+    client = tracking.client_for(spec)
+    parent = tracking.start_run(spec, tags={ROLE_TAG: "search"})
+    for trial_id, metrics in (("a", {"val/auroc": 0.8807559, "val_final/auroc": 0.9464}),
+                              ("b", {"val/auroc": 0.6655})):  # b stopped early: no val_final
+        run_id = tracking.start_run(spec, parent_run_id=parent, tags={
+            SEARCH_TAG: "s", ROLE_TAG: "trial", TRIAL_TAG: trial_id})
+        tracking.log_metrics(client, run_id, metrics)
+    a = SimpleNamespace(trial_id="a", status="RUNNING",
+                        last_result={"val/auroc": 0.8807559, "training_iteration": 8})
+    b = SimpleNamespace(trial_id="b", status="RUNNING",
+                        last_result={"val/auroc": 0.6655, "training_iteration": 4})
+    lines = search_tune._Progress(spec, load_space(space_path), "s")
+    lines.on_trial_complete(0, [a, b], a)
+    a.status = "TERMINATED"
+    lines.on_trial_complete(0, [a, b], b)
+    assert capsys.readouterr().out.splitlines() == [
+        "[oodlab tune] trial 1/3 a done after 8 epoch(s): val/auroc 0.9464 (last epoch "
+        "0.8808), best so far 0.9464",
+        "[oodlab tune] trial 2/3 b done after 4 epoch(s): val/auroc 0.6655, best so far 0.9464"]

@@ -210,22 +210,52 @@ def _parent_run(spec: ExperimentSpec, name: str, space_path: str | Path, resume:
 
 
 class _Progress(tune.Callback):
-    """One line per finished trial, with the best value so far (counted from Tune's trial
-    list, so a resumed search goes on counting where the killed one stopped)."""
+    """One line per finished trial: its first objective for the model it serves (the value
+    the final table and ``oodlab promote`` judge it by, :func:`served_value`), the last
+    epoch's beside it when that differs, and the best so far. Values come from the trials'
+    MLflow runs, so a resumed search counts the trials of the killed one; Tune's last result
+    stands in for a run that cannot be read (a progress line never stops a search)."""
 
-    def __init__(self, space: SearchSpace) -> None:
+    def __init__(self, spec: ExperimentSpec, space: SearchSpace, name: str) -> None:
+        self.spec, self.name = spec, name
         self.obj = space.objectives[0]
         self.total = space.num_samples
 
+    def _logged(self) -> dict[str, dict[str, float]]:
+        """Each trial run's latest metrics, by Tune trial id."""
+        try:
+            client = tracking.client_for(self.spec)
+            exp = client.get_experiment_by_name(self.spec.tracking.experiment)
+            runs = _trial_runs(client, exp.experiment_id, self.name) if exp else []
+        except Exception:  # noqa: BLE001 - the tracking store is down: Tune's values only
+            return {}
+        return {r.data.tags.get(TRIAL_TAG): r.data.metrics for r in runs}
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        metric, logged = self.obj.metric, self._logged()
+
+        def value(t) -> float | None:
+            m = logged.get(t.trial_id)
+            return served_value(m, metric) if m else (t.last_result or {}).get(metric)
+
         done = [t for t in trials if t is trial or t.status in ("TERMINATED", "ERROR")]
-        values = [v for t in done if (v := (t.last_result or {}).get(self.obj.metric)) is not None]
+        values = [v for t in done if (v := value(t)) is not None]
         best = (max if self.obj.mode == "max" else min)(values) if values else None
-        value = (trial.last_result or {}).get(self.obj.metric)
+        shown, last = value(trial), (trial.last_result or {}).get(metric)
+        text = "n/a" if shown is None else f"{shown:.4f}"
+        if last is not None and shown is not None and f"{last:.4f}" != text:
+            text += f" (last epoch {last:.4f})"
         epochs = (trial.last_result or {}).get("training_iteration", 0)
-        shown = "n/a" if value is None else f"{value:.4f}"
         progress(f"trial {len(done)}/{self.total} {trial.trial_id} done after {epochs} "
-                 f"epoch(s): {self.obj.metric} {shown} (best {best})", source="tune")
+                 f"epoch(s): {metric} {text}, best so far "
+                 f"{'n/a' if best is None else f'{best:.4f}'}", source="tune")
+
+
+def _trial_runs(client, exp_id: str, name: str, where: str = "") -> list:
+    """The MLflow runs of search ``name``'s trials (``where``: more of the filter)."""
+    return client.search_runs([exp_id], filter_string=(
+        f"tags.`{SEARCH_TAG}` = '{name}' and tags.`{ROLE_TAG}` = 'trial'{where}"),
+        max_results=5000)
 
 
 def run_search(spec: ExperimentSpec, space: SearchSpace, space_path: str | Path, *,
@@ -306,7 +336,7 @@ def _new_tuner(spec: ExperimentSpec, space: SearchSpace, name: str, url: str, tr
                                     num_samples=space.num_samples,
                                     max_concurrent_trials=space.max_concurrent),
         run_config=tune.RunConfig(name=name, storage_path=f"{storage_path(spec)}/tune",
-                                  callbacks=[_Progress(space)], verbose=0),
+                                  callbacks=[_Progress(spec, space, name)], verbose=0),
     )
 
 
@@ -333,9 +363,7 @@ def _collect(spec: ExperimentSpec, space: SearchSpace, name: str, parent: str, g
              url: str, exp_path: str) -> SearchOutcome:
     client = tracking.client_for(spec)
     exp_id = client.get_run(parent).info.experiment_id
-    runs = {r.data.tags.get(TRIAL_TAG): r for r in client.search_runs(
-        [exp_id], filter_string=f"tags.`{SEARCH_TAG}` = '{name}' and tags.`{ROLE_TAG}` = "
-                                "'trial'", max_results=5000)}
+    runs = {r.data.tags.get(TRIAL_TAG): r for r in _trial_runs(client, exp_id, name)}
     metrics = {r.info.run_id: r.data.metrics for r in runs.values()}  # latest values
     trials = []
     for result in grid:
@@ -454,7 +482,6 @@ def _close_stopped_trials(spec: ExperimentSpec, name: str) -> None:
     exp = client.get_experiment_by_name(spec.tracking.experiment)
     if exp is None:
         return
-    for r in client.search_runs([exp.experiment_id], filter_string=(
-            f"tags.`{SEARCH_TAG}` = '{name}' and attributes.status = 'RUNNING' and "
-            f"tags.`{ROLE_TAG}` = 'trial'"), max_results=5000):
+    for r in _trial_runs(client, exp.experiment_id, name,
+                         " and attributes.status = 'RUNNING'"):
         _close_trial_run(run_spec(client, r.info.run_id), r.info.run_id)
