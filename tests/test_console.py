@@ -49,7 +49,7 @@ def test_run_shows_progress_and_results_and_logs_ray_and_mlflow_to_a_file(tmp_pa
     assert quiet.returncode == 0, out + err
     for text in INTERNAL:
         assert text not in out + err, f"{text!r} on the terminal:\n{out}\n{err}"
-    assert re.search(r"\[oodlab\] epoch 1/1 \(step \d+\) loss", out), out
+    assert re.search(r"\[oodlab\] epoch 1/1 \(step \d+\) loss .* img/s, took \d+:\d\d\)", out), out
     assert "== tiny: method energy_oe" in out and "MLflow run " in out
     logs = LOG_LINE.findall(err)  # on stderr: stdout stays what the command prints
     assert len(logs) == 1 and len(err.splitlines()) == 1, err

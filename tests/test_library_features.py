@@ -262,7 +262,15 @@ def test_one_progress_printer_for_every_part(capsys):
     scoring._progress("lmd", 3, 10, t0=-1e9)
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == ["[oodlab] epoch 1/2", "[oodlab tune] trial 1/3 done"]
-    assert lines[2].startswith("[oodlab] lmd: 3/10 batches (") and len(lines) == 3
+    assert lines[2].startswith("[oodlab] lmd: 3/10 batches (ETA ") and len(lines) == 3
+
+
+def test_time_left_extrapolates_the_pace_so_far_and_says_took_at_the_end():
+    # 3 of 10 steps in 90 s: 7 more at 30 s each
+    assert console.time_left(90.0, 3, 7) == "ETA 3:30"
+    assert console.time_left(90.0, 3, 0) == "took 1:30"
+    assert console.time_left(1800.0, 1, 2) == "ETA 1:00:00"
+    assert console.time_left(0.4, 0, 5) == "ETA 0:02"  # none done: the time so far is one step
 
 
 def test_console_is_a_leaf():

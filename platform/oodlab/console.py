@@ -36,6 +36,16 @@ def progress(message: str, *, source: str | None = None, file: TextIO | None = N
     file.flush()
 
 
+def time_left(elapsed_s: float, done: int, left: int) -> str:
+    """A progress line's clock: ``ETA m:ss`` for ``left`` more steps at the mean pace of the
+    ``done`` ones so far, or ``took m:ss`` when none is left (``h:mm:ss`` past an hour)."""
+    seconds = elapsed_s / max(done, 1) * left if left else elapsed_s
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    clock = f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+    return f"ETA {clock}" if left else f"took {clock}"
+
+
 def stderr() -> TextIO:
     """The terminal's stderr, also while library logs go to a file: for oodlab's errors."""
     return _terminal_err or sys.stderr

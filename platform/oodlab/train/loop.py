@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from oodlab.cluster.storage import checkpoint_uri, ray_storage
-from oodlab.console import progress
+from oodlab.console import progress, time_left
 from oodlab.data.bundle import load_bundle, set_epoch
 from oodlab.detect.evaluate import validation_metrics
 from oodlab.methods import Loaders, Method, TrainState
@@ -79,6 +80,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         state.extra[INIT_METRICS] = validation_metrics(unwrap(model), bundle, spec, method,
                                                        state.device)
 
+    started = time.monotonic()  # this attempt's clock, for the epoch line's ETA
     for epoch in range(run.start_epoch, spec.train.epochs):
         state.epoch = epoch
         set_epoch(run.id_sampler, spec.seed, epoch)
@@ -96,11 +98,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             metrics |= selection_metrics(spec.train, metrics, state.extra.get(INIT_METRICS))
             _log_figures(spec, config.get("run_id"), method, unwrap(model), state)
             id_key = "val/id_map" if "val/id_map" in metrics else "val/id_acc"
+            clock = time_left(time.monotonic() - started, epoch + 1 - run.start_epoch,
+                              spec.train.epochs - epoch - 1)
             progress(f"epoch {epoch + 1}/{spec.train.epochs} (step {state.step}) "
                      f"loss {metrics['train/loss']:.4f} "
                      f"{id_key} {metrics.get(id_key, float('nan')):.3f} "
                      f"val/auroc {metrics.get('val/auroc', float('nan')):.3f} "
-                     f"({metrics['train/images_per_s']:.0f} img/s)")
+                     f"({metrics['train/images_per_s']:.0f} img/s, {clock})")
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(Path(tmp), model, run.opt, run.sched, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from oodlab.console import progress
+from oodlab.console import progress, time_left
 from oodlab.detect.diffusion.distances import Distance, check_distance, median, similarity
 from oodlab.detect.diffusion.masks import alternating_masks
 from oodlab.detect.diffusion.sampler import inpaint
@@ -58,7 +58,8 @@ def score_batch(model: nn.Module, x: Tensor, *, distance: Distance, seed: int,
 
 
 def _progress(label: str, done: int, total: int, t0: float) -> None:
-    progress(f"{label}: {done}/{total} batches ({time.perf_counter() - t0:.0f} s)")
+    progress(f"{label}: {done}/{total} batches "
+             f"({time_left(time.perf_counter() - t0, done, total - done)})")
 
 
 def _score_remote(model: nn.Module, name: str, config: dict[str, Any], x: Tensor,
