@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import optuna
 import pytest
 import yaml
@@ -185,7 +187,9 @@ def test_a_trial_line_shows_the_value_it_is_judged_by_and_the_best_so_far(tmp_pa
     lines.on_trial_complete(0, [a, b], a)
     a.status = "TERMINATED"
     lines.on_trial_complete(0, [a, b], b)
-    assert capsys.readouterr().out.splitlines() == [
+    out = capsys.readouterr().out.splitlines()
+    assert [line.rsplit(" (", 1)[0] for line in out] == [
         "[oodlab tune] trial 1/3 a done after 8 epoch(s): val/auroc 0.9464 (last epoch "
         "0.8808), best so far 0.9464",
         "[oodlab tune] trial 2/3 b done after 4 epoch(s): val/auroc 0.6655, best so far 0.9464"]
+    assert all(re.search(r" \(ETA \d+:\d\d\)$", line) for line in out), out

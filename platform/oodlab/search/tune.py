@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from oodlab.console import progress
+from oodlab.console import progress, time_left
 from oodlab.data.bundle import load_bundle
 from oodlab.search.promote import run_spec, served_value
 from oodlab.spec import ExperimentSpec, SpecError, validate_spec
@@ -212,7 +213,8 @@ def _parent_run(spec: ExperimentSpec, name: str, space_path: str | Path, resume:
 class _Progress(tune.Callback):
     """One line per finished trial: its first objective for the model it serves (the value
     the final table and ``oodlab promote`` judge it by, :func:`served_value`), the last
-    epoch's beside it when that differs, and the best so far. Values come from the trials'
+    epoch's beside it when that differs, the best so far, and the search's ETA (trials left
+    at the pace of those finished so far). Values come from the trials'
     MLflow runs, so a resumed search counts the trials of the killed one; Tune's last result
     stands in for a run that cannot be read (a progress line never stops a search)."""
 
@@ -220,6 +222,11 @@ class _Progress(tune.Callback):
         self.spec, self.name = spec, name
         self.obj = space.objectives[0]
         self.total = space.num_samples
+        self.setup()
+
+    def setup(self, **info: Any) -> None:
+        """Tune calls it as the search (or its resumption) starts: the ETA's clock."""
+        self.started, self.finished_here = time.monotonic(), 0
 
     def _logged(self) -> dict[str, dict[str, float]]:
         """Each trial run's latest metrics, by Tune trial id."""
@@ -246,9 +253,12 @@ class _Progress(tune.Callback):
         if last is not None and shown is not None and f"{last:.4f}" != text:
             text += f" (last epoch {last:.4f})"
         epochs = (trial.last_result or {}).get("training_iteration", 0)
+        self.finished_here += 1  # the pace of this process's trials (a resumed search)
+        clock = time_left(time.monotonic() - self.started, self.finished_here,
+                          max(self.total - len(done), 0))
         progress(f"trial {len(done)}/{self.total} {trial.trial_id} done after {epochs} "
                  f"epoch(s): {metric} {text}, best so far "
-                 f"{'n/a' if best is None else f'{best:.4f}'}", source="tune")
+                 f"{'n/a' if best is None else f'{best:.4f}'} ({clock})", source="tune")
 
 
 def _trial_runs(client, exp_id: str, name: str, where: str = "") -> list:
