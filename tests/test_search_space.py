@@ -173,7 +173,7 @@ def test_the_study_learns_each_trials_constraint_violation():
 
 def test_rank_correlation_of_validation_and_test_over_finished_trials():
     """Spearman over trials with a test metric; a stopped trial (no test/*) is left out."""
-    from oodlab.search.tune import TrialRecord, rank_correlation
+    from oodlab.search.tune import RankCorrelation, TrialRecord, rank_correlation
     from oodlab.spec.search_space import SearchSpace
 
     space = SearchSpace.model_validate({
@@ -183,11 +183,12 @@ def test_rank_correlation_of_validation_and_test_over_finished_trials():
               for i, v in enumerate([0.9, 0.8, 0.7, 0.6])]
     metrics = {"r0": {"test/auroc": 0.95}, "r1": {"test/auroc": 0.9},
                "r2": {"test/auroc": 0.8}, "r3": {}}
-    assert rank_correlation(trials, space, metrics) == {"val/auroc": 1.0}
+    assert rank_correlation(trials, space, metrics) == {"val/auroc": RankCorrelation(1.0, 3)}
     metrics["r2"]["test/auroc"] = 0.99  # validation ranks r2 last of three, test ranks it first
-    assert rank_correlation(trials, space, metrics)["val/auroc"] == pytest.approx(-0.5)
-    metrics["r2"] = {}  # two points: no correlation is reported
-    assert math.isnan(rank_correlation(trials, space, metrics)["val/auroc"])
+    assert rank_correlation(trials, space, metrics)["val/auroc"].rho == pytest.approx(-0.5)
+    metrics["r2"] = {}  # two points: no correlation is reported, and the count says why
+    two = rank_correlation(trials, space, metrics)["val/auroc"]
+    assert math.isnan(two.rho) and two.trials == 2
 
 
 def test_a_space_overrides_only_the_resources_it_sets(tmp_path):

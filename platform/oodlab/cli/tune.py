@@ -87,9 +87,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if failed:
         print(f"{len(failed)} trial(s) FAILED (error in training; MLflow run status FAILED, "
               f"the error in its log file): {', '.join(sorted(failed))}")
-    for metric, rho in out.rank_correlation.items():
-        print(f"validation vs test over finished trials: Spearman rho({metric}, "
-              f"test/{metric.removeprefix('val/')}) = {rho:.2f}")
+    for metric, c in out.rank_correlation.items():
+        print(f"validation vs test over {c.trials} finished trial(s): Spearman rho({metric}, "
+              f"test/{metric.removeprefix('val/')}) = {c.rho:.2f}")
     if out.best is None:
         print("no trial keeps the search space's constraints: nothing is promoted")
         return 1

@@ -72,6 +72,14 @@ class TrialRecord:
         return all(v == 0 for v in self.violations)
 
 
+@dataclass(frozen=True)
+class RankCorrelation:
+    """Spearman's rho between a ``val/<m>`` objective and its ``test/<m>``, and over how many
+    finished trials (rho is NaN with fewer than three or a constant column)."""
+    rho: float
+    trials: int
+
+
 @dataclass
 class SearchOutcome:
     name: str
@@ -81,7 +89,7 @@ class SearchOutcome:
     best: TrialRecord | None  # None when no trial keeps the space's constraints
     study_storage: str
     experiment_path: str
-    rank_correlation: dict[str, float] = field(default_factory=dict)  # val vs test, Spearman
+    rank_correlation: dict[str, RankCorrelation] = field(default_factory=dict)  # val vs test
 
 
 def tune_domain(param) -> Any:
@@ -415,7 +423,7 @@ def select_best(trials: list[TrialRecord], space: SearchSpace
 
 
 def rank_correlation(trials: list[TrialRecord], space: SearchSpace,
-                     metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+                     metrics: dict[str, dict[str, float]]) -> dict[str, RankCorrelation]:
     """Spearman's rank correlation, over the trials that finished (each evaluated once on the
     test sets by the one run path), between each ``val/<m>`` objective and its ``test/<m>``:
     does the validation metric that picks the champion rank the trials as the test sets do?
@@ -423,7 +431,7 @@ def rank_correlation(trials: list[TrialRecord], space: SearchSpace,
     or a constant column."""
     from scipy.stats import spearmanr
 
-    out: dict[str, float] = {}
+    out: dict[str, RankCorrelation] = {}
     runs = {t.run_id: metrics.get(t.run_id, {}) for t in trials if t.run_id}
     for i, obj in enumerate(space.objectives):
         if not obj.metric.startswith("val/"):
@@ -434,7 +442,7 @@ def rank_correlation(trials: list[TrialRecord], space: SearchSpace,
         rho = math.nan
         if len(pairs) >= 3 and len({p[0] for p in pairs}) > 1 and len({p[1] for p in pairs}) > 1:
             rho = float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
-        out[obj.metric] = rho
+        out[obj.metric] = RankCorrelation(rho, len(pairs))
     return out
 
 
@@ -476,7 +484,8 @@ def _log_search(spec: ExperimentSpec, space: SearchSpace, out: SearchOutcome) ->
         "search/num_feasible": sum(t.feasible for t in out.trials),
         "search/total_epochs": sum(t.epochs for t in out.trials),
         **{f"search/best/{m}": best[i] for i, m in enumerate(names)},
-        **{f"search/spearman_val_test/{m}": r for m, r in out.rank_correlation.items()}})
+        **{f"search/spearman_val_test/{m}": c.rho for m, c in out.rank_correlation.items()},
+        **{f"search/spearman_trials/{m}": c.trials for m, c in out.rank_correlation.items()}})
     client.set_tag(out.parent_run_id, "oodlab.best_run_id",
                    out.best.run_id or "" if out.best is not None else "")
     fig = plots.parallel_coordinates_figure(
