@@ -244,9 +244,9 @@ def test_search_spans_two_nodes_survives_losing_one_and_is_served(cluster, tmp_p
     stop_tree(cluster.procs["node2"], grace_s=0)
     cluster.add_node("node3")
 
-    def state(kind: str, class_name: str | None = None, tries: int = 3) -> list[dict]:
-        """The state API's list (with the token); asked again, up to ``tries`` times, while
-        it is empty, then printed unfiltered for the failure message."""
+    def state(kind: str, class_name: str | None = None) -> list[dict]:
+        """The state API's list (with the token); asked again, up to three times, while it
+        is empty, then printed unfiltered for the failure message."""
         def get(query: str = "") -> dict:
             req = urllib.request.Request(f"{cluster.dashboard}/api/v0/{kind}?limit=1000"
                                          f"&detail=1{query}", headers=jobs.auth_headers())
@@ -254,9 +254,9 @@ def test_search_spans_two_nodes_survives_losing_one_and_is_served(cluster, tmp_p
 
         query = (f"&filter_keys=class_name&filter_predicates=%3D&filter_values={class_name}"
                  if class_name else "")
-        for attempt in range(tries):
+        for attempt in range(3):
             answer = get(query)
-            if answer["result"] or attempt == tries - 1:
+            if answer["result"] or attempt == 2:
                 break
             time.sleep(5)
         if not answer["result"]:  # what the state API said, for the message
