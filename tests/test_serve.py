@@ -224,6 +224,7 @@ def test_model_endpoint_health_and_docs(served):
     assert info["preprocessing"] == {"image_size": 28, "channels": 1}
     assert info["auth"] is True and info["limits"]["max_images"] == MAX_IMAGES
     assert info["torch_threads"] == 1  # the replica's CPUs (0.5 -> 1), not the machine's
+    assert info["batch_stage"] == "loop"  # one CPU: the batch stage shares the event loop
     assert {"/v1/score", "/v1/model", "/healthz"} <= set(schema["paths"])
     assert "multipart/form-data" in schema["paths"]["/v1/score"]["post"]["requestBody"]["content"]
     health = httpx.get(f"{served.url}/healthz", timeout=30)  # no token needed
@@ -420,7 +421,8 @@ def test_build_writes_a_serve_config_for_rayservice(tmp_path):
     out = tmp_path / "serve_config.yaml"
     code = main(["serve", "build", f"{MODEL}", "--tracking-uri", "http://mlflow:5000",
                  "--token-file", "/etc/oodlab/token", "--autoscale", "1:3",
-                 "--max-batch-size", "64", "--num-gpus", "1", "-o", str(out)])
+                 "--max-batch-size", "64", "--num-gpus", "1", "--batch-stage", "thread",
+                 "-o", str(out)])
     assert code == 0
     text = out.read_text()
     config = yaml.safe_load(text)
@@ -428,6 +430,7 @@ def test_build_writes_a_serve_config_for_rayservice(tmp_path):
     (app,) = config["applications"]
     assert app["import_path"] == "oodlab.serve.app:build_app" and app["route_prefix"] == "/"
     assert app["args"]["token_file"] == "/etc/oodlab/token" and app["args"]["require_token"]
+    assert app["args"]["batch_stage"] == "thread"
     (dep,) = app["deployments"]
     assert dep["name"] == "OODScorer"
     assert dep["user_config"]["model"] == f"models:/{MODEL}@champion"

@@ -186,10 +186,15 @@ def test_batch_stage_counts_its_cpu_seconds_of_decoding_and_of_the_forward(monke
     assert 0.04 <= stats["decode_cpu_s"] < 0.06 and 0.06 <= stats["forward_cpu_s"] < 0.08
 
 
-def test_serve_batch_takes_a_request_in_slices_of_at_most_max_batch_size(monkeypatch):
+@pytest.mark.parametrize("in_thread", [True, False])
+def test_serve_batch_takes_a_request_in_slices_of_at_most_max_batch_size(monkeypatch,
+                                                                         in_thread):
     """The replica's own ``@serve.batch`` queue, at most 2 images a batch: a 3-image request
     is scored in order, in two batches counted in images. Queued whole, Serve would fail it;
-    counted in requests, one batch would hold all three images."""
+    counted in requests, one batch would hold all three images. The batch stage runs in a
+    thread of its own or on the event loop's, as ``in_thread`` says."""
+    import threading
+
     from ray.serve import batching
 
     lazy = serve_app.Scorer._score_batch.set_max_batch_size.__self__  # the class's batcher
@@ -199,11 +204,36 @@ def test_serve_batch_takes_a_request_in_slices_of_at_most_max_batch_size(monkeyp
     monkeypatch.setattr(batching._BatchQueue,
                         "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
     scorer = _scorer(monkeypatch, [])
+    scorer.in_thread = in_thread
     del scorer._score_batch  # the fake of _scorer; the class's real batcher from here
-    out = asyncio.run(scorer.score(None))
+    stage_threads: set[int] = set()
+    real_stage = serve_app.decode_and_forward
+
+    def stage(*args):
+        stage_threads.add(threading.get_ident())
+        return real_stage(*args)
+
+    monkeypatch.setattr(serve_app, "decode_and_forward", stage)
+
+    async def score() -> tuple[object, int]:
+        return await scorer.score(None), threading.get_ident()
+
+    out, loop_thread = asyncio.run(score())
+    assert (stage_threads != {loop_thread}) == in_thread and len(stage_threads) >= 1
     assert [r.score for r in out.results] == pytest.approx([0.5] * 3)
     assert scorer.stats["batches"] == 2 and scorer.stats["largest_batch"] == 2
     assert scorer.stats["forward_cpu_s"] > 0 and scorer.stats["decode_cpu_s"] > 0
+
+
+def test_the_batch_stage_shares_the_event_loop_only_on_a_one_cpu_cpu_replica():
+    """auto: a thread where it can overlap with the event loop (a GPU forward, a second
+    CPU); on one CPU the loop itself. An explicit choice wins."""
+    cpu, cuda = "cpu", "cuda"  # what registry.pick_device gives
+    assert not serve_app.batch_in_thread("auto", cpu, 1)
+    assert serve_app.batch_in_thread("auto", cpu, 2)
+    assert serve_app.batch_in_thread("auto", cuda, 1)
+    assert serve_app.batch_in_thread("thread", cpu, 1)
+    assert not serve_app.batch_in_thread("loop", cuda, 4)
 
 
 def test_a_request_sliced_before_a_reconfigure_is_sliced_again(monkeypatch):

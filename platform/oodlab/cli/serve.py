@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from oodlab.cli.main import local_tracking_uri
 from oodlab.console import stderr
 from oodlab.serve.config import (
+    BATCH_STAGES,
     DEFAULT_ALIAS,
     HAPROXY_INGRESS_ENV,
     INGRESS_MODES,
@@ -64,6 +65,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     app.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
     app.add_argument("--port", type=int, default=8000)
     app.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    app.add_argument("--batch-stage", choices=BATCH_STAGES, default="auto",
+                     help="where a replica decodes and scores a batch: thread (beside its "
+                          "event loop) or loop (on it, between batches); auto (default): loop "
+                          "for a CPU replica with one CPU, where a thread only shares the "
+                          "loop's core, else thread")
     app.add_argument("--ingress", choices=INGRESS_MODES, default="proxy",
                      help="HTTP front of the Ray this command starts: Serve's Python proxy "
                           "(default) or HAProxy forwarding to the replicas' own ports "
@@ -168,7 +174,7 @@ def options(args: argparse.Namespace, ref: str, tracking_uri: str | None, build:
             "args": {"max_images": args.max_images,
                      "max_body_bytes": int(args.max_body_mb * 2**20),
                      "token_file": token_file, "require_token": require,
-                     "device": args.device},
+                     "device": args.device, "batch_stage": args.batch_stage},
             "deployment": {"num_replicas": args.replicas, "autoscaling": autoscaling,
                            "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
                            "max_ongoing_requests": args.max_ongoing},

@@ -9,10 +9,12 @@ token one router-level security dependency, the body limit the route's ``max_bod
 Images of all concurrent requests are decoded and scored in dynamic batches (``@serve.batch``
 with a ``batch_size_fn``: one batch element per request, or per slice of at most
 ``max_batch_size`` images of one, and a batch's size counted in images). The batch stage
-decodes its images and runs the forward pass in one thread, off the replica's event loop, so
-a request costs the event loop one batch entry and no thread hop of its own; torch uses as
-many threads as the replica has CPUs. That thread's CPU seconds of decoding and of the forward
-pass are counted in ``GET /v1/model``'s ``stats``. Each replica reports its images
+decodes its images and runs the forward pass in one go, so a request costs the event loop
+one batch entry and no decoding of its own; torch uses as many threads as the replica has
+CPUs. Where the stage runs is :func:`batch_in_thread`'s choice: in a thread beside the event
+loop when the two can overlap (a GPU replica, or more than one CPU), else on the event loop
+between batches. The stage's CPU seconds of decoding and of the forward pass are counted in
+``GET /v1/model``'s ``stats``. Each replica reports its images
 in flight to Serve's autoscaler (``record_autoscaling_stats``, see
 :mod:`oodlab.serve.autoscale`). The model lives in the deployment's ``user_config``
 (:class:`~oodlab.serve.config.ModelConfig`): ``reconfigure`` loads the new version off the
@@ -89,7 +91,7 @@ class ScoreResponse(BaseModel):
 
 
 def to_tensor(raw: RawImage, prep: Preprocessing, max_pixels: int) -> torch.Tensor:
-    """Decode one client image into the model's input (CPU work, off the event loop)."""
+    """Decode one client image into the model's input (CPU work, in the batch stage)."""
     return (decode_image(raw.data, raw.label, prep, max_pixels) if raw.data is not None
             else array_image(raw.array, raw.label, prep))
 
@@ -145,6 +147,20 @@ def decode_and_forward(items: list[tuple[LoadedModel, RawImage]], max_pixels: in
     return out
 
 
+def batch_in_thread(stage: str, device: str, cpus: int) -> bool:
+    """Whether the batch stage runs in a thread beside the event loop (``AppArgs.batch_stage``).
+
+    ``auto``: in a thread only where the thread can overlap with the event loop, i.e. the
+    forward runs on a GPU or the replica has a second CPU. A CPU replica with one CPU runs the
+    stage on the event loop between batches: on one core a thread cannot overlap with the
+    loop, only interleave with it, each evicting the other's data from the caches
+    (``bench/core_sharing.py``; measured, ``docs/benchmarks.md``).
+    """
+    if stage != "auto":
+        return stage == "thread"
+    return device != "cpu" or cpus > 1
+
+
 def replica_cpus() -> int:
     """Whole CPUs Ray gave this replica (at least 1): the torch thread count."""
     import ray
@@ -159,7 +175,9 @@ class Scorer:
         self.args = AppArgs.model_validate(args)
         self.token = load_token(self.args.token_file, self.args.require_token)
         self.device = registry.pick_device(self.args.device)
-        torch.set_num_threads(replica_cpus())  # not the node's core count
+        cpus = replica_cpus()
+        torch.set_num_threads(cpus)  # not the node's core count
+        self.in_thread = batch_in_thread(self.args.batch_stage, self.device, cpus)
         self.config: ModelConfig | None = None
         self.current: LoadedModel | None = None
         self.stats: dict[str, Any] = {"requests": 0, "images": 0, "batches": 0,
@@ -205,8 +223,12 @@ class Scorer:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=images_in)
     async def _score_batch(self, chunks: list[Chunk]) -> list[list[Outcome]]:
         items = [(loaded, raw) for loaded, raws in chunks for raw in raws]
-        out = iter(await asyncio.to_thread(decode_and_forward, items, self.args.max_pixels,
-                                           self.stats))
+        if self.in_thread:
+            outs = await asyncio.to_thread(decode_and_forward, items, self.args.max_pixels,
+                                           self.stats)
+        else:  # one core: the loop would only wait for the thread (batch_in_thread)
+            outs = decode_and_forward(items, self.args.max_pixels, self.stats)
+        out = iter(outs)
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
         return [[next(out) for _ in raws] for _, raws in chunks]
@@ -264,6 +286,7 @@ class Scorer:
             "auth": self.token is not None,
             "replica": serve.get_replica_context().replica_tag,
             "torch_threads": torch.get_num_threads(),
+            "batch_stage": "thread" if self.in_thread else "loop",
             "stats": dict(self.stats) | {"images_in_flight": self.images_in_flight},
         }
 

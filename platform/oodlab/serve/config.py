@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
@@ -32,6 +32,8 @@ DEFAULT_ALIAS = "champion"
 # (docs.ray.io, "Enable High Throughput on Ray Serve with KubeRay").
 HAPROXY_INGRESS_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 INGRESS_MODES = ("proxy", "haproxy")
+BatchStage = Literal["auto", "thread", "loop"]
+BATCH_STAGES: tuple[str, ...] = get_args(BatchStage)
 _MODEL_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
@@ -92,6 +94,10 @@ class AppArgs(StrictModel):
         False, description="fail at start-up if no token is found (never serve open by mistake)")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda when the replica has a GPU, else cpu")
+    batch_stage: BatchStage = Field(
+        "auto", description="where a batch is decoded and scored: 'thread', in a thread "
+                            "beside the replica's event loop; 'loop', on the event loop between "
+                            "batches; auto: 'loop' for a CPU replica with one CPU, else 'thread'")
 
 
 class Autoscaling(StrictModel):
