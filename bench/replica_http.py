@@ -15,8 +15,8 @@ and from a load client in its own process (``serve_load.py``'s *replica alone* s
 event loop with the client). Before and after each request shape, this process measures the
 raw forward on the replica's core with one thread, and the shape's images/s is divided by
 their mean. The replica's CPU time per image comes from ``/proc``, and its split from the
-replica's own counters (``GET /v1/model``'s ``stats``): its batch thread decoding, the same
-thread in the forward pass (the forward as served, beside the raw one), and the rest (the
+replica's own counters (``GET /v1/model``'s ``stats``): its batch stage decoding, the same
+stage in the forward pass (the forward as served, beside the raw one), and the rest (the
 event loop's HTTP, JSON and batching, and any other thread). First, an echo app (FastAPI
 under uvicorn, parsing the body and scoring nothing) on the same core gives the HTTP
 floor of each request shape, and each shape's requests/s is also divided by it.
@@ -55,6 +55,7 @@ import numpy as np
 
 from benchlib import header, write_result
 from serve_load import (
+    BATCH_STAGES,
     BODIES,
     cpu_text,
     echo_api,
@@ -70,7 +71,7 @@ from serve_load import (
 
 
 def serve(port: int, ref: str, version: str, uri: str, max_batch_size: int,
-          batch_wait_ms: float) -> None:
+          batch_wait_ms: float, batch_stage: str) -> None:
     """The child: one replica under uvicorn on ``port`` (this process already on its core)."""
     import uvicorn
 
@@ -78,7 +79,7 @@ def serve(port: int, ref: str, version: str, uri: str, max_batch_size: int,
     from oodlab.serve.config import ModelConfig
 
     with outside_serve(1):
-        scorer = app.Scorer({"device": "cpu"})
+        scorer = app.Scorer({"device": "cpu", "batch_stage": batch_stage})
         api = app.build_api(scorer)
         config = ModelConfig(model=ref, version=version, tracking_uri=uri,
                              max_batch_size=max_batch_size,
@@ -136,6 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--batch-stage", choices=BATCH_STAGES, default="auto",
+                        help="the replica's AppArgs.batch_stage (default auto: on its event "
+                             "loop, as a one-CPU replica; thread: the batch stage in a thread)")
     parser.add_argument("--core", type=int, default=1,
                         help="the replica's core (this process takes the others)")
     parser.add_argument("--port", type=int, default=8791)
@@ -210,7 +214,8 @@ def measure_model(args: argparse.Namespace, arch: str, width: int, cores: set[in
         url = f"http://127.0.0.1:{args.port}"
         child = ["--serve", str(args.port), ref, version, uri,
                  "--max-batch-size", str(args.max_batch_size),
-                 "--batch-wait-ms", str(args.batch_wait_ms)]
+                 "--batch-wait-ms", str(args.batch_wait_ms),
+                 "--batch-stage", args.batch_stage]
         proc = start_child(child, args)
         rows = []
         try:
@@ -295,7 +300,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve:
-        serve(int(args.serve[0]), *args.serve[1:], args.max_batch_size, args.batch_wait_ms)
+        serve(int(args.serve[0]), *args.serve[1:], args.max_batch_size, args.batch_wait_ms,
+              args.batch_stage)
         return 0
     if args.echo:
         echo(args.echo)
@@ -320,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         figure.parent.mkdir(parents=True, exist_ok=True)
         plot(rows, figure)
     out = write_result(args.out, head | {
-        "replica": {"core": args.core, "torch_threads": 1, "max_batch_size": args.max_batch_size,
+        "replica": {"core": args.core, "torch_threads": 1, "batch_stage": args.batch_stage,
+                    "max_batch_size": args.max_batch_size,
                     "batch_wait_ms": args.batch_wait_ms, "concurrency": args.concurrency},
         "bodies": args.body, "repeats": args.repeats,
         "models": [{"arch": a, "width": w, "trained": False} for a, w in models],

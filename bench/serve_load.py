@@ -26,7 +26,7 @@ throughput beside p50/p99 latency:
   service's batched/unbatched ratio is lost, in the replica or around it.
 
 Where the replica's CPU goes is measured beside each service and replica-alone figure: its
-batch thread's CPU milliseconds per image decoding and in the forward pass (the replica's
+batch stage's CPU milliseconds per image decoding and in the forward pass (the replica's
 ``stats`` counters: the forward as served, beside the raw one), and, for the service, the
 replica process's whole CPU per image (``/proc``), whose rest is its event loop (HTTP,
 JSON, batching) and Ray's threads.
@@ -137,6 +137,7 @@ def sample_pngs(n: int, shape: tuple[int, int, int], seed: int = 0) -> list[byte
 
 
 BODIES = ("json", "npy")
+BATCH_STAGES = ("auto", "thread", "loop")  # oodlab.serve.config.BATCH_STAGES (tested)
 
 
 def request_bodies(shape: tuple[int, int, int], per_request: int, n: int, body: str,
@@ -234,9 +235,9 @@ async def load(url: str, bodies: list[bytes], concurrency: int, path: str = "/v1
 
 def replica_alone(ref: str, version: str, uri: str, shapes: dict[int, list[bytes]],
                   concurrency: int, max_batch_size: int, batch_wait_s: float, cpus: int,
-                  device: str = "cpu") -> dict[int, dict]:
+                  device: str = "cpu", stage: str = "auto") -> dict[int, dict]:
     """The service's replica class (:class:`oodlab.serve.app.Scorer`, its FastAPI app,
-    ``@serve.batch`` queue and decode/forward threads) driven in this process through ASGI
+    ``@serve.batch`` queue and batch stage) driven in this process through ASGI
     (httpx's ``ASGITransport``): no Serve proxy, no sockets, no Ray actor call, only the
     client in the same process. Batched and unbatched images/s per request shape: what
     batching gives a replica when the proxy and the load client do not take its core.
@@ -248,7 +249,7 @@ def replica_alone(ref: str, version: str, uri: str, shapes: dict[int, list[bytes
     from oodlab.serve.config import ModelConfig
 
     async def run() -> dict[int, dict]:
-        scorer = app.Scorer({"device": device})
+        scorer = app.Scorer({"device": device, "batch_stage": stage})
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app.build_api(scorer)),
                                    base_url="http://replica", timeout=120)
         async def post(body: bytes) -> int:
@@ -293,7 +294,7 @@ def outside_serve(cpus: int) -> Iterator[None]:
 
 def batch_stage(before: dict, after: dict) -> dict:
     """Between two ``stats`` of a replica (``GET /v1/model``): its mean batch in images, and
-    its batch thread's CPU milliseconds per image decoding and in the forward pass."""
+    its batch stage's CPU milliseconds per image decoding and in the forward pass."""
     images = max(after["images"] - before["images"], 1)
     return {"mean_batch": images / max(after["batches"] - before["batches"], 1),
             "decode_cpu_ms_per_image":
@@ -471,7 +472,7 @@ def cpu_text(result: dict) -> str:
     """:func:`batch_stage`'s CPU per image (and the replica's rest, if measured), as printed."""
     rest = (f" + {result['other_cpu_ms_per_image']:.3f} ms else in the replica"
             if "other_cpu_ms_per_image" in result else "")
-    return (f"CPU an image: batch thread {result['decode_cpu_ms_per_image']:.3f} ms decoding "
+    return (f"CPU an image: batch stage {result['decode_cpu_ms_per_image']:.3f} ms decoding "
             f"+ {result['forward_cpu_ms_per_image']:.3f} ms forward{rest}")
 
 
@@ -528,7 +529,7 @@ def service_options(args: argparse.Namespace, ref: str, version: str, uri: str, 
         model=ModelConfig(model=ref, version=version, tracking_uri=uri,
                           max_batch_size=args.max_batch_size,
                           batch_wait_timeout_s=args.batch_wait_ms / 1000),
-        args=AppArgs(device=device(args)),
+        args=AppArgs(device=device(args), batch_stage=args.batch_stage),
         deployment=DeploymentOptions(num_cpus=args.replica_cpus, num_gpus=args.replica_gpus,
                                      max_ongoing_requests=256))
 
@@ -565,9 +566,10 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
         info = model_stats(url)
         if info["device"] != device(args):  # a GPU label on a CPU replica would mislead
             raise RuntimeError(f"the replica scores on {info['device']}, not {device(args)}")
-        threads = info["torch_threads"]
+        threads, stage = info["torch_threads"], info["batch_stage"]
         for k, bodies in shapes.items():
             row: dict = {"ingress": ingress, "images_per_request": k, "body": args.body,
+                         "batch_stage": stage,
                          "concurrency": args.concurrency, "echo": floors[k],
                          "replica_alone": alone[k]}
             for mode, size in (("batched", args.max_batch_size), ("unbatched", 1)):
@@ -610,6 +612,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images-per-request", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--batch-stage", choices=BATCH_STAGES, default="auto",
+                        help="the replica's AppArgs.batch_stage (default auto: on the event "
+                             "loop for a CPU replica with one CPU, else in a thread)")
     parser.add_argument("--replica-cpus", type=int, default=1)
     parser.add_argument("--replica-gpus", type=float, default=0.0,
                         help="GPUs of the service's replica (> 0: the replica, the replica "
@@ -654,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
         shapes = {k: request_bodies(shape, k, args.requests, args.body)
                   for k in args.images_per_request}
         alone = replica_alone(ref, version, uri, shapes, args.concurrency, args.max_batch_size,
-                              args.batch_wait_ms / 1000, args.replica_cpus, device(args))
+                              args.batch_wait_ms / 1000, args.replica_cpus, device(args),
+                              args.batch_stage)
         for k, a in alone.items():
             print(f"replica alone (in process, ASGI), {k} image(s)/request: batched "
                   f"{a['batched']['images_per_s']:.0f} images/s (mean batch "
@@ -681,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
                     "pinned_core": args.pin_replica_core,
                     "device": device(args), "gpu": (torch.cuda.get_device_name()
                                                     if device(args) == "cuda" else None),
-                    "torch_threads": threads,
+                    "torch_threads": threads, "batch_stage": args.batch_stage,
                     "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms},
         # at the start; each scenario has its own, measured just before its batched figure
         "raw_images_per_s": {"batch": args.max_batch_size, "batched": raw, "batch_1": raw_single},

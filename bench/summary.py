@@ -48,7 +48,7 @@ def _latency(r: dict, other: str | None) -> str:
 
 def _serve_setup(d: dict) -> str:
     """What sets a serving run apart from the default one: the model, a GPU replica, a
-    replica pinned to its own core, ``.npy`` request bodies."""
+    replica pinned to its own core, a batch stage chosen by hand, ``.npy`` request bodies."""
     model = d.get("model", {})
     arch, width = model.get("arch", "small_cnn"), model.get("width", 16)
     replica = d.get("replica", {})
@@ -56,6 +56,8 @@ def _serve_setup(d: dict) -> str:
             + (", GPU replica" if replica.get("device") == "cuda" else "")
             + (", replica on a core of its own" if replica.get("pinned_core") is not None
                else "")
+            + (f", batch stage {stage}" if (stage := replica.get("batch_stage", "auto"))
+               != "auto" else "")
             + (", npy bodies" if d.get("body") == "npy" else ""))
 
 

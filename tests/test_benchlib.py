@@ -27,8 +27,8 @@ def test_plain_rates_trains_every_epoch_of_an_oe_method(tmp_path):
 
 def test_summary_table_reads_every_result_file(tmp_path):
     """bench/summary.py: headline rows from each JSON, a replica-alone row for serving, a
-    GPU, pinned, ``.npy``-body or non-default model run labelled as such, and no crash on a
-    benchmark whose ``summary`` is its own table (a dict)."""
+    GPU, pinned, thread-stage, ``.npy``-body or non-default model run labelled as such, and
+    no crash on a benchmark whose ``summary`` is its own table (a dict)."""
     import json
 
     if str(BENCH) not in sys.path:
@@ -56,7 +56,8 @@ def test_summary_table_reads_every_result_file(tmp_path):
         "replica": {"device": "cuda", "pinned_core": None}}
     pinned = gpu | {"model": {"arch": "small_cnn", "width": 16}, "replica": {"pinned_core": 1},
                     "body": "npy"}
-    wider = gpu | {"model": {"arch": "small_cnn", "width": 32}, "replica": {}}
+    wider = gpu | {"model": {"arch": "small_cnn", "width": 32},
+                   "replica": {"batch_stage": "thread"}}
     (tmp_path / "serve_pinned.json").write_text(json.dumps(pinned))
     (tmp_path / "serve_wider.json").write_text(json.dumps(wider))
     (tmp_path / "serve_gpu.json").write_text(json.dumps(gpu))
@@ -67,7 +68,7 @@ def test_summary_table_reads_every_result_file(tmp_path):
     assert "| 2.50 | ≥ 3.0 | no |" in table and "| 3.25 | ≥ 3.0 | yes |" in table
     assert "(haproxy): batched ÷ unbatched" in table
     assert "serving (haproxy, resnet18:64, GPU replica): batched ÷ unbatched" in table
-    assert "serving (haproxy, small_cnn:32): batched ÷ unbatched" in table
+    assert "serving (haproxy, small_cnn:32, batch stage thread): batched ÷ unbatched" in table
     assert "serving, replica alone" in table  # once per file and shape, labelled by setup
     assert ("serving (proxy, replica on a core of its own, npy bodies): batched ÷ unbatched"
             in table)
@@ -121,7 +122,20 @@ def test_serve_load_gpu_replica_asks_serve_for_a_gpu_and_cuda():
     assert fields == {"num_cpus": 2, "num_gpus": 1} and gpu.args.device == "cuda"
     cpu = service_options(parse_args([]), *ref)
     assert cpu.deployment.serve_fields()["ray_actor_options"]["num_gpus"] == 0
-    assert cpu.args.device == "cpu"
+    assert cpu.args.device == "cpu" and cpu.args.batch_stage == "auto"
+    assert service_options(parse_args(["--batch-stage", "thread"]), *ref
+                           ).args.batch_stage == "thread"
+
+
+def test_serve_load_offers_the_batch_stages_the_replica_takes():
+    """The benchmarks' --batch-stage choices (kept free of oodlab imports at parse time) are
+    AppArgs.batch_stage's values."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    from oodlab.serve.config import BATCH_STAGES as APP_STAGES
+    from serve_load import BATCH_STAGES
+
+    assert BATCH_STAGES == APP_STAGES
 
 
 def test_serve_load_bodies_carry_the_same_pixels_as_json_or_npy():
