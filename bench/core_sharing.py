@@ -10,9 +10,12 @@ core. Served, the forward costs that thread more CPU per image than the raw forw
 core alone does it, with no HTTP and no Ray: in one process held to ``--core``, the batch
 stage scores batches of ``--batch`` PNGs in a thread, first alone, then beside a thread that
 validates 8-image JSON bodies as the replica's event loop does
-(:func:`oodlab.serve.payload.from_json`), without pause. The batch thread's CPU per image
-(decoding, forward: the replica's own ``stats`` counters) is compared between the two, and
-with ``Detector.score`` on one fixed batch, alone (the raw forward). Alone and shared
+(:func:`oodlab.serve.payload.from_json`), without pause; and third, ``between``, with that
+JSON work on the stage's own thread between batches (as much CPU after each batch as the
+batch took, about the share the rival thread gets), which is what a replica does with its
+batch stage on the event loop (``AppArgs.batch_stage = "loop"``). The batch stage's CPU per
+image (decoding, forward: the replica's own ``stats`` counters) is compared between the
+three, and with ``Detector.score`` on one fixed batch, alone (the raw forward). The three
 alternate ``--repeats`` times (the machine is noisy).
 
 By default the detector is the quickstart architecture (SmallCNN, width 16), untrained.
@@ -35,10 +38,13 @@ import torch
 from benchlib import header, write_result
 from serve_load import load_registered, register_untrained, sample_pngs
 
+MODES = ("alone", "shared", "between")
 
-def batch_stage_cpu(items: list, batches: int, shared: bool, body: bytes) -> dict[str, float]:
-    """CPU ms per image of the batch stage in a thread, alone or beside a JSON-validating
-    thread; and the wall time per image."""
+
+def batch_stage_cpu(items: list, batches: int, mode: str, body: bytes) -> dict[str, float]:
+    """CPU ms per image of the batch stage in a thread: ``alone``, ``shared`` (beside a
+    JSON-validating thread) or ``between`` (validating JSON itself between batches, for as
+    much CPU as each batch took); and the wall time per image."""
     from oodlab.serve.app import decode_and_forward
     from oodlab.serve.payload import from_json
 
@@ -48,7 +54,7 @@ def batch_stage_cpu(items: list, batches: int, shared: bool, body: bytes) -> dic
         while not stop.is_set():
             from_json(body)
 
-    rival = threading.Thread(target=event_loop_work) if shared else None
+    rival = threading.Thread(target=event_loop_work) if mode == "shared" else None
     stats = {"decode_cpu_s": 0.0, "forward_cpu_s": 0.0}
     wall: list[float] = []
 
@@ -56,7 +62,12 @@ def batch_stage_cpu(items: list, batches: int, shared: bool, body: bytes) -> dic
         decode_and_forward(items, 10**7)  # warm-up, not counted
         t0 = time.perf_counter()
         for _ in range(batches):
+            start = time.thread_time()
             decode_and_forward(items, 10**7, stats)
+            if mode == "between":  # the event loop's turn, on this thread
+                end = 2 * time.thread_time() - start
+                while time.thread_time() < end:
+                    from_json(body)
         wall.append(time.perf_counter() - t0)
 
     if rival:
@@ -115,24 +126,33 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for r in range(args.repeats):
         row = {"repeat": r, "raw_cpu_ms_per_image": raw_cpu(detector, args.batch, args.batches),
-               "alone": batch_stage_cpu(items, args.batches, False, body),
-               "shared": batch_stage_cpu(items, args.batches, True, body)}
-        row["forward_shared_vs_alone"] = (row["shared"]["forward_cpu_ms_per_image"]
-                                          / row["alone"]["forward_cpu_ms_per_image"])
+               **{mode: batch_stage_cpu(items, args.batches, mode, body) for mode in MODES}}
+        for mode in ("shared", "between"):
+            row[f"forward_{mode}_vs_alone"] = (row[mode]["forward_cpu_ms_per_image"]
+                                               / row["alone"]["forward_cpu_ms_per_image"])
         rows.append(row)
         print(f"repeat {r}: raw forward {row['raw_cpu_ms_per_image']:.3f} ms CPU an image; "
               f"batch stage alone: decoding {row['alone']['decode_cpu_ms_per_image']:.3f} + "
               f"forward {row['alone']['forward_cpu_ms_per_image']:.3f}; sharing its core: "
               f"decoding {row['shared']['decode_cpu_ms_per_image']:.3f} + forward "
               f"{row['shared']['forward_cpu_ms_per_image']:.3f} "
-              f"({row['forward_shared_vs_alone']:.2f}x alone)", flush=True)
-    ratios = sorted(r["forward_shared_vs_alone"] for r in rows)
+              f"({row['forward_shared_vs_alone']:.2f}x alone); taking turns on its thread: "
+              f"forward {row['between']['forward_cpu_ms_per_image']:.3f} "
+              f"({row['forward_between_vs_alone']:.2f}x alone)", flush=True)
+
+    def median(key: str) -> str:
+        values = sorted(r[key] for r in rows)
+        return f"{values[len(values) // 2]:.2f}"
+
     out = write_result(args.out, head | {
         "core": args.core, "batch": args.batch, "batches": args.batches,
         "model": {"arch": "small_cnn", "width": args.width, "trained": False},
         "summary": [{"figure": "batch stage's forward CPU per image, sharing its core with "
                                "JSON validation ÷ alone (median of repeats)",
-                     "value": f"{ratios[len(ratios) // 2]:.2f}"}],
+                     "value": median("forward_shared_vs_alone")},
+                    {"figure": "the same with JSON validation between batches on the "
+                               "stage's thread ÷ alone (median of repeats)",
+                     "value": median("forward_between_vs_alone")}],
         "rows": rows})
     print(f"written to {out}")
     return 0
