@@ -293,10 +293,14 @@ def outside_serve(cpus: int) -> Iterator[None]:
 
 
 def batch_stage(before: dict, after: dict) -> dict:
-    """Between two ``stats`` of a replica (``GET /v1/model``): its mean batch in images, and
-    its batch stage's CPU milliseconds per image decoding and in the forward pass."""
+    """Between two ``stats`` of a replica (``GET /v1/model``): its mean batch in images, the
+    fraction of its batches run on the event loop, and its batch stage's CPU milliseconds per
+    image decoding and in the forward pass."""
     images = max(after["images"] - before["images"], 1)
-    return {"mean_batch": images / max(after["batches"] - before["batches"], 1),
+    batches = max(after["batches"] - before["batches"], 1)
+    return {"mean_batch": images / batches,
+            "batches_on_loop": (after.get("batches_on_loop", 0)
+                                - before.get("batches_on_loop", 0)) / batches,
             "decode_cpu_ms_per_image":
                 1000 * (after["decode_cpu_s"] - before["decode_cpu_s"]) / images,
             "forward_cpu_ms_per_image":
@@ -566,7 +570,7 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
         info = model_stats(url)
         if info["device"] != device(args):  # a GPU label on a CPU replica would mislead
             raise RuntimeError(f"the replica scores on {info['device']}, not {device(args)}")
-        threads, stage = info["torch_threads"], info["batch_stage"]
+        threads, stage = info["torch_threads"], info["batch_stage"]["setting"]
         for k, bodies in shapes.items():
             row: dict = {"ingress": ingress, "images_per_request": k, "body": args.body,
                          "batch_stage": stage,

@@ -77,9 +77,10 @@ class _Detector:
 def _scorer(monkeypatch, seen: list[int], fail: bool = False) -> serve_app.Scorer:
     """A Scorer without Ray: the request reader and the batcher replaced by fakes."""
     scorer = serve_app.Scorer.__new__(serve_app.Scorer)
-    scorer.args = SimpleNamespace(max_images=8, max_pixels=64)
+    scorer.args = SimpleNamespace(max_images=8, max_pixels=64, batch_stage="auto")
+    scorer.device, scorer.cpus, scorer.last_batch_s = "cpu", 1, 0.0
     scorer.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0,
-                    "decode_cpu_s": 0.0, "forward_cpu_s": 0.0}
+                    "decode_cpu_s": 0.0, "forward_cpu_s": 0.0, "batches_on_loop": 0}
     scorer.images_in_flight = 0
     scorer.current = SimpleNamespace(detector=_Detector(), ref=SimpleNamespace(
         name="m", version="1", alias=None))
@@ -186,40 +187,54 @@ def test_batch_stage_counts_its_cpu_seconds_of_decoding_and_of_the_forward(monke
     assert 0.04 <= stats["decode_cpu_s"] < 0.06 and 0.06 <= stats["forward_cpu_s"] < 0.08
 
 
-@pytest.mark.parametrize("in_thread", [True, False])
-def test_serve_batch_takes_a_request_in_slices_of_at_most_max_batch_size(monkeypatch,
-                                                                         in_thread):
-    """The replica's own ``@serve.batch`` queue, at most 2 images a batch: a 3-image request
-    is scored in order, in two batches counted in images. Queued whole, Serve would fail it;
-    counted in requests, one batch would hold all three images. The batch stage runs in a
-    thread of its own or on the event loop's, as ``in_thread`` says."""
-    import threading
-
+def _real_batcher(monkeypatch, max_batch_size: int) -> None:
+    """The class's own ``@serve.batch`` queue, fresh on the test's event loop, no wait."""
     from ray.serve import batching
 
     lazy = serve_app.Scorer._score_batch.set_max_batch_size.__self__  # the class's batcher
-    monkeypatch.setattr(lazy, "_queue", None)  # a fresh queue on this test's event loop
-    monkeypatch.setattr(lazy, "max_batch_size", 2)
+    monkeypatch.setattr(lazy, "_queue", None)
+    monkeypatch.setattr(lazy, "max_batch_size", max_batch_size)
     monkeypatch.setattr(lazy, "batch_wait_timeout_s", 0.0)
     monkeypatch.setattr(batching._BatchQueue,
                         "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
-    scorer = _scorer(monkeypatch, [])
-    scorer.in_thread = in_thread
-    del scorer._score_batch  # the fake of _scorer; the class's real batcher from here
-    stage_threads: set[int] = set()
+
+
+def _stage_threads(monkeypatch) -> list[int]:
+    """The thread of every batch stage from here on, in order."""
+    import threading
+
+    seen: list[int] = []
     real_stage = serve_app.decode_and_forward
 
     def stage(*args):
-        stage_threads.add(threading.get_ident())
+        seen.append(threading.get_ident())
         return real_stage(*args)
 
     monkeypatch.setattr(serve_app, "decode_and_forward", stage)
+    return seen
 
-    async def score() -> tuple[object, int]:
-        return await scorer.score(None), threading.get_ident()
 
-    out, loop_thread = asyncio.run(score())
-    assert (stage_threads != {loop_thread}) == in_thread and len(stage_threads) >= 1
+async def _score_on_loop(scorer) -> tuple[object, int]:
+    import threading
+
+    return await scorer.score(None), threading.get_ident()
+
+
+@pytest.mark.parametrize("stage", ["thread", "loop"])
+def test_serve_batch_takes_a_request_in_slices_of_at_most_max_batch_size(monkeypatch, stage):
+    """The replica's own ``@serve.batch`` queue, at most 2 images a batch: a 3-image request
+    is scored in order, in two batches counted in images. Queued whole, Serve would fail it;
+    counted in requests, one batch would hold all three images. The batch stage runs in a
+    thread of its own or on the event loop's, as ``batch_stage`` says."""
+    _real_batcher(monkeypatch, 2)
+    scorer = _scorer(monkeypatch, [])
+    scorer.args.batch_stage = stage
+    del scorer._score_batch  # the fake of _scorer; the class's real batcher from here
+    stage_threads = _stage_threads(monkeypatch)
+    out, loop_thread = asyncio.run(_score_on_loop(scorer))
+    on_loop = [t == loop_thread for t in stage_threads]
+    assert on_loop == [stage == "loop"] * 2
+    assert scorer.stats["batches_on_loop"] == (2 if stage == "loop" else 0)
     assert [r.score for r in out.results] == pytest.approx([0.5] * 3)
     assert scorer.stats["batches"] == 2 and scorer.stats["largest_batch"] == 2
     assert scorer.stats["forward_cpu_s"] > 0 and scorer.stats["decode_cpu_s"] > 0
@@ -234,6 +249,31 @@ def test_the_batch_stage_shares_the_event_loop_only_on_a_one_cpu_cpu_replica():
     assert serve_app.batch_in_thread("auto", cuda, 1)
     assert serve_app.batch_in_thread("thread", cpu, 1)
     assert not serve_app.batch_in_thread("loop", cuda, 4)
+    # a batch that held the loop too long sends the next one to a thread, in auto only
+    limit = serve_app.LOOP_BATCH_LIMIT_S
+    assert serve_app.batch_in_thread("auto", cpu, 1, last_batch_s=limit * 1.2)
+    assert not serve_app.batch_in_thread("auto", cpu, 1, last_batch_s=limit * 0.8)
+    assert not serve_app.batch_in_thread("loop", cpu, 1, last_batch_s=limit * 10)
+
+
+def test_a_slow_batch_on_the_loop_sends_the_next_one_to_a_thread(monkeypatch):
+    """auto on one CPU: the first batch on the event loop; it takes longer than the limit, so
+    the second goes to a thread; that one is quick, so the third is back on the loop."""
+    _real_batcher(monkeypatch, 1)  # three batches of one image
+    scorer = _scorer(monkeypatch, [])
+    del scorer._score_batch
+    delays = [serve_app.LOOP_BATCH_LIMIT_S * 1.5, 0.0, 0.0]
+
+    class Slow(_Detector):
+        def predict(self, x):
+            time.sleep(delays.pop(0))  # wall time: what the loop's requests wait for
+            return super().predict(x)
+
+    scorer.current.detector = Slow()
+    stage_threads = _stage_threads(monkeypatch)
+    out, loop_thread = asyncio.run(_score_on_loop(scorer))
+    assert [t == loop_thread for t in stage_threads] == [True, False, True]
+    assert scorer.stats["batches_on_loop"] == 2 and len(out.results) == 3
 
 
 def test_a_request_sliced_before_a_reconfigure_is_sliced_again(monkeypatch):

@@ -69,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="where a replica decodes and scores a batch: thread (beside its "
                           "event loop) or loop (on it, between batches); auto (default): loop "
                           "for a CPU replica with one CPU, where a thread only shares the "
-                          "loop's core, else thread")
+                          "loop's core, while batches take at most 50 ms; else thread")
     app.add_argument("--ingress", choices=INGRESS_MODES, default="proxy",
                      help="HTTP front of the Ray this command starts: Serve's Python proxy "
                           "(default) or HAProxy forwarding to the replicas' own ports "

@@ -13,8 +13,9 @@ decodes its images and runs the forward pass in one go, so a request costs the e
 one batch entry and no decoding of its own; torch uses as many threads as the replica has
 CPUs. Where the stage runs is :func:`batch_in_thread`'s choice: in a thread beside the event
 loop when the two can overlap (a GPU replica, or more than one CPU), else on the event loop
-between batches. The stage's CPU seconds of decoding and of the forward pass are counted in
-``GET /v1/model``'s ``stats``. Each replica reports its images
+between batches, as long as a batch there takes at most ``LOOP_BATCH_LIMIT_S``. The stage's
+CPU seconds of decoding and of the forward pass, and the batches run on the loop, are counted
+in ``GET /v1/model``'s ``stats``. Each replica reports its images
 in flight to Serve's autoscaler (``record_autoscaling_stats``, see
 :mod:`oodlab.serve.autoscale`). The model lives in the deployment's ``user_config``
 (:class:`~oodlab.serve.config.ModelConfig`): ``reconfigure`` loads the new version off the
@@ -147,18 +148,27 @@ def decode_and_forward(items: list[tuple[LoadedModel, RawImage]], max_pixels: in
     return out
 
 
-def batch_in_thread(stage: str, device: str, cpus: int) -> bool:
-    """Whether the batch stage runs in a thread beside the event loop (``AppArgs.batch_stage``).
+# A batch on the event loop holds every request of the replica, arriving or answered, until it
+# ends; one that took longer sends the next batch to a thread (asyncio itself calls a callback
+# slow at 0.1 s). Measured: quickstart batches (about 10 ms) gain on the loop, ResNet-18
+# batches (about 200 ms) raised the p99 latency five-fold there (docs/benchmarks.md).
+LOOP_BATCH_LIMIT_S = 0.05
 
-    ``auto``: in a thread only where the thread can overlap with the event loop, i.e. the
-    forward runs on a GPU or the replica has a second CPU. A CPU replica with one CPU runs the
-    stage on the event loop between batches: on one core a thread cannot overlap with the
-    loop, only interleave with it, each evicting the other's data from the caches
-    (``bench/core_sharing.py``; measured, ``docs/benchmarks.md``).
+
+def batch_in_thread(stage: str, device: str, cpus: int, last_batch_s: float = 0.0) -> bool:
+    """Whether the next batch runs in a thread beside the event loop (``AppArgs.batch_stage``).
+
+    ``auto``: in a thread where the thread can overlap with the event loop, i.e. the forward
+    runs on a GPU or the replica has a second CPU. A CPU replica with one CPU runs the stage
+    on the event loop between batches: on one core a thread cannot overlap with the loop, only
+    interleave with it, each evicting the other's data from the caches
+    (``bench/core_sharing.py``). But only while batches are short: after a batch that took
+    more than ``LOOP_BATCH_LIMIT_S`` (``last_batch_s``, wall time), the next one goes to a
+    thread, so a slow model does not hold the replica's requests.
     """
     if stage != "auto":
         return stage == "thread"
-    return device != "cpu" or cpus > 1
+    return device != "cpu" or cpus > 1 or last_batch_s > LOOP_BATCH_LIMIT_S
 
 
 def replica_cpus() -> int:
@@ -177,12 +187,13 @@ class Scorer:
         self.device = registry.pick_device(self.args.device)
         cpus = replica_cpus()
         torch.set_num_threads(cpus)  # not the node's core count
-        self.in_thread = batch_in_thread(self.args.batch_stage, self.device, cpus)
+        self.cpus = cpus
+        self.last_batch_s = 0.0  # wall time of the last batch stage, for batch_in_thread
         self.config: ModelConfig | None = None
         self.current: LoadedModel | None = None
         self.stats: dict[str, Any] = {"requests": 0, "images": 0, "batches": 0,
                                       "largest_batch": 0, "decode_cpu_s": 0.0,
-                                      "forward_cpu_s": 0.0}
+                                      "forward_cpu_s": 0.0, "batches_on_loop": 0}
         self.images_in_flight = 0  # decoding, queued for a batch or in a forward pass
         self._reload_lock = asyncio.Lock()
 
@@ -210,6 +221,10 @@ class Scorer:
         """Serve's custom-metrics hook, read by :class:`oodlab.serve.autoscale.ImagesInFlight`."""
         return {METRIC: float(self.images_in_flight)}
 
+    def in_thread(self) -> bool:
+        """Whether the next batch goes to a thread (:func:`batch_in_thread`)."""
+        return batch_in_thread(self.args.batch_stage, self.device, self.cpus, self.last_batch_s)
+
     def check_health(self) -> None:
         if self.current is None:
             raise RuntimeError("no model loaded: the deployment needs a user_config with "
@@ -223,11 +238,14 @@ class Scorer:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=images_in)
     async def _score_batch(self, chunks: list[Chunk]) -> list[list[Outcome]]:
         items = [(loaded, raw) for loaded, raws in chunks for raw in raws]
-        if self.in_thread:
+        start = time.perf_counter()
+        if self.in_thread():
             outs = await asyncio.to_thread(decode_and_forward, items, self.args.max_pixels,
                                            self.stats)
         else:  # one core: the loop would only wait for the thread (batch_in_thread)
             outs = decode_and_forward(items, self.args.max_pixels, self.stats)
+            self.stats["batches_on_loop"] += 1
+        self.last_batch_s = time.perf_counter() - start
         out = iter(outs)
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
@@ -286,7 +304,8 @@ class Scorer:
             "auth": self.token is not None,
             "replica": serve.get_replica_context().replica_tag,
             "torch_threads": torch.get_num_threads(),
-            "batch_stage": "thread" if self.in_thread else "loop",
+            "batch_stage": {"setting": self.args.batch_stage,
+                            "next_batch": "thread" if self.in_thread() else "loop"},
             "stats": dict(self.stats) | {"images_in_flight": self.images_in_flight},
         }
 

@@ -97,7 +97,8 @@ class AppArgs(StrictModel):
     batch_stage: BatchStage = Field(
         "auto", description="where a batch is decoded and scored: 'thread', in a thread "
                             "beside the replica's event loop; 'loop', on the event loop between "
-                            "batches; auto: 'loop' for a CPU replica with one CPU, else 'thread'")
+                            "batches; auto: 'loop' for a CPU replica with one CPU while its "
+                            "batches take at most 50 ms, else 'thread'")
 
 
 class Autoscaling(StrictModel):
