@@ -303,8 +303,9 @@ def test_core_sharing_measures_the_batch_stage_alone_and_sharing_its_core(tmp_pa
     for kind in ("shared", "between"):
         assert row[f"forward_{kind}_vs_alone"] == pytest.approx(
             row[kind]["forward_cpu_ms_per_image"] / row["alone"]["forward_cpu_ms_per_image"])
-    # between batches the stage's thread also did the event loop's work: more wall time
-    assert row["between"]["wall_ms_per_image"] > 1.5 * row["alone"]["wall_ms_per_image"]
+    # the event loop's work was done: on the stage's thread after every batch, by the rival
+    assert row["alone"]["bodies_validated"] == 0
+    assert row["between"]["bodies_validated"] >= 5 and row["shared"]["bodies_validated"] > 0
     with pytest.raises(SystemExit, match="--core"):
         core_sharing.main(["--core", "4096"])
 
