@@ -185,9 +185,8 @@ class Scorer:
         self.args = AppArgs.model_validate(args)
         self.token = load_token(self.args.token_file, self.args.require_token)
         self.device = registry.pick_device(self.args.device)
-        cpus = replica_cpus()
-        torch.set_num_threads(cpus)  # not the node's core count
-        self.cpus = cpus
+        self.cpus = replica_cpus()
+        torch.set_num_threads(self.cpus)  # not the node's core count
         self.last_batch_s = 0.0  # wall time of the last batch stage, for batch_in_thread
         self.config: ModelConfig | None = None
         self.current: LoadedModel | None = None
