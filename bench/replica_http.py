@@ -54,8 +54,8 @@ from pathlib import Path
 import numpy as np
 
 from benchlib import header, write_result
+from oodlab.serve.config import BATCH_STAGES
 from serve_load import (
-    BATCH_STAGES,
     BODIES,
     cpu_text,
     echo_api,
@@ -139,7 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--batch-stage", choices=BATCH_STAGES, default="auto",
                         help="the replica's AppArgs.batch_stage (default auto: on its event "
-                             "loop, as a one-CPU replica; thread: the batch stage in a thread)")
+                             "loop, as a one-CPU replica, while batches take at most 50 ms; "
+                             "thread: always in a thread; loop: always on the loop)")
     parser.add_argument("--core", type=int, default=1,
                         help="the replica's core (this process takes the others)")
     parser.add_argument("--port", type=int, default=8791)

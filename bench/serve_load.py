@@ -84,6 +84,7 @@ from PIL import Image
 
 from benchlib import cpu_seconds, header, stat_fields, write_result
 from oodlab.cluster.ray_local import init_ray
+from oodlab.serve.config import BATCH_STAGES
 from oodlab.serve.payload import JSON, NPY, NPY_MAGIC, from_npy
 
 BENCH_SPEC = {
@@ -137,7 +138,6 @@ def sample_pngs(n: int, shape: tuple[int, int, int], seed: int = 0) -> list[byte
 
 
 BODIES = ("json", "npy")
-BATCH_STAGES = ("auto", "thread", "loop")  # oodlab.serve.config.BATCH_STAGES (tested)
 
 
 def request_bodies(shape: tuple[int, int, int], per_request: int, n: int, body: str,
@@ -618,7 +618,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--batch-stage", choices=BATCH_STAGES, default="auto",
                         help="the replica's AppArgs.batch_stage (default auto: on the event "
-                             "loop for a CPU replica with one CPU, else in a thread)")
+                             "loop for a CPU replica with one CPU while batches take at most "
+                             "50 ms, else in a thread)")
     parser.add_argument("--replica-cpus", type=int, default=1)
     parser.add_argument("--replica-gpus", type=float, default=0.0,
                         help="GPUs of the service's replica (> 0: the replica, the replica "

@@ -128,14 +128,17 @@ def test_serve_load_gpu_replica_asks_serve_for_a_gpu_and_cuda():
 
 
 def test_serve_load_offers_the_batch_stages_the_replica_takes():
-    """The benchmarks' --batch-stage choices (kept free of oodlab imports at parse time) are
-    AppArgs.batch_stage's values."""
+    """The benchmarks' --batch-stage takes each of AppArgs.batch_stage's values and no other."""
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
     from oodlab.serve.config import BATCH_STAGES as APP_STAGES
-    from serve_load import BATCH_STAGES
+    from serve_load import parse_args
 
-    assert BATCH_STAGES == APP_STAGES
+    assert APP_STAGES == ("auto", "thread", "loop")
+    for stage in APP_STAGES:
+        assert parse_args(["--batch-stage", stage]).batch_stage == stage
+    with pytest.raises(SystemExit):
+        parse_args(["--batch-stage", "inline"])
 
 
 def test_serve_load_bodies_carry_the_same_pixels_as_json_or_npy():
