@@ -228,6 +228,9 @@ def test_model_endpoint_health_and_docs(served):
     # one CPU: batches on the event loop (the first always; later ones while they are quick)
     assert info["batch_stage"]["setting"] == "auto"
     assert info["stats"]["batches_on_loop"] >= 1
+    # the heap kept for the next batch (glibc, as on CI), and the stage's faults counted
+    assert info["heap"] == {"keep_mb": 64, "set": True}
+    assert info["stats"]["minor_faults"] >= 0
     assert {"/v1/score", "/v1/model", "/healthz"} <= set(schema["paths"])
     assert "multipart/form-data" in schema["paths"]["/v1/score"]["post"]["requestBody"]["content"]
     health = httpx.get(f"{served.url}/healthz", timeout=30)  # no token needed
@@ -425,6 +428,7 @@ def test_build_writes_a_serve_config_for_rayservice(tmp_path):
     code = main(["serve", "build", f"{MODEL}", "--tracking-uri", "http://mlflow:5000",
                  "--token-file", "/etc/oodlab/token", "--autoscale", "1:3",
                  "--max-batch-size", "64", "--num-gpus", "1", "--batch-stage", "thread",
+                 "--keep-heap-mb", "0",
                  "-o", str(out)])
     assert code == 0
     text = out.read_text()
@@ -433,7 +437,7 @@ def test_build_writes_a_serve_config_for_rayservice(tmp_path):
     (app,) = config["applications"]
     assert app["import_path"] == "oodlab.serve.app:build_app" and app["route_prefix"] == "/"
     assert app["args"]["token_file"] == "/etc/oodlab/token" and app["args"]["require_token"]
-    assert app["args"]["batch_stage"] == "thread"
+    assert app["args"]["batch_stage"] == "thread" and app["args"]["keep_heap_mb"] == 0
     (dep,) = app["deployments"]
     assert dep["name"] == "OODScorer"
     assert dep["user_config"]["model"] == f"models:/{MODEL}@champion"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import mmap
 import time
 from types import SimpleNamespace
 
@@ -80,7 +81,8 @@ def _scorer(monkeypatch, seen: list[int], fail: bool = False) -> serve_app.Score
     scorer.args = SimpleNamespace(max_images=8, max_pixels=64, batch_stage="auto")
     scorer.device, scorer.cpus, scorer.last_batch_s = "cpu", 1, 0.0
     scorer.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0,
-                    "decode_cpu_s": 0.0, "forward_cpu_s": 0.0, "batches_on_loop": 0}
+                    "decode_cpu_s": 0.0, "forward_cpu_s": 0.0, "minor_faults": 0,
+                    "batches_on_loop": 0}
     scorer.images_in_flight = 0
     scorer.current = SimpleNamespace(detector=_Detector(), ref=SimpleNamespace(
         name="m", version="1", alias=None))
@@ -179,12 +181,29 @@ def test_batch_stage_counts_its_cpu_seconds_of_decoding_and_of_the_forward(monke
     monkeypatch.setattr(serve_app, "to_tensor", slow_to_tensor)
     loaded = SimpleNamespace(detector=Slow())
     items = [(loaded, RawImage(f"images[{i}]", array=[[0.0]])) for i in range(2)]
-    stats = {"decode_cpu_s": 0.0, "forward_cpu_s": 0.0}
+    stats = {"decode_cpu_s": 0.0, "forward_cpu_s": 0.0, "minor_faults": 0}
     serve_app.decode_and_forward(items, 64, stats)
     assert 0.02 <= stats["decode_cpu_s"] < 0.03
     assert 0.03 <= stats["forward_cpu_s"] < 0.04
     serve_app.decode_and_forward(items, 64, stats)
     assert 0.04 <= stats["decode_cpu_s"] < 0.06 and 0.06 <= stats["forward_cpu_s"] < 0.08
+
+
+def test_batch_stage_counts_its_page_faults(monkeypatch):
+    """A forward that writes 4 MiB of fresh pages (as activations returned to the kernel are,
+    every batch): the stage's ``minor_faults`` grows by about one a page."""
+    class Touching(_Detector):
+        def predict(self, x):
+            with mmap.mmap(-1, 4 << 20) as m:
+                for offset in range(0, 4 << 20, mmap.PAGESIZE):
+                    m[offset] = 1
+            return super().predict(x)
+
+    loaded = SimpleNamespace(detector=Touching())
+    stats = {"decode_cpu_s": 0.0, "forward_cpu_s": 0.0, "minor_faults": 0}
+    image = RawImage("images[0]", array=[[0.0, 1.0], [0.5, 0.5]])
+    assert serve_app.decode_and_forward([(loaded, image)], 64, stats) == [(0.5, False)]
+    assert stats["minor_faults"] >= (4 << 20) // mmap.PAGESIZE * 0.9
 
 
 def _real_batcher(monkeypatch, max_batch_size: int) -> None:

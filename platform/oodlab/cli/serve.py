@@ -20,6 +20,7 @@ from oodlab.serve.config import (
     DEFAULT_ALIAS,
     HAPROXY_INGRESS_ENV,
     INGRESS_MODES,
+    KEEP_HEAP_MB,
     TOKEN_ENV,
     ServeOptions,
 )
@@ -70,6 +71,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           "event loop) or loop (on it, between batches); auto (default): loop "
                           "for a CPU replica with one CPU, where a thread only shares the "
                           "loop's core, while batches take at most 50 ms; else thread")
+    app.add_argument("--keep-heap-mb", type=int, default=KEEP_HEAP_MB,
+                     help="MiB of freed memory a replica keeps for its next batch (glibc's "
+                          f"malloc trim threshold; default {KEEP_HEAP_MB}); 0: glibc's "
+                          "defaults, which return each batch's activations to the kernel and "
+                          "fault them back in")
     app.add_argument("--ingress", choices=INGRESS_MODES, default="proxy",
                      help="HTTP front of the Ray this command starts: Serve's Python proxy "
                           "(default) or HAProxy forwarding to the replicas' own ports "
@@ -174,7 +180,8 @@ def options(args: argparse.Namespace, ref: str, tracking_uri: str | None, build:
             "args": {"max_images": args.max_images,
                      "max_body_bytes": int(args.max_body_mb * 2**20),
                      "token_file": token_file, "require_token": require,
-                     "device": args.device, "batch_stage": args.batch_stage},
+                     "device": args.device, "batch_stage": args.batch_stage,
+                     "keep_heap_mb": args.keep_heap_mb},
             "deployment": {"num_replicas": args.replicas, "autoscaling": autoscaling,
                            "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
                            "max_ongoing_requests": args.max_ongoing},

@@ -14,8 +14,10 @@ one batch entry and no decoding of its own; torch uses as many threads as the re
 CPUs. Where the stage runs is :func:`batch_in_thread`'s choice: in a thread beside the event
 loop when the two can overlap (a GPU replica, or more than one CPU), else on the event loop
 between batches, as long as a batch there takes at most ``LOOP_BATCH_LIMIT_S``. The stage's
-CPU seconds of decoding and of the forward pass, and the batches run on the loop, are counted
-in ``GET /v1/model``'s ``stats``. Each replica reports its images
+CPU seconds of decoding and of the forward pass, its minor page faults, and the batches run on
+the loop, are counted in ``GET /v1/model``'s ``stats``. The replica keeps freed memory in its
+heap (``AppArgs.keep_heap_mb``, :mod:`oodlab.cluster.heap`), so a batch's activations reuse
+the last one's pages instead of faulting in new ones. Each replica reports its images
 in flight to Serve's autoscaler (``record_autoscaling_stats``, see
 :mod:`oodlab.serve.autoscale`). The model lives in the deployment's ``user_config``
 (:class:`~oodlab.serve.config.ModelConfig`): ``reconfigure`` loads the new version off the
@@ -42,6 +44,7 @@ from ray import serve
 from ray.serve import Application
 
 from oodlab import __version__
+from oodlab.cluster.heap import keep_freed_heap, minor_faults
 from oodlab.serve import registry
 from oodlab.serve.auth import BearerToken, load_token
 from oodlab.serve.autoscale import METRIC
@@ -126,8 +129,9 @@ def decode_and_forward(items: list[tuple[LoadedModel, RawImage]], max_pixels: in
     decoded ones in one :func:`forward`. An image that cannot be decoded gets its
     :class:`InputError` in place of a score, so only its own request fails. With ``stats``,
     the CPU seconds this thread spent decoding and in the forward pass are added to its
-    ``decode_cpu_s`` and ``forward_cpu_s`` (``time.thread_time``: this thread only)."""
-    start = time.thread_time()
+    ``decode_cpu_s`` and ``forward_cpu_s`` (``time.thread_time``: this thread only), and the
+    thread's minor page faults meanwhile to its ``minor_faults``."""
+    start, faults = time.thread_time(), minor_faults()
     out: list[Outcome] = [(0.0, False)] * len(items)
     good: list[int] = []
     decoded: list[tuple[LoadedModel, torch.Tensor]] = []
@@ -145,6 +149,7 @@ def decode_and_forward(items: list[tuple[LoadedModel, RawImage]], max_pixels: in
     if stats is not None:
         stats["decode_cpu_s"] += decoded_at - start
         stats["forward_cpu_s"] += time.thread_time() - decoded_at
+        stats["minor_faults"] += minor_faults() - faults
     return out
 
 
@@ -187,12 +192,14 @@ class Scorer:
         self.device = registry.pick_device(self.args.device)
         self.cpus = replica_cpus()
         torch.set_num_threads(self.cpus)  # not the node's core count
+        self.heap_kept = keep_freed_heap(self.args.keep_heap_mb)  # process-wide, for good
         self.last_batch_s = 0.0  # wall time of the last batch stage, for batch_in_thread
         self.config: ModelConfig | None = None
         self.current: LoadedModel | None = None
         self.stats: dict[str, Any] = {"requests": 0, "images": 0, "batches": 0,
                                       "largest_batch": 0, "decode_cpu_s": 0.0,
-                                      "forward_cpu_s": 0.0, "batches_on_loop": 0}
+                                      "forward_cpu_s": 0.0, "minor_faults": 0,
+                                      "batches_on_loop": 0}
         self.images_in_flight = 0  # decoding, queued for a batch or in a forward pass
         self._reload_lock = asyncio.Lock()
 
@@ -305,6 +312,7 @@ class Scorer:
             "torch_threads": torch.get_num_threads(),
             "batch_stage": {"setting": self.args.batch_stage,
                             "next_batch": "thread" if self.in_thread() else "loop"},
+            "heap": {"keep_mb": self.args.keep_heap_mb, "set": self.heap_kept},
             "stats": dict(self.stats) | {"images_in_flight": self.images_in_flight},
         }
 

@@ -34,6 +34,7 @@ HAPROXY_INGRESS_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_
 INGRESS_MODES = ("proxy", "haproxy")
 BatchStage = Literal["auto", "thread", "loop"]
 BATCH_STAGES: tuple[str, ...] = get_args(BatchStage)
+KEEP_HEAP_MB = 64  # AppArgs.keep_heap_mb's default: a few batches of a small CNN's activations
 _MODEL_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
@@ -99,6 +100,12 @@ class AppArgs(StrictModel):
                             "beside the replica's event loop; 'loop', on the event loop between "
                             "batches; auto: 'loop' for a CPU replica with one CPU while its "
                             "batches take at most 50 ms, else 'thread'")
+    keep_heap_mb: int = Field(
+        KEEP_HEAP_MB, ge=0, le=4096,
+        description="MiB of freed memory the replica's C heap keeps for the next batch "
+                    "(glibc's malloc trim threshold, oodlab.cluster.heap); 0: glibc's "
+                    "defaults, under which each batch's activations are returned to the "
+                    "kernel and faulted back in, page by page, by the next")
 
 
 class Autoscaling(StrictModel):
