@@ -45,7 +45,8 @@ def batch_stage_cpu(items: list, batches: int, mode: str, body: bytes) -> dict[s
     """CPU ms per image of the batch stage in a thread: ``alone``, ``shared`` (beside a
     JSON-validating thread) or ``between`` (validating JSON itself between batches, for as
     much CPU as each batch took); the wall time per image, and the bodies validated (by the
-    rival thread, or on the stage's thread between batches)."""
+    rival thread, or on the stage's thread between batches), and the stage's page faults a
+    batch."""
     from oodlab.serve.app import decode_and_forward
     from oodlab.serve.payload import from_json
 
@@ -59,7 +60,7 @@ def batch_stage_cpu(items: list, batches: int, mode: str, body: bytes) -> dict[s
             bodies[0] += 1
 
     rival = threading.Thread(target=event_loop_work) if mode == "shared" else None
-    stats = {"decode_cpu_s": 0.0, "forward_cpu_s": 0.0}
+    stats = {"decode_cpu_s": 0.0, "forward_cpu_s": 0.0, "minor_faults": 0}
     wall: list[float] = []
 
     def stage() -> None:
@@ -86,7 +87,8 @@ def batch_stage_cpu(items: list, batches: int, mode: str, body: bytes) -> dict[s
     images = batches * len(items)
     return {"decode_cpu_ms_per_image": 1000 * stats["decode_cpu_s"] / images,
             "forward_cpu_ms_per_image": 1000 * stats["forward_cpu_s"] / images,
-            "wall_ms_per_image": 1000 * wall[0] / images, "bodies_validated": bodies[0]}
+            "wall_ms_per_image": 1000 * wall[0] / images, "bodies_validated": bodies[0],
+            "minor_faults_per_batch": stats["minor_faults"] / batches}
 
 
 def raw_cpu(detector, batch: int, batches: int) -> float:

@@ -1,7 +1,7 @@
 """The replica over HTTP without Ray: its cost per image, on a core of its own.
 
 Run:  .venv/bin/python bench/replica_http.py [--images-per-request 1 8] [--requests 2000]
-      [--core 1] [--out bench/results/replica_http.json]
+      [--core 1] [--keep-heap-mb 64] [--out bench/results/replica_http.json]
       [--body json npy --repeats 3]          # request bodies compared, alternated, in one run
       [--models small_cnn:16 small_cnn:64 resnet18:64 --seconds 8]   # a model-cost sweep
       [--plot-from RUN.json ... --figure F.png]                      # several sweeps in one
@@ -17,7 +17,10 @@ raw forward on the replica's core with one thread, and the shape's images/s is d
 their mean. The replica's CPU time per image comes from ``/proc``, and its split from the
 replica's own counters (``GET /v1/model``'s ``stats``): its batch stage decoding, the same
 stage in the forward pass (the forward as served, beside the raw one), and the rest (the
-event loop's HTTP, JSON and batching, and any other thread). First, an echo app (FastAPI
+event loop's HTTP, JSON and batching, and any other thread), with the stage's minor page
+faults a batch. ``--keep-heap-mb`` sets the replica's ``AppArgs.keep_heap_mb`` and this
+process's heap alike, so the raw forward runs under the replica's allocator settings
+(:mod:`oodlab.cluster.heap`). First, an echo app (FastAPI
 under uvicorn, parsing the body and scoring nothing) on the same core gives the HTTP
 floor of each request shape, and each shape's requests/s is also divided by it.
 
@@ -54,7 +57,8 @@ from pathlib import Path
 import numpy as np
 
 from benchlib import header, write_result
-from oodlab.serve.config import BATCH_STAGES
+from oodlab.cluster.heap import keep_freed_heap
+from oodlab.serve.config import BATCH_STAGES, KEEP_HEAP_MB
 from serve_load import (
     BODIES,
     cpu_text,
@@ -71,7 +75,7 @@ from serve_load import (
 
 
 def serve(port: int, ref: str, version: str, uri: str, max_batch_size: int,
-          batch_wait_ms: float, batch_stage: str) -> None:
+          batch_wait_ms: float, batch_stage: str, keep_heap_mb: int) -> None:
     """The child: one replica under uvicorn on ``port`` (this process already on its core)."""
     import uvicorn
 
@@ -79,7 +83,8 @@ def serve(port: int, ref: str, version: str, uri: str, max_batch_size: int,
     from oodlab.serve.config import ModelConfig
 
     with outside_serve(1):
-        scorer = app.Scorer({"device": "cpu", "batch_stage": batch_stage})
+        scorer = app.Scorer({"device": "cpu", "batch_stage": batch_stage,
+                             "keep_heap_mb": keep_heap_mb})
         api = app.build_api(scorer)
         config = ModelConfig(model=ref, version=version, tracking_uri=uri,
                              max_batch_size=max_batch_size,
@@ -141,6 +146,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the replica's AppArgs.batch_stage (default auto: on its event "
                              "loop, as a one-CPU replica, while batches take at most 50 ms; "
                              "thread: always in a thread; loop: always on the loop)")
+    parser.add_argument("--keep-heap-mb", type=int, default=KEEP_HEAP_MB,
+                        help="the replica's AppArgs.keep_heap_mb, also set in this process "
+                             f"for the raw forward (default {KEEP_HEAP_MB}; 0: glibc's "
+                             "defaults in both)")
     parser.add_argument("--core", type=int, default=1,
                         help="the replica's core (this process takes the others)")
     parser.add_argument("--port", type=int, default=8791)
@@ -216,7 +225,7 @@ def measure_model(args: argparse.Namespace, arch: str, width: int, cores: set[in
         child = ["--serve", str(args.port), ref, version, uri,
                  "--max-batch-size", str(args.max_batch_size),
                  "--batch-wait-ms", str(args.batch_wait_ms),
-                 "--batch-stage", args.batch_stage]
+                 "--batch-stage", args.batch_stage, "--keep-heap-mb", str(args.keep_heap_mb)]
         proc = start_child(child, args)
         rows = []
         try:
@@ -302,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve:
         serve(int(args.serve[0]), *args.serve[1:], args.max_batch_size, args.batch_wait_ms,
-              args.batch_stage)
+              args.batch_stage, args.keep_heap_mb)
         return 0
     if args.echo:
         echo(args.echo)
@@ -317,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--core {args.core}: needs a core of {sorted(cores)} and another "
                          "for the load client")
     head = header("replica_http", "bench/replica_http.py", argv)
+    heap_set = keep_freed_heap(args.keep_heap_mb)  # the raw forward's heap as the replica's
     models = [(m.partition(":")[0], int(m.partition(":")[2])) for m in args.models]
     floor = measure_echo(args)
     rows = [row for arch, width in models
@@ -328,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(rows, figure)
     out = write_result(args.out, head | {
         "replica": {"core": args.core, "torch_threads": 1, "batch_stage": args.batch_stage,
+                    "keep_heap_mb": args.keep_heap_mb, "heap_set": heap_set,
                     "max_batch_size": args.max_batch_size,
                     "batch_wait_ms": args.batch_wait_ms, "concurrency": args.concurrency},
         "bodies": args.body, "repeats": args.repeats,

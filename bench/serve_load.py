@@ -2,7 +2,7 @@
 
 Run:  .venv/bin/python bench/serve_load.py [--requests 400] [--concurrency 32]
       [--images-per-request 1 8 32] [--ingress proxy haproxy [direct optimized]]
-      [--pin-replica-core N] [--replica-gpus N] [--body json|npy]
+      [--pin-replica-core N] [--replica-gpus N] [--body json|npy] [--keep-heap-mb 64]
       [--out bench/results/serve_load.json]
 
 Four things are measured in one run, each for every request shape (images per request),
@@ -29,7 +29,11 @@ Where the replica's CPU goes is measured beside each service and replica-alone f
 batch stage's CPU milliseconds per image decoding and in the forward pass (the replica's
 ``stats`` counters: the forward as served, beside the raw one), and, for the service, the
 replica process's whole CPU per image (``/proc``), whose rest is its event loop (HTTP,
-JSON, batching) and Ray's threads.
+JSON, batching) and Ray's threads. The batch stage's minor page faults a batch are counted
+beside it, and the raw forward's too: ``--keep-heap-mb`` (default the replica's,
+``AppArgs.keep_heap_mb``; 0 = glibc's defaults) sets the heap of the replica and of this
+process alike (:mod:`oodlab.cluster.heap`), so the raw forward runs under the allocator the
+replica has.
 
 Goals, reported and not asserted: at 1 image per request the batched service reaches
 >= 0.8x the floor's requests/s; at 8 images per request >= 0.7x the raw forward's images/s
@@ -74,7 +78,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 from unittest import mock
 
 import numpy as np
@@ -83,10 +87,12 @@ from fastapi import Body, FastAPI
 from PIL import Image
 
 from benchlib import cpu_seconds, header, stat_fields, write_result
+from oodlab.cluster.heap import keep_freed_heap, minor_faults
 from oodlab.cluster.ray_local import init_ray
-from oodlab.serve.config import BATCH_STAGES
+from oodlab.serve.config import BATCH_STAGES, KEEP_HEAP_MB
 from oodlab.serve.payload import JSON, NPY, NPY_MAGIC, from_npy
 
+T = TypeVar("T")
 BENCH_SPEC = {
     "name": "bench-serve", "seed": 0,
     "data": {"id": "mnist", "val_ood": [], "test_ood": ["letters"], "oe": []},
@@ -168,20 +174,28 @@ def body_images(body: bytes) -> int:
     return len(from_npy(body)) if body.startswith(NPY_MAGIC) else len(json.loads(body)["images"])
 
 
-def raw_throughput(detector, shape: tuple[int, int, int], batch: int, threads: int,
-                   seconds: float = 3.0) -> float:
-    """Images/s of ``detector.score`` on fixed batches, in process, ``threads`` torch threads.
-    The batch starts on the CPU, as a decoded request's does; on a GPU detector the time
-    includes the copy there and the scores' copy back (which waits for the GPU)."""
+def raw_forward(detector, shape: tuple[int, int, int], batch: int, threads: int,
+                seconds: float = 3.0) -> dict[str, float]:
+    """``detector.score`` on fixed batches, in process, ``threads`` torch threads: images/s,
+    and the calling thread's minor page faults a batch. The batch starts on the CPU, as a
+    decoded request's does; on a GPU detector the time includes the copy there and the
+    scores' copy back (which waits for the GPU)."""
     torch.set_num_threads(threads)
     x = torch.rand(batch, *shape)
     for _ in range(5):
         detector.score(x)
-    n, t0 = 0, time.perf_counter()
+    n, faults, t0 = 0, minor_faults(), time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         detector.score(x)
-        n += batch
-    return n / (time.perf_counter() - t0)
+        n += 1
+    return {"images_per_s": n * batch / (time.perf_counter() - t0),
+            "minor_faults_per_batch": (minor_faults() - faults) / n}
+
+
+def raw_throughput(detector, shape: tuple[int, int, int], batch: int, threads: int,
+                   seconds: float = 3.0) -> float:
+    """Images/s of :func:`raw_forward`."""
+    return raw_forward(detector, shape, batch, threads, seconds)["images_per_s"]
 
 
 async def drive(post, bodies: list[bytes], concurrency: int, warmup: int = 20) -> dict:
@@ -235,7 +249,8 @@ async def load(url: str, bodies: list[bytes], concurrency: int, path: str = "/v1
 
 def replica_alone(ref: str, version: str, uri: str, shapes: dict[int, list[bytes]],
                   concurrency: int, max_batch_size: int, batch_wait_s: float, cpus: int,
-                  device: str = "cpu", stage: str = "auto") -> dict[int, dict]:
+                  device: str = "cpu", stage: str = "auto",
+                  keep_heap_mb: int = KEEP_HEAP_MB) -> dict[int, dict]:
     """The service's replica class (:class:`oodlab.serve.app.Scorer`, its FastAPI app,
     ``@serve.batch`` queue and batch stage) driven in this process through ASGI
     (httpx's ``ASGITransport``): no Serve proxy, no sockets, no Ray actor call, only the
@@ -249,7 +264,8 @@ def replica_alone(ref: str, version: str, uri: str, shapes: dict[int, list[bytes
     from oodlab.serve.config import ModelConfig
 
     async def run() -> dict[int, dict]:
-        scorer = app.Scorer({"device": device, "batch_stage": stage})
+        scorer = app.Scorer({"device": device, "batch_stage": stage,
+                             "keep_heap_mb": keep_heap_mb})
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app.build_api(scorer)),
                                    base_url="http://replica", timeout=120)
         async def post(body: bytes) -> int:
@@ -294,8 +310,8 @@ def outside_serve(cpus: int) -> Iterator[None]:
 
 def batch_stage(before: dict, after: dict) -> dict:
     """Between two ``stats`` of a replica (``GET /v1/model``): its mean batch in images, the
-    fraction of its batches run on the event loop, and its batch stage's CPU milliseconds per
-    image decoding and in the forward pass."""
+    fraction of its batches run on the event loop, its batch stage's CPU milliseconds per
+    image decoding and in the forward pass, and its minor page faults a batch."""
     images = max(after["images"] - before["images"], 1)
     batches = max(after["batches"] - before["batches"], 1)
     return {"mean_batch": images / batches,
@@ -304,7 +320,9 @@ def batch_stage(before: dict, after: dict) -> dict:
             "decode_cpu_ms_per_image":
                 1000 * (after["decode_cpu_s"] - before["decode_cpu_s"]) / images,
             "forward_cpu_ms_per_image":
-                1000 * (after["forward_cpu_s"] - before["forward_cpu_s"]) / images}
+                1000 * (after["forward_cpu_s"] - before["forward_cpu_s"]) / images,
+            "minor_faults_per_batch": (after.get("minor_faults", 0)
+                                       - before.get("minor_faults", 0)) / batches}
 
 
 def load_registered(ref: str, uri: str) -> tuple[str, Any]:
@@ -412,7 +430,7 @@ def _pin(pid: int, cores: set[int]) -> None:
                 os.sched_setaffinity(int(tid), cores)
 
 
-def on_core(core: int | None, fn: Callable[[], float]) -> float:
+def on_core(core: int | None, fn: Callable[[], T]) -> T:
     """``fn()`` with the calling thread held to ``core`` (``None``: left as it is), then its
     affinity restored: the raw forward measured on the pinned replica's own core, while the
     replica waits between figures, not on the core Ray, the front end and the client share."""
@@ -477,7 +495,8 @@ def cpu_text(result: dict) -> str:
     rest = (f" + {result['other_cpu_ms_per_image']:.3f} ms else in the replica"
             if "other_cpu_ms_per_image" in result else "")
     return (f"CPU an image: batch stage {result['decode_cpu_ms_per_image']:.3f} ms decoding "
-            f"+ {result['forward_cpu_ms_per_image']:.3f} ms forward{rest}")
+            f"+ {result['forward_cpu_ms_per_image']:.3f} ms forward{rest}; "
+            f"{result.get('minor_faults_per_batch', 0):.0f} page faults a batch")
 
 
 def model_stats(url: str) -> dict:
@@ -533,16 +552,18 @@ def service_options(args: argparse.Namespace, ref: str, version: str, uri: str, 
         model=ModelConfig(model=ref, version=version, tracking_uri=uri,
                           max_batch_size=args.max_batch_size,
                           batch_wait_timeout_s=args.batch_wait_ms / 1000),
-        args=AppArgs(device=device(args), batch_stage=args.batch_stage),
+        args=AppArgs(device=device(args), batch_stage=args.batch_stage,
+                     keep_heap_mb=args.keep_heap_mb),
         deployment=DeploymentOptions(num_cpus=args.replica_cpus, num_gpus=args.replica_gpus,
                                      max_ongoing_requests=256))
 
 
 def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: str, uri: str,
                     shapes: dict[int, list[bytes]], alone: dict[int, dict],
-                    raw_now: Callable[[], float]) -> tuple[list[dict], int]:
+                    raw_now: Callable[[], dict]) -> tuple[list[dict], int]:
     """Floor and service (batched, unbatched) per request shape behind one front end, in a
-    Ray started for it, each batched measurement right after a raw forward (``raw_now``);
+    Ray started for it, each batched measurement right after a raw forward (``raw_now``:
+    :func:`raw_forward`'s result);
     (one row per shape, the replica's torch threads)."""
     import ray
     from ray import serve
@@ -580,10 +601,13 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
                 opts.model.max_batch_size = size
                 deploy(opts)  # user_config only: the replica reconfigures in place
                 if mode == "batched":
-                    row["raw_images_per_s"] = raw_now()
+                    now = raw_now()
+                    row["raw_images_per_s"] = now["images_per_s"]
+                    row["raw_minor_faults_per_batch"] = now["minor_faults_per_batch"]
                 row[mode] = measure_replica(url, bodies, args.concurrency, pid)
                 raw_text = (f"; raw forward just before: {row['raw_images_per_s']:.0f} "
-                            f"images/s, {1000 / row['raw_images_per_s']:.3f} ms an image"
+                            f"images/s, {1000 / row['raw_images_per_s']:.3f} ms an image, "
+                            f"{row['raw_minor_faults_per_batch']:.0f} page faults a batch"
                             if mode == "batched" else "")
                 print(f"[{ingress}] {k} image(s)/request, {mode:>9}: "
                       f"{row[mode]['requests_per_s']:.0f} requests/s, "
@@ -620,6 +644,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the replica's AppArgs.batch_stage (default auto: on the event "
                              "loop for a CPU replica with one CPU while batches take at most "
                              "50 ms, else in a thread)")
+    parser.add_argument("--keep-heap-mb", type=int, default=KEEP_HEAP_MB,
+                        help="the replica's AppArgs.keep_heap_mb, also set in this process "
+                             f"for the raw forward (default {KEEP_HEAP_MB}; 0: glibc's "
+                             "defaults in both)")
     parser.add_argument("--replica-cpus", type=int, default=1)
     parser.add_argument("--replica-gpus", type=float, default=0.0,
                         help="GPUs of the service's replica (> 0: the replica, the replica "
@@ -647,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     head = header("serve_load", "bench/serve_load.py", argv)  # load average before we start
+    heap_set = keep_freed_heap(args.keep_heap_mb)  # the raw forward's heap as the replica's
 
     with tempfile.TemporaryDirectory() as tmp:
         ref, uri = ((args.model, args.tracking_uri) if args.model
@@ -665,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
                   for k in args.images_per_request}
         alone = replica_alone(ref, version, uri, shapes, args.concurrency, args.max_batch_size,
                               args.batch_wait_ms / 1000, args.replica_cpus, device(args),
-                              args.batch_stage)
+                              args.batch_stage, args.keep_heap_mb)
         for k, a in alone.items():
             print(f"replica alone (in process, ASGI), {k} image(s)/request: batched "
                   f"{a['batched']['images_per_s']:.0f} images/s (mean batch "
@@ -678,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         for ingress in args.ingress:
             rows, threads = measure_ingress(
                 ingress, args, ref, version, uri, shapes, alone,
-                lambda: on_core(args.pin_replica_core, lambda: raw_throughput(
+                lambda: on_core(args.pin_replica_core, lambda: raw_forward(
                     detector, shape, args.max_batch_size, args.replica_cpus, seconds=2.0)))
             scenarios += rows
 
@@ -693,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
                     "device": device(args), "gpu": (torch.cuda.get_device_name()
                                                     if device(args) == "cuda" else None),
                     "torch_threads": threads, "batch_stage": args.batch_stage,
+                    "keep_heap_mb": args.keep_heap_mb, "heap_set": heap_set,
                     "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms},
         # at the start; each scenario has its own, measured just before its batched figure
         "raw_images_per_s": {"batch": args.max_batch_size, "batched": raw, "batch_1": raw_single},
