@@ -58,9 +58,9 @@ import numpy as np
 
 from benchlib import header, write_result
 from oodlab.cluster.heap import keep_freed_heap
-from oodlab.serve.config import BATCH_STAGES, KEEP_HEAP_MB
 from serve_load import (
     BODIES,
+    add_replica_args,
     cpu_text,
     echo_api,
     load,
@@ -140,16 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure every shape and body this many times, alternating")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
-    parser.add_argument("--batch-stage", choices=BATCH_STAGES, default="auto",
-                        help="the replica's AppArgs.batch_stage (default auto: on its event "
-                             "loop, as a one-CPU replica, while batches take at most 50 ms; "
-                             "thread: always in a thread; loop: always on the loop)")
-    parser.add_argument("--keep-heap-mb", type=int, default=KEEP_HEAP_MB,
-                        help="the replica's AppArgs.keep_heap_mb, also set in this process "
-                             f"for the raw forward (default {KEEP_HEAP_MB}; 0: glibc's "
-                             "defaults in both)")
+    add_replica_args(parser)
     parser.add_argument("--core", type=int, default=1,
                         help="the replica's core (this process takes the others)")
     parser.add_argument("--port", type=int, default=8791)

@@ -628,6 +628,23 @@ def measure_ingress(ingress: str, args: argparse.Namespace, ref: str, version: s
     return rows, threads
 
 
+def add_replica_args(parser: argparse.ArgumentParser) -> None:
+    """The measured replica's own settings, shared with ``bench/replica_http.py``: batching,
+    where its batch stage runs, and its heap (which the benchmark's process takes too, for
+    the raw forward)."""
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--batch-stage", choices=BATCH_STAGES, default="auto",
+                        help="the replica's AppArgs.batch_stage (default auto: on its event "
+                             "loop for a CPU replica with one CPU while batches take at most "
+                             "50 ms, else in a thread; thread: always in a thread; loop: "
+                             "always on the loop)")
+    parser.add_argument("--keep-heap-mb", type=int, default=KEEP_HEAP_MB,
+                        help="the replica's AppArgs.keep_heap_mb, also set in this process "
+                             f"for the raw forward (default {KEEP_HEAP_MB}; 0: glibc's "
+                             "defaults in both)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="registered model to serve (default: an untrained "
@@ -638,16 +655,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=400, help="requests per measurement")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--images-per-request", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
-    parser.add_argument("--batch-stage", choices=BATCH_STAGES, default="auto",
-                        help="the replica's AppArgs.batch_stage (default auto: on the event "
-                             "loop for a CPU replica with one CPU while batches take at most "
-                             "50 ms, else in a thread)")
-    parser.add_argument("--keep-heap-mb", type=int, default=KEEP_HEAP_MB,
-                        help="the replica's AppArgs.keep_heap_mb, also set in this process "
-                             f"for the raw forward (default {KEEP_HEAP_MB}; 0: glibc's "
-                             "defaults in both)")
+    add_replica_args(parser)
     parser.add_argument("--replica-cpus", type=int, default=1)
     parser.add_argument("--replica-gpus", type=float, default=0.0,
                         help="GPUs of the service's replica (> 0: the replica, the replica "
